@@ -1,0 +1,96 @@
+"""``loreun erase``: flags are generated from ``EraseConfig``'s fields and their help text."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+
+from loreun.erase.config import EraseConfig, flag_name
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(
+        name,
+        help="erase concepts from a Stable Diffusion UNet",
+        description="Fine-tune UNet weights so that the model forgets concepts, "
+        "and export them as safetensors.",
+    )
+    p.add_argument(
+        "--config-file",
+        metavar="YAML",
+        help="read settings from a YAML file; flags given on the command line win",
+    )
+    hints = typing.get_type_hints(EraseConfig)
+    for f in dataclasses.fields(EraseConfig):
+        _add_field(p, f, hints[f.name])
+    p.set_defaults(run=run)
+
+
+def _add_field(p, f: dataclasses.Field, hint) -> None:
+    kwargs: dict = {"help": f.metadata["help"], "dest": f.name, "default": None}
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kind = [a for a in typing.get_args(hint) if a is not type(None)][0] if optional else hint
+    if kind is bool:
+        kwargs["action"] = "store_true"
+    elif typing.get_origin(kind) is list:
+        kwargs["action"] = "append"
+    else:
+        kwargs["type"] = kind
+        if "choices" in f.metadata:
+            kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+    if f.name == "steps":
+        kwargs["type"] = int
+    p.add_argument(flag_name(f), **kwargs)
+
+
+def config_from_args(args) -> EraseConfig:
+    """Merge YAML settings (if any) under the flags given, then validate."""
+    data: dict = {}
+    if args.config_file:
+        data = _read_yaml(args.config_file)
+    for f in dataclasses.fields(EraseConfig):
+        value = getattr(args, f.name)
+        if value is not None and value is not False:
+            data[f.name] = value
+    for required in ("model", "out"):
+        if required not in data:
+            raise ValueError(f"--{required}: required")
+    return EraseConfig.from_dict(data)
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--config-file: {path}: no such file") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config-file: {path}: not valid YAML ({e.__class__.__name__})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"--config-file: {path}: must hold a mapping of settings")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in dataclasses.fields(EraseConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"--config-file: {path}: unknown settings: {', '.join(unknown)}")
+    return data
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    from loreun.erase.trainer import TrainingDiverged, TrainingInterrupted, erase
+
+    try:
+        path = erase(cfg)
+    except TrainingInterrupted as e:
+        print(f"loreun erase: {e}", file=sys.stderr)
+        return 130
+    except TrainingDiverged as e:
+        print(f"loreun erase: error: {e}", file=sys.stderr)
+        return 1
+    print(f"erased weights: {path}")
+    return 0

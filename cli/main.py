@@ -1,0 +1,46 @@
+"""The ``loreun`` command. Subcommands live in their own thin modules and import the library
+(and torch) only when they run, so ``loreun --help`` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import erase as erase_cmd
+
+SUBCOMMANDS = {"erase": erase_cmd}
+
+# User mistakes: one line and a non-zero exit, no traceback (LOREUN_DEBUG=1 shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loreun",
+        description="Erase concepts from Stable Diffusion checkpoints, then generate and audit.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in SUBCOMMANDS.items():
+        module.add_parser(sub, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI in-process; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("LOREUN_DEBUG"):
+            raise
+        print(f"loreun {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"loreun {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The erase configuration: one dataclass, validated on creation, saved next to the outputs.
+
+This module imports no torch, so the CLI can build its parser from these fields cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("esd-x", "esd-x-strict", "esd-u", "esd-all")
+OBJECTIVES = ("esd",)
+WEIGHTINGS = ("uniform", "loreun")
+LOREUN_VARIANTS = ("static", "dynamic")
+DIFFICULTY_NORMS = ("timestep", "none")
+XT_SOURCES = ("cached", "partial-train", "partial-base")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class EraseConfig:
+    """Everything an erase run needs. Every field is a CLI flag of ``loreun erase``."""
+
+    model: str = field(
+        metadata=_help(
+            "base model: a local diffusers folder, a hub id, a single-file .safetensors checkpoint "
+            "(with --config), or 'digits' for the built-in model"
+        )
+    )
+    out: str = field(metadata=_help("output folder for weights, config and checkpoints"))
+    concepts: list[str] = field(
+        default_factory=list,
+        metadata=_help("a concept to erase, as a prompt; repeat for several", flag="--concept"),
+    )
+    concepts_file: str | None = field(
+        default=None, metadata=_help("a text file with one concept prompt per line")
+    )
+    erase_from: str | None = field(
+        default=None,
+        metadata=_help(
+            "map the concept towards this prompt instead of the empty prompt (ESD's erase_from)"
+        ),
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata=_help(
+            "local diffusers folder with the configs of a single-file checkpoint", flag="--config"
+        ),
+    )
+    method: str = field(
+        default="esd-x",
+        metadata=_help(
+            "which UNet parameters train: esd-x (cross-attention), esd-x-strict (cross-attention "
+            "keys and values), esd-u (all but cross-attention), esd-all",
+            choices=METHODS,
+        ),
+    )
+    objective: str = field(default="esd", metadata=_help("erasure objective", choices=OBJECTIVES))
+    negative_guidance: float = field(
+        default=1.0, metadata=_help("ESD's eta: how far the target moves away from the concept")
+    )
+    weighting: str = field(
+        default="loreun",
+        metadata=_help("per-sample weighting of the forget term", choices=WEIGHTINGS),
+    )
+    loreun_variant: str = field(
+        default="dynamic",
+        metadata=_help(
+            "difficulty under the original weights (static) or the current ones (dynamic)",
+            choices=LOREUN_VARIANTS,
+        ),
+    )
+    temperature: float = field(
+        default=1.0, metadata=_help("LoReUn softmax temperature tau; inf gives uniform weights")
+    )
+    loreun_momentum: float = field(
+        default=0.9,
+        metadata=_help("moving-average momentum of each forget item's remembered difficulty"),
+    )
+    difficulty_norm: str = field(
+        default="timestep",
+        metadata=_help(
+            "divide difficulty by the running mean loss at its timestep, removing the timestep "
+            "confound (timestep), or use it raw (none)",
+            choices=DIFFICULTY_NORMS,
+        ),
+    )
+    xt_source: str = field(
+        default="cached",
+        metadata=_help(
+            "where noisy latents come from: forward-noised cached base samples (cached), or "
+            "partial DDIM sampling with the model being trained (partial-train) or the frozen base "
+            "(partial-base)",
+            choices=XT_SOURCES,
+        ),
+    )
+    samples_per_concept: int = field(
+        default=2,
+        metadata=_help(
+            "base-model samples cached per concept (cached source and LoReUn difficulty)"
+        ),
+    )
+    sample_steps: int = field(
+        default=50, metadata=_help("DDIM steps for sampling forget images and for partial sampling")
+    )
+    sample_guidance: float = field(
+        default=3.0, metadata=_help("classifier-free guidance when sampling forget images")
+    )
+    resolution: int | None = field(
+        default=None, metadata=_help("image size for sampling; default: the model's native size")
+    )
+    steps: int = field(default=200, metadata=_help("optimizer steps"))
+    batch_size: int = field(default=1, metadata=_help("forget items per step and process"))
+    gradient_accumulation_steps: int = field(
+        default=1, metadata=_help("micro-batches per optimizer step")
+    )
+    lr: float = field(default=1e-5, metadata=_help("learning rate (AdamW)"))
+    max_grad_norm: float | None = field(
+        default=None, metadata=_help("clip the gradient norm to this value")
+    )
+    seed: int = field(default=0, metadata=_help("random seed"))
+    mixed_precision: str = field(
+        default="no", metadata=_help("autocast precision", choices=MIXED_PRECISION)
+    )
+    checkpoint_every: int = field(
+        default=100,
+        metadata=_help(
+            "save a resumable checkpoint every N steps (0: only at the end or on Ctrl-C)"
+        ),
+    )
+    checkpoints_total_limit: int = field(
+        default=2, metadata=_help("keep at most this many checkpoints")
+    )
+    resume: str | None = field(
+        default=None, metadata=_help("resume from 'latest' or a checkpoint folder")
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=_help(
+            "write into a non-empty output folder (files loreun did not write are kept)"
+        ),
+    )
+    save_pipeline: bool = field(
+        default=False,
+        metadata=_help("also save a full diffusers pipeline folder under OUT/pipeline"),
+    )
+
+    def __post_init__(self) -> None:
+        self.concepts = [c.strip() for c in self.concepts]
+        if self.concepts_file:
+            self.concepts += read_concepts_file(self.concepts_file)
+        self._check_choices()
+        if not self.concepts:
+            raise ValueError("--concept: give at least one concept (or --concepts-file)")
+        if any(not c for c in self.concepts):
+            raise ValueError("--concept: a concept is empty")
+        if self.erase_from is not None and self.erase_from.strip() in self.concepts:
+            raise ValueError("--erase-from: must differ from the concepts being erased")
+        self._check_numbers()
+
+    def _check_choices(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(
+                    f"{flag_name(f)}: unknown value {getattr(self, f.name)!r}; "
+                    f"choose one of {', '.join(choices)}"
+                )
+
+    def _check_numbers(self) -> None:
+        positive = (
+            "steps",
+            "lr",
+            "temperature",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "samples_per_concept",
+            "sample_steps",
+            "checkpoints_total_limit",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not value > 0 or (isinstance(value, float) and math.isnan(value)):
+                raise ValueError(f"--{name.replace('_', '-')}: must be > 0, got {value}")
+        if not 0 <= self.loreun_momentum < 1:
+            raise ValueError(f"--loreun-momentum: must be in [0, 1), got {self.loreun_momentum}")
+        if self.checkpoint_every < 0:
+            raise ValueError("--checkpoint-every: must be >= 0")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise ValueError(
+                f"--resolution: must be a positive multiple of 8, got {self.resolution}"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EraseConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def read_concepts_file(path: str) -> list[str]:
+    """One concept per non-empty line; lines starting with '#' are comments."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--concepts-file: {path}: no such file")
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
+    concepts = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not concepts:
+        raise ValueError(f"--concepts-file: {path}: holds no concepts")
+    return concepts

@@ -1,0 +1,82 @@
+"""Export erased weights: trained tensors with a self-describing header (DESIGN.md §7)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from loreun.pipelines._files import atomic_save_safetensors, atomic_write_text
+from loreun.pipelines.loading import METADATA_KEY
+
+from .config import EraseConfig
+
+ERASED_FILE = "unet-erased.safetensors"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_metadata(
+    cfg: EraseConfig, base_fingerprint: str, steps_done: int, num_tensors: int
+) -> dict:
+    """The JSON object stored in the erased file's header."""
+    return {
+        "format": "loreun.unet-erased",
+        "format_version": 1,
+        "base_model": cfg.model,
+        "base_fingerprint": base_fingerprint,
+        "method": cfg.method,
+        "concepts": cfg.concepts,
+        "erase_from": cfg.erase_from,
+        "objective": cfg.objective,
+        "weighting": cfg.weighting,
+        "hyperparameters": dataclasses.asdict(cfg),
+        "steps_done": steps_done,
+        "num_tensors": num_tensors,
+        "versions": {p: _version(p) for p in ("loreun", "diffusers", "torch")},
+    }
+
+
+def export_erased(
+    out: Path,
+    trained: dict[str, torch.Tensor],
+    cfg: EraseConfig,
+    base_fingerprint: str,
+    steps_done: int,
+) -> Path:
+    """Write ``unet-erased.safetensors`` and ``erase_config.json`` into ``out``.
+
+    Args:
+        trained: state-dict name -> current value of each trained tensor.
+    """
+    meta = build_metadata(cfg, base_fingerprint, steps_done, len(trained))
+    path = Path(out) / ERASED_FILE
+    atomic_save_safetensors(
+        path, {k: v.float() for k, v in trained.items()}, metadata={METADATA_KEY: json.dumps(meta)}
+    )
+    atomic_write_text(Path(out) / "erase_config.json", cfg.to_json())
+    return path
+
+
+def save_pipeline_folder(pipe, out: Path) -> Path:
+    """Save the whole erased pipeline as a diffusers folder, through a temporary name."""
+    final = Path(out) / "pipeline"
+    tmp = Path(out) / f".pipeline.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final

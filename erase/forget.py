@@ -1,0 +1,228 @@
+"""The forget set: prompt embeddings, cached base samples, and per-step batches.
+
+Every random draw is seeded from (seed, process rank, step), so a step is reproducible on its
+own and a resumed run sees exactly the batches an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loreun.pipelines._files import atomic_save_safetensors
+
+from .objectives import ForgetBatch, per_sample_mse
+from .sampling import ddim_sample, forward_noise, make_ddim
+
+
+@dataclass
+class ForgetSet:
+    """Embeddings of the forget items and, when sampled, their cached latents.
+
+    Attributes:
+        cond: [N, L, D] one embedding per concept prompt.
+        uncond: [1, L, D] the empty prompt.
+        anchor: [1, L, D] the --erase-from prompt, or None.
+        x0: [N, S, C, H, W] S cached base-model samples per concept, or None.
+    """
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    anchor: torch.Tensor | None
+    x0: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.cond)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
+    """Encode prompts once with the pipeline's tokenizer and text encoder: -> [P, L, D]."""
+    tok = pipe.tokenizer(
+        prompts,
+        padding="max_length",
+        truncation=True,
+        max_length=pipe.tokenizer.model_max_length,
+        return_tensors="pt",
+    )
+    enc = pipe.text_encoder.to(device)
+    emb = enc(tok.input_ids.to(device))[0]
+    pipe.text_encoder.to("cpu")
+    return emb.float()
+
+
+def step_generator(seed: int, rank: int, step: int, device="cpu") -> torch.Generator:
+    """A generator whose state depends only on (seed, rank, step)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + rank * 10_007 + step * 7_919) % (2**63 - 1))
+    return g
+
+
+def item_ids(num_items: int, batch_size: int, seed: int, rank: int, step: int) -> torch.Tensor:
+    """[B] forget-item indices for a step: consecutive slices of per-pass permutations.
+
+    Each pass over the forget set visits every item once (per process) before any repeats.
+    """
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, num_items)
+        perm = torch.randperm(num_items, generator=step_generator(seed, rank, -1 - epoch))
+        out.append(perm[i])
+    return torch.stack(out)
+
+
+def latent_shape(pipe, resolution: int | None) -> tuple[int, int, int]:
+    """(C, H, W) of the latents for a resolution (default: the model's native size)."""
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = resolution or pipe.unet.config.sample_size * scale
+    return pipe.unet.config.in_channels, size // scale, size // scale
+
+
+def sample_forget_latents(
+    eps,
+    pipe,
+    forget: ForgetSet,
+    samples: int,
+    steps: int,
+    guidance: float,
+    resolution: int | None,
+    seed: int,
+    device,
+) -> torch.Tensor:
+    """Sample ``samples`` x_0 latents per concept with ``eps``: -> [N, S, C, H, W]."""
+    ddim = make_ddim(pipe.scheduler.config, steps)
+    shape = latent_shape(pipe, resolution)
+    out = []
+    for i in range(len(forget)):
+        g = step_generator(seed, 0, -10_000 - i)
+        noise = torch.randn((samples, *shape), generator=g).to(device)
+        cond = forget.cond[i : i + 1].expand(samples, -1, -1)
+        out.append(
+            ddim_sample(
+                eps, ddim, cond, forget.uncond.expand(samples, -1, -1), noise, guidance
+            ).cpu()
+        )
+    return torch.stack(out)
+
+
+def load_or_sample_cache(path: Path, key: dict, sample_fn) -> torch.Tensor:
+    """Reuse cached latents whose key (concepts, steps, guidance, seed...) matches, else sample."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    wanted = json.dumps(key, sort_keys=True)
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            same = (f.metadata() or {}).get("key") == wanted
+        if same:
+            return load_file(str(path))["x0"]
+    x0 = sample_fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(path, {"x0": x0}, metadata={"key": wanted})
+    return x0
+
+
+def cached_batch(
+    forget: ForgetSet, ids: torch.Tensor, g: torch.Generator, alphas_cumprod: torch.Tensor, device
+) -> ForgetBatch:
+    """Forward-noise one cached sample of each item at a random timestep."""
+    n_samples = forget.x0.shape[1]
+    pick = torch.randint(0, n_samples, (len(ids),), generator=g)
+    x0 = forget.x0[ids, pick]
+    t = torch.randint(0, len(alphas_cumprod), (len(ids),), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    xt = forward_noise(x0, t, noise, alphas_cumprod)
+    return _batch(forget, ids, xt, t, noise, device)
+
+
+def partial_batch(
+    eps,
+    forget: ForgetSet,
+    ids: torch.Tensor,
+    g: torch.Generator,
+    ddim,
+    guidance: float,
+    shape,
+    device,
+) -> ForgetBatch:
+    """ESD's x_t: guided DDIM from noise down to a random step shared by the batch."""
+    stop = int(torch.randint(0, len(ddim.timesteps), (1,), generator=g))
+    noise = torch.randn((len(ids), *shape), generator=g).to(device)
+    cond = forget.cond[ids].to(device)
+    uncond = forget.uncond.expand(len(ids), -1, -1).to(device)
+    xt = ddim_sample(eps, ddim, cond, uncond, noise, guidance, stop=stop)
+    t = ddim.timesteps[stop].repeat(len(ids))
+    return _batch(forget, ids, xt, t, None, device)
+
+
+def _batch(forget: ForgetSet, ids, xt, t, noise, device) -> ForgetBatch:
+    b = len(ids)
+    anchor = forget.anchor.expand(b, -1, -1).to(device) if forget.anchor is not None else None
+    return ForgetBatch(
+        xt=xt.to(device),
+        t=t.to(device),
+        cond=forget.cond[ids].to(device),
+        uncond=forget.uncond.expand(b, -1, -1).to(device),
+        anchor=anchor,
+        noise=noise.to(device) if noise is not None else None,
+        ids=ids,
+    )
+
+
+@torch.no_grad()
+def probe_difficulty(
+    eps,
+    forget: ForgetSet,
+    ids: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    device,
+) -> torch.Tensor:
+    """Denoising error of items under their own prompt: -> [B].
+
+    Uses the first cached sample of each item, so difficulty compares items, not samples.
+
+    Args:
+        ids: [B] items; t: [B] timesteps; noise: [B, C, H, W] the noise to add.
+    """
+    x0 = forget.x0[ids, 0]
+    xt = forward_noise(x0, t.cpu(), noise, alphas_cumprod)
+    pred = eps(xt.to(device), t.to(device), forget.cond[ids].to(device))
+    return per_sample_mse(pred, noise.to(device)).cpu()
+
+
+def probe_grid(
+    eps, forget: ForgetSet, alphas_cumprod: torch.Tensor, seed: int, device, k: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Difficulty of every item at k shared, evenly spaced timesteps: -> ([N, K], [K]).
+
+    All items see the same timesteps and the same noise, so their difficulties differ only
+    through the items themselves.
+    """
+    n_train = len(alphas_cumprod)
+    t_grid = torch.arange(k) * n_train // k + n_train // (2 * k)
+    shape = forget.x0.shape[2:]
+    cols = []
+    for j, t in enumerate(t_grid):
+        noise = torch.randn((1, *shape), generator=step_generator(seed, 0, -20_000 - j))
+        cols.append(
+            torch.cat(
+                [
+                    probe_difficulty(
+                        eps,
+                        forget,
+                        chunk,
+                        t.repeat(len(chunk)),
+                        noise.expand(len(chunk), *shape),
+                        alphas_cumprod,
+                        device,
+                    )
+                    for chunk in torch.arange(len(forget)).split(64)
+                ]
+            )
+        )
+    return torch.stack(cols, dim=1), t_grid

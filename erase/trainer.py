@@ -1,0 +1,371 @@
+"""The erase recipe: setup -> train -> export, read top to bottom.
+
+One loop combines the pieces that are tested on their own: an objective gives per-sample losses
+[B], a weighting gives per-sample weights [B], and the loss is ``sum(w * l) / B``. (DESIGN.md
+writes ``sum(w * l) / sum(w)``; at batch size 1 that cancels any weight, so we divide by B. LoReUn
+weights have mean 1 over the forget set, so the learning rate keeps its meaning.)
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loreun.pipelines.loading import fingerprint
+from loreun.pipelines.models import load_pipeline
+
+from .checkpoint import load_checkpoint, prepare_output_dir, resolve_resume, save_checkpoint
+from .config import EraseConfig
+from .export import export_erased, save_pipeline_folder
+from .forget import (
+    ForgetSet,
+    cached_batch,
+    encode_prompts,
+    item_ids,
+    latent_shape,
+    load_or_sample_cache,
+    partial_batch,
+    probe_difficulty,
+    probe_grid,
+    sample_forget_latents,
+    step_generator,
+)
+from .objectives import get_objective, per_sample_mse
+from .presets import select_parameters
+from .sampling import FrozenTeacher, make_ddim, unet_eps
+from .weighting import build_weighting, effective_sample_size
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; a checkpoint was saved first."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; nothing was exported and earlier checkpoints are kept."""
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by ``setup``."""
+
+    pipe: object
+    unet: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    trained: dict[str, torch.nn.Parameter]
+    teacher: FrozenTeacher
+    forget: ForgetSet
+    weighting: object
+    optimizer: object
+    base_fingerprint: str
+    alphas_cumprod: torch.Tensor
+    ddim: object | None
+    start_step: int = 0
+
+
+def erase(cfg: EraseConfig) -> Path:
+    """Erase ``cfg.concepts`` from ``cfg.model`` and export the result to ``cfg.out``.
+
+    Runs on one process, or on several under ``accelerate launch`` / ``torchrun``.
+
+    Returns:
+        Path of the exported ``unet-erased.safetensors``.
+    """
+    from accelerate import Accelerator
+
+    acc = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    )
+    try:
+        out = prepare_output_dir(cfg.out, cfg.overwrite, cfg.resume, create=acc.is_main_process)
+        resume = resolve_resume(out, cfg.resume)  # fail before the model loads
+        acc.wait_for_everyone()
+        run = setup(cfg, acc, out, resume)
+        steps_done = train(run, cfg, acc, out)
+        path = out / "unet-erased.safetensors"
+        if acc.is_main_process:
+            trained = {n: p.detach() for n, p in run.trained.items()}
+            path = export_erased(out, trained, cfg, run.base_fingerprint, steps_done)
+            if cfg.save_pipeline:
+                save_pipeline_folder(run.pipe, out)
+        acc.wait_for_everyone()
+        return path
+    finally:
+        acc.end_training()
+
+
+def setup(cfg: EraseConfig, acc, out: Path, resume: Path | None = None) -> Run:
+    """Load the model, pick trained tensors, encode prompts, cache samples, resume."""
+    pipe = load_pipeline(cfg.model, cfg.model_config)
+    unet = pipe.unet.to(acc.device)
+    unet.requires_grad_(False)
+    trained = select_parameters(unet, cfg.method)
+    for p in trained.values():
+        p.requires_grad_(True)
+    teacher = FrozenTeacher(unet, trained)
+    forget = build_forget_set(cfg, pipe, teacher, acc, out)
+    alphas = pipe.scheduler.alphas_cumprod.float()
+    weighting = build_weighting(
+        cfg.weighting,
+        len(forget),
+        cfg.temperature,
+        cfg.loreun_variant,
+        cfg.loreun_momentum,
+        cfg.difficulty_norm == "timestep",
+        len(alphas),
+    )
+    if weighting.needs_difficulty:
+        with acc.autocast():
+            grid, t_grid = probe_grid(teacher, forget, alphas, cfg.seed, acc.device)
+        weighting.fill(grid, t_grid)
+    optimizer = torch.optim.AdamW(list(trained.values()), lr=cfg.lr, weight_decay=0.0)
+    prepared, optimizer = acc.prepare(unet, optimizer)
+    ddim = make_ddim(pipe.scheduler.config, cfg.sample_steps) if cfg.xt_source != "cached" else None
+    run = Run(
+        pipe,
+        prepared,
+        trained,
+        teacher,
+        forget,
+        weighting,
+        optimizer,
+        fingerprint(teacher.base),
+        alphas,
+        ddim,
+    )
+    resume_from(run, resume)
+    return run
+
+
+def build_forget_set(cfg: EraseConfig, pipe, teacher, acc, out: Path) -> ForgetSet:
+    """Encode every prompt once; sample and cache base latents when the run needs them."""
+    prompts = cfg.concepts + [""] + ([cfg.erase_from] if cfg.erase_from else [])
+    emb = encode_prompts(pipe, prompts, acc.device)
+    n = len(cfg.concepts)
+    forget = ForgetSet(
+        cond=emb[:n], uncond=emb[n : n + 1], anchor=emb[n + 1 : n + 2] if cfg.erase_from else None
+    )
+    if cfg.xt_source == "cached" or cfg.weighting == "loreun":
+        key = {
+            "model": cfg.model,
+            "concepts": cfg.concepts,
+            "samples": cfg.samples_per_concept,
+            "steps": cfg.sample_steps,
+            "guidance": cfg.sample_guidance,
+            "resolution": cfg.resolution,
+            "seed": cfg.seed,
+        }
+
+        def sample():
+            with acc.autocast():
+                return sample_forget_latents(
+                    teacher,
+                    pipe,
+                    forget,
+                    cfg.samples_per_concept,
+                    cfg.sample_steps,
+                    cfg.sample_guidance,
+                    cfg.resolution,
+                    cfg.seed,
+                    acc.device,
+                )
+
+        with acc.main_process_first():  # the main process samples; the others read its cache
+            forget.x0 = load_or_sample_cache(
+                out / "cache" / "forget-latents.safetensors", key, sample
+            )
+    return forget
+
+
+def resume_from(run: Run, folder: Path | None) -> None:
+    """Restore trained tensors, optimizer and weighting memory from a checkpoint."""
+    if folder is None:
+        return
+    step, tensors, optim_state, weighting_state = load_checkpoint(folder)
+    missing = sorted(set(run.trained) - set(tensors))
+    if missing:
+        raise ValueError(
+            f"--resume: {folder} was made with other settings (e.g. another "
+            f"--method); it lacks {missing[0]}"
+        )
+    with torch.no_grad():
+        for name, p in run.trained.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+    run.optimizer.load_state_dict(optim_state)
+    run.weighting.load_state_dict(weighting_state)
+    run.start_step = step
+
+
+def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
+    """The loop. Returns the number of optimizer steps done."""
+    from tqdm.auto import tqdm
+
+    stop = StopFlag()
+    bar = tqdm(
+        total=cfg.steps, initial=run.start_step, desc="erase", disable=not acc.is_main_process
+    )
+    log = open(out / "train_log.jsonl", "a") if acc.is_main_process else None
+    step = run.start_step
+    try:
+        with stop.installed():
+            while step < cfg.steps:
+                loss, ess = train_step(run, cfg, acc, step)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4g}", ess=f"{ess:.3g}")
+                if log:
+                    log.write(json.dumps({"step": step, "loss": loss, "ess": ess}) + "\n")
+                    log.flush()
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    checkpoint(run, cfg, acc, out, step)
+                if stop.synced(acc):
+                    path = checkpoint(run, cfg, acc, out, step)
+                    raise TrainingInterrupted(
+                        f"interrupted at step {step}; saved {path}; continue with --resume latest"
+                    )
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    return step
+
+
+def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> tuple[float, float]:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+    Returns:
+        (mean weighted loss, effective sample size of the forget-set weights)
+    """
+    objective = get_objective(cfg.objective)
+    student = unet_eps(run.unet)
+    total = 0.0
+    for micro in range(cfg.gradient_accumulation_steps):
+        k = step * cfg.gradient_accumulation_steps + micro
+        g = step_generator(cfg.seed, acc.process_index, k)
+        ids = item_ids(len(run.forget), cfg.batch_size, cfg.seed, acc.process_index, k)
+        batch = draw_batch(run, cfg, acc, ids, g)
+        with acc.accumulate(run.unet):
+            with acc.autocast():
+                losses, pred = objective(student, run.teacher, batch, cfg.negative_guidance)
+            observe_difficulty(run, cfg, acc, batch, pred, g)
+            w = run.weighting.weights(ids).to(losses.device)
+            loss = (w * losses).sum() / len(losses)
+            check_finite(loss, step, acc, cfg)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm:
+                acc.clip_grad_norm_(list(run.trained.values()), cfg.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        total += loss.item()
+    weights = run.weighting.all_weights()
+    ess = effective_sample_size(weights) if weights is not None else float(len(run.forget))
+    return total / cfg.gradient_accumulation_steps, ess
+
+
+def draw_batch(run: Run, cfg: EraseConfig, acc, ids: torch.Tensor, g: torch.Generator):
+    """x_t for the sampled items from the configured source (see ``sampling``)."""
+    if cfg.xt_source == "cached":
+        return cached_batch(run.forget, ids, g, run.alphas_cumprod, acc.device)
+    raw = acc.unwrap_model(run.unet)
+    eps = unet_eps(raw) if cfg.xt_source == "partial-train" else run.teacher
+    shape = latent_shape(run.pipe, cfg.resolution)
+    with acc.autocast():
+        return partial_batch(
+            eps, run.forget, ids, g, run.ddim, cfg.sample_guidance, shape, acc.device
+        )
+
+
+def observe_difficulty(run: Run, cfg: EraseConfig, acc, batch, pred, g) -> None:
+    """Feed dynamic LoReUn the current difficulty of the batch's items, gathered over processes.
+
+    With a forward-noised source the student's prediction already is the denoising output, so
+    difficulty is free; partial sampling needs one extra no-grad probe on the cached samples.
+    """
+    if not (run.weighting.needs_difficulty and cfg.loreun_variant == "dynamic"):
+        return
+    if batch.noise is not None:
+        t, diff = batch.t, per_sample_mse(pred.detach(), batch.noise)
+    else:
+        t = torch.randint(0, len(run.alphas_cumprod), (len(batch.ids),), generator=g)
+        noise = torch.randn((len(batch.ids), *run.forget.x0.shape[2:]), generator=g)
+        with acc.autocast():
+            diff = probe_difficulty(
+                unet_eps(acc.unwrap_model(run.unet)),
+                run.forget,
+                batch.ids,
+                t,
+                noise,
+                run.alphas_cumprod,
+                acc.device,
+            )
+    ids, t, diff = (acc.gather(x.to(acc.device)).cpu() for x in (batch.ids, t, diff))
+    run.weighting.observe(ids, t, diff)
+
+
+def check_finite(loss: torch.Tensor, step: int, acc, cfg: EraseConfig) -> None:
+    """Stop every process together when any process's loss is NaN or inf."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        raise TrainingDiverged(
+            f"loss became {loss.item()} at step {step + 1}; stopped without exporting. Earlier "
+            f"checkpoints under {Path(cfg.out) / 'checkpoints'} are kept; lower --lr and resume"
+        )
+
+
+def checkpoint(run: Run, cfg: EraseConfig, acc, out: Path, step: int) -> Path:
+    """Save a checkpoint from the main process; every process waits for it."""
+    path = out / "checkpoints" / f"checkpoint-{step}"
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        trained = {n: p.detach() for n, p in run.trained.items()}
+        save_checkpoint(
+            out,
+            step,
+            trained,
+            run.optimizer,
+            run.weighting.state_dict(),
+            cfg.checkpoints_total_limit,
+        )
+    acc.wait_for_everyone()
+    return path
+
+
+class StopFlag:
+    """Turns the first Ctrl-C into a request to checkpoint and stop after the current step.
+
+    A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        old = signal.signal(signal.SIGINT, handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+    def synced(self, acc) -> bool:
+        """True when any process was asked to stop, so all stop at the same step."""
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=acc.device)
+        if acc.num_processes > 1:
+            flag = acc.reduce(flag, reduction="sum")
+        return flag.item() > 0

@@ -1,0 +1,155 @@
+"""Load erased weights into diffusers models, checking everything and unpickling nothing.
+
+An erased file (``unet-erased.safetensors``) holds only the tensors that erasure trained, under
+diffusers key names, plus a JSON header (DESIGN.md section 7). Loading it checks that every key
+exists in the target UNet with the same shape, that the file is whole, and that the target's base
+values are the ones erasure started from (the fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+METADATA_KEY = "loreun"
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash the values of named tensors, independent of their order, device and precision.
+
+    Values are rounded to float16 before hashing, so a base loaded in float32 or float16 (cast
+    from the same float32 weights) gives the same fingerprint; bfloat16 does not.
+
+    Args:
+        tensors: name -> tensor of any shape.
+
+    Returns:
+        "sha256:<hex>"
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu", torch.float16).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def read_erased_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read an erased file's tensors and its loreun metadata.
+
+    Raises:
+        ValueError: a pickle-based file, a corrupt or truncated file, or no loreun metadata.
+        FileNotFoundError: no such file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path}: refusing to unpickle a {path.suffix} file, which can run "
+            "code; use the unet-erased.safetensors that loreun exports"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such erased-weights file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(
+            f"{path}: not a readable safetensors file (truncated or corrupt): {e}"
+        ) from e
+    if METADATA_KEY not in header:
+        raise ValueError(f"{path}: no loreun metadata in its header; not a loreun export")
+    meta = json.loads(header[METADATA_KEY])
+    expected = meta.get("num_tensors")
+    if expected is not None and len(tensors) < expected:
+        raise ValueError(
+            f"{path}: holds {len(tensors)} tensors but its metadata lists "
+            f"{expected}; the file is incomplete"
+        )
+    return tensors, meta
+
+
+def check_compatible(
+    unet: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    meta: dict,
+    force: bool = False,
+    source: str = "erased file",
+) -> None:
+    """Raise ValueError naming what differs between an erased file and a UNet.
+
+    ``force`` skips the fingerprint check only; names and shapes are always checked.
+    """
+    state = unet.state_dict()
+    unknown = sorted(set(tensors) - set(state))
+    if unknown:
+        raise ValueError(
+            f"{source}: {len(unknown)} tensors not in this UNet, e.g. {', '.join(unknown[:3])}"
+        )
+    wrong = [
+        (k, tuple(v.shape), tuple(state[k].shape))
+        for k, v in tensors.items()
+        if v.shape != state[k].shape
+    ]
+    if wrong:
+        k, got, want = wrong[0]
+        raise ValueError(
+            f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {k}: "
+            f"file {got}, UNet {want}"
+        )
+    if not force:
+        base = fingerprint({k: state[k] for k in tensors})
+        if base != meta.get("base_fingerprint"):
+            raise ValueError(
+                f"{source}: was erased from a different base model ({meta.get('base_model')}); "
+                "its fingerprint does not match this UNet's weights. Load the same base, or "
+                "pass force=True to apply it anyway"
+            )
+
+
+def apply_erased_weights(pipe_or_unet, path: str | Path, force: bool = False):
+    """Copy erased tensors into a pipeline's UNet (or a UNet) in place, after strict checks.
+
+    Args:
+        pipe_or_unet: a diffusers pipeline with a ``unet`` or a ``UNet2DConditionModel``.
+        path: an ``unet-erased.safetensors`` written by loreun.
+        force: apply even when the base fingerprint differs.
+
+    Returns:
+        The object passed in, for chaining.
+    """
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    tensors, meta = read_erased_file(path)
+    check_compatible(unet, tensors, meta, force=force, source=str(path))
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            target = params.get(name)
+            if target is None:
+                target = unet.state_dict()[name]
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+    return pipe_or_unet
+
+
+def load_erased_pipeline(base: str, erased: str | Path, force: bool = False, **kwargs):
+    """Load a base pipeline (any ``--model`` reference) and apply erased weights to it."""
+    from .models import load_pipeline
+
+    pipe = load_pipeline(base, **kwargs)
+    return apply_erased_weights(pipe, erased, force=force)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, recorded in manifests to tie images to exact weights."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()

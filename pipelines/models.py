@@ -1,0 +1,126 @@
+"""Resolve a ``--model`` argument to a loaded Stable Diffusion pipeline, failing loudly.
+
+A model is one of: ``digits`` (the built-in model shipped with loreun), a local diffusers folder,
+a single-file ``.safetensors`` checkpoint with a local config folder, or a hub id (which goes
+through the ordinary diffusers cache).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits"}
+BUILTIN_CLASSIFIERS = {"digits": BUILTIN_DIR / "digits-classifier"}
+
+
+def resolve_model(model: str) -> str:
+    """Map a built-in name to its folder; check that a local path is a diffusers SD folder.
+
+    Returns:
+        A local folder, a local file, or a hub id, unchanged when it is not built in.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a folder that is not a diffusers pipeline.
+    """
+    if model in BUILTIN_MODELS:
+        folder = BUILTIN_MODELS[model]
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"built-in model {model!r} is missing from this install")
+        return str(folder)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(
+                f"--model: {model} is not a diffusers pipeline folder (no model_index.json)"
+            )
+        return str(path)
+    if path.is_file():
+        return str(path)
+    if _looks_like_path(model):
+        raise FileNotFoundError(f"--model: {model}: no such file or folder")
+    return model
+
+
+def _looks_like_path(model: str) -> bool:
+    return (
+        model.startswith((".", "/", "~"))
+        or model.count("/") != 1
+        or model.endswith((".safetensors", ".ckpt", ".pt", ".bin"))
+    )
+
+
+def load_pipeline(model: str, config: str | None = None, torch_dtype=None):
+    """Load a ``StableDiffusionPipeline`` from any supported model reference.
+
+    The safety checker is never loaded: it blanks the very images an audit must see.
+
+    Args:
+        model: see the module docstring.
+        config: local diffusers folder holding the configs of a single-file checkpoint.
+        torch_dtype: optional dtype for every component.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    ref = resolve_model(model)
+    kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    if torch_dtype is not None:
+        kwargs[_dtype_kwarg()] = torch_dtype
+    if Path(ref).is_file():
+        return _load_single_file(ref, config, kwargs)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(ref, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model: could not load {model!r}: {_first_line(e)}") from e
+    check_tokenizer(pipe.tokenizer, model)
+    return pipe
+
+
+def _load_single_file(path: str, config: str | None, kwargs: dict):
+    from diffusers import StableDiffusionPipeline
+
+    if not path.endswith(".safetensors"):
+        raise ValueError(
+            f"--model: {path}: only .safetensors single-file checkpoints are "
+            "loaded; pickled .ckpt/.pt files can run code when opened"
+        )
+    if config is None:
+        raise ValueError(
+            f"--model: {path} is a single file; pass --config with a local "
+            "diffusers folder that holds its configs"
+        )
+    resolve_model(config)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(path, config=config, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"--model: could not load {path}: {_first_line(e)}") from e
+    check_tokenizer(pipe.tokenizer, path)
+    return pipe
+
+
+def check_tokenizer(tokenizer, source: str, prompt: str = "a photo of a cat") -> None:
+    """Reject tokenizers that load but cannot encode text.
+
+    Offline loading from a hub id can quietly return a tokenizer with only special tokens; every
+    prompt then encodes to BOS and EOS, and erasure would train on nothing.
+    """
+    ids = tokenizer(prompt, add_special_tokens=True).input_ids
+    if len(tokenizer) <= 2 or len(ids) <= 2:
+        raise ValueError(
+            f"--model: the tokenizer of {source} is broken (vocabulary size "
+            f"{len(tokenizer)}; {prompt!r} encodes to {len(ids)} tokens)"
+        )
+
+
+def _dtype_kwarg() -> str:
+    """Newer diffusers call it ``dtype`` and warn on ``torch_dtype``; older ones know only the
+    latter."""
+    from diffusers.pipelines import pipeline_utils
+
+    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,203 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loreun.cli.main import main
+from loreun.erase import objectives
+
+from .conftest import erase_args
+
+
+def _err(capsys):
+    return capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--method", "xattn"], "--method: unknown value 'xattn'; choose one of esd-x"),
+        (["--steps", "0"], "--steps: must be > 0"),
+        (["--lr", "-1"], "--lr: must be > 0"),
+        (["--temperature", "0"], "--temperature: must be > 0"),
+        (["--concept", "  "], "--concept: a concept is empty"),
+        (["--weighting", "focal"], "--weighting: unknown value"),
+        (["--resolution", "30"], "--resolution: must be a positive multiple of 8"),
+        (["--concepts-file", "missing.txt"], "--concepts-file: missing.txt: no such file"),
+    ],
+)
+def test_bad_flags_fail_before_loading(tmp_path, capsys, flags, needle):
+    # The model does not exist: these errors must come before any model is touched.
+    code = main(erase_args(tmp_path / "no-model", tmp_path / "out", *flags))
+    err = _err(capsys)
+    assert code == 2 and len(err) == 1 and needle in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_path(tmp_path, capsys):
+    assert main(erase_args(tmp_path / "nope", tmp_path / "out")) == 2
+    assert "no such file or folder" in _err(capsys)[0]
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "readme.txt").write_text("hi")
+    assert main(erase_args(tmp_path / "model", tmp_path / "out")) == 2
+    assert "not a diffusers pipeline folder" in _err(capsys)[0]
+
+
+def test_hub_id_offline_fails_in_one_line(tmp_path, capsys):
+    assert main(erase_args("someone/not-cached-model", tmp_path / "out")) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "could not load 'someone/not-cached-model'" in err[0]
+
+
+def test_single_file_needs_config(tmp_path, capsys, tiny_pipeline_dir):
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"")
+    assert main(erase_args(ckpt, tmp_path / "out")) == 2
+    assert "pass --config" in _err(capsys)[0]
+
+
+def test_non_empty_output_is_refused_and_overwrite_keeps_foreign_files(
+    tiny_pipeline_dir, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(erase_args(tiny_pipeline_dir, out)) == 2
+    assert "is not empty; pass --overwrite" in _err(capsys)[0]
+    assert main(erase_args(tiny_pipeline_dir, out, "--overwrite")) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "unet-erased.safetensors").is_file()
+
+
+def test_yaml_config_file_with_flag_override(tiny_pipeline_dir, tmp_path, capsys):
+    cfg = tmp_path / "erase.yaml"
+    cfg.write_text(f"model: {tiny_pipeline_dir}\nconcept: []\nconcepts: [a cat]\n")
+    assert main(["erase", "--config-file", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert f"--config-file: {cfg}: unknown settings: concept" in _err(capsys)[0]
+    cfg.write_text(
+        f"model: {tiny_pipeline_dir}\nconcepts: [a cat]\nsteps: 2\nsample-steps: 2\nmethod: esd-u\n"
+    )
+    assert (
+        main(
+            [
+                "erase",
+                "--config-file",
+                str(cfg),
+                "--out",
+                str(tmp_path / "o"),
+                "--method",
+                "esd-x-strict",
+            ]
+        )
+        == 0
+    )
+    saved = json.loads((tmp_path / "o" / "erase_config.json").read_text())
+    assert saved["method"] == "esd-x-strict" and saved["steps"] == 2
+
+
+def test_resume_continues_the_step_count_exactly(tiny_pipeline_dir, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["--steps", "4", "--checkpoint-every", "2", "--weighting", "loreun"]
+    assert main(erase_args(tiny_pipeline_dir, straight, *common)) == 0
+    assert main(erase_args(tiny_pipeline_dir, split, *common[:1], "2", *common[2:])) == 0
+    assert (split / "checkpoints" / "checkpoint-2").is_dir()
+    assert main(erase_args(tiny_pipeline_dir, split, *common, "--resume", "latest")) == 0
+    steps = [json.loads(line)["step"] for line in open(split / "train_log.jsonl")]
+    assert steps == [1, 2, 3, 4]
+    a = load_file(str(straight / "unet-erased.safetensors"))
+    b = load_file(str(split / "unet-erased.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_checkpoint(tiny_pipeline_dir, tmp_path, capsys):
+    assert main(erase_args(tiny_pipeline_dir, tmp_path / "o", "--resume", "latest")) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and "--resume latest: no checkpoint" in err[0]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    tiny_pipeline_dir, tmp_path, capsys, monkeypatch
+):
+    real = objectives.OBJECTIVES["esd"]
+    calls = {"n": 0}
+
+    def nan_after_two(student, teacher, batch, eta):
+        calls["n"] += 1
+        losses, pred = real(student, teacher, batch, eta)
+        return (losses * float("nan") if calls["n"] > 2 else losses), pred
+
+    monkeypatch.setitem(objectives.OBJECTIVES, "esd", nan_after_two)
+    out = tmp_path / "o"
+    code = main(erase_args(tiny_pipeline_dir, out, "--steps", "5", "--checkpoint-every", "2"))
+    err = _err(capsys)
+    assert code == 1 and "loss became nan at step 3" in err[-1]
+    assert (out / "checkpoints" / "checkpoint-2" / "trained.safetensors").is_file()
+    assert not (out / "unet-erased.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "o"
+    argv = [
+        sys.executable,
+        "-m",
+        "loreun.cli",
+        *erase_args(tiny_pipeline_dir, out, "--steps", "100000", "--checkpoint-every", "0"),
+    ]
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume latest" in err
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1
+    step = int(ckpts[0].name.split("-")[1])
+    assert step >= 2
+    assert (
+        main(erase_args(tiny_pipeline_dir, out, "--steps", str(step + 2), "--resume", "latest"))
+        == 0
+    )
+    steps = [json.loads(line)["step"] for line in open(log)]
+    assert steps == list(range(1, step + 3))
+
+
+@pytest.mark.parametrize("source", ["partial-train", "partial-base"])
+def test_partial_sampling_sources(tiny_pipeline_dir, tmp_path, source):
+    out = tmp_path / source
+    assert (
+        main(
+            erase_args(
+                tiny_pipeline_dir,
+                out,
+                "--xt-source",
+                source,
+                "--steps",
+                "2",
+                "--erase-from",
+                "a bird",
+                "--batch-size",
+                "2",
+            )
+        )
+        == 0
+    )
+    assert (out / "unet-erased.safetensors").is_file()

@@ -1,0 +1,145 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loreun.cli.main import main
+from loreun.pipelines import apply_erased_weights, load_erased_pipeline, load_pipeline
+from loreun.pipelines.loading import fingerprint, read_erased_file
+
+from .conftest import erase_args
+
+
+@pytest.fixture(scope="module")
+def erased_run(tiny_pipeline_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("erase") / "run"
+    assert main(erase_args(tiny_pipeline_dir, out, "--method", "esd-x", "--save-pipeline")) == 0
+    return out
+
+
+def _unet_out(unet):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    emb = torch.randn(2, 16, 16, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=emb).sample
+
+
+def test_header_metadata(erased_run, tiny_pipeline_dir):
+    tensors, meta = read_erased_file(erased_run / "unet-erased.safetensors")
+    assert meta["base_model"] == str(tiny_pipeline_dir)
+    assert meta["method"] == "esd-x" and meta["concepts"] == ["a cat", "a dog"]
+    assert meta["steps_done"] == 3 and meta["num_tensors"] == len(tensors)
+    assert meta["hyperparameters"]["lr"] == 1e-3
+    assert set(meta["versions"]) == {"loreun", "diffusers", "torch"}
+    assert all(".attn2." in k for k in tensors)
+    base = load_pipeline(str(tiny_pipeline_dir)).unet.state_dict()
+    assert meta["base_fingerprint"] == fingerprint({k: base[k] for k in tensors})
+    cfg = json.loads((erased_run / "erase_config.json").read_text())
+    assert cfg["method"] == "esd-x"
+
+
+def test_erasure_changed_the_trained_tensors_only(erased_run, tiny_pipeline_dir):
+    tensors, _ = read_erased_file(erased_run / "unet-erased.safetensors")
+    base = load_pipeline(str(tiny_pipeline_dir)).unet.state_dict()
+    assert any(not torch.equal(v, base[k]) for k, v in tensors.items())
+
+
+def test_export_then_load_reproduces_outputs(erased_run, tiny_pipeline_dir):
+    from diffusers import StableDiffusionPipeline
+
+    saved = StableDiffusionPipeline.from_pretrained(erased_run / "pipeline")
+    applied = apply_erased_weights(
+        load_pipeline(str(tiny_pipeline_dir)), erased_run / "unet-erased.safetensors"
+    )
+    again = load_erased_pipeline(str(tiny_pipeline_dir), erased_run / "unet-erased.safetensors")
+    base = load_pipeline(str(tiny_pipeline_dir))
+    ref = _unet_out(saved.unet)
+    assert torch.equal(ref, _unet_out(applied.unet))
+    assert torch.equal(ref, _unet_out(again.unet))
+    assert not torch.equal(ref, _unet_out(base.unet))
+
+
+def test_fp16_base_matches_fingerprint(erased_run, tiny_pipeline_dir):
+    pipe = load_pipeline(str(tiny_pipeline_dir), torch_dtype=torch.float16)
+    apply_erased_weights(pipe, erased_run / "unet-erased.safetensors")  # no error
+
+
+def test_other_base_is_refused_unless_forced(erased_run, other_pipeline_dir):
+    pipe = load_pipeline(str(other_pipeline_dir))
+    with pytest.raises(ValueError, match="different base model"):
+        apply_erased_weights(pipe, erased_run / "unet-erased.safetensors")
+    apply_erased_weights(pipe, erased_run / "unet-erased.safetensors", force=True)
+
+
+def _rewrite(src, dst, change):
+    tensors, meta = read_erased_file(src)
+    tensors = change(dict(tensors))
+    save_file(tensors, str(dst), metadata={"loreun": json.dumps(meta)})
+    return dst
+
+
+def test_wrong_shape_is_refused_even_when_forced(erased_run, tiny_pipeline_dir, tmp_path):
+    def widen(t):
+        k = sorted(t)[0]
+        t[k] = torch.zeros(*t[k].shape[:-1], t[k].shape[-1] + 1)
+        return t
+
+    bad = _rewrite(erased_run / "unet-erased.safetensors", tmp_path / "bad.safetensors", widen)
+    with pytest.raises(ValueError, match="wrong shape"):
+        apply_erased_weights(load_pipeline(str(tiny_pipeline_dir)), bad, force=True)
+
+
+def test_extra_key_is_refused(erased_run, tiny_pipeline_dir, tmp_path):
+    def extra(t):
+        t["down_blocks.9.attn2.to_q.weight"] = torch.zeros(2, 2)
+        return t
+
+    bad = _rewrite(erased_run / "unet-erased.safetensors", tmp_path / "bad.safetensors", extra)
+    with pytest.raises(ValueError, match="not in this UNet.*down_blocks.9"):
+        apply_erased_weights(load_pipeline(str(tiny_pipeline_dir)), bad, force=True)
+
+
+def test_missing_tensor_is_refused(erased_run, tiny_pipeline_dir, tmp_path):
+    def drop(t):
+        t.pop(sorted(t)[0])
+        return t
+
+    bad = _rewrite(erased_run / "unet-erased.safetensors", tmp_path / "bad.safetensors", drop)
+    with pytest.raises(ValueError, match="incomplete"):
+        apply_erased_weights(load_pipeline(str(tiny_pipeline_dir)), bad)
+
+
+def test_truncated_file_is_refused(erased_run, tiny_pipeline_dir, tmp_path):
+    data = (erased_run / "unet-erased.safetensors").read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        apply_erased_weights(load_pipeline(str(tiny_pipeline_dir)), bad)
+
+
+def test_plain_safetensors_without_metadata_is_refused(tmp_path, tiny_pipeline_dir):
+    path = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path))
+    with pytest.raises(ValueError, match="no loreun metadata"):
+        apply_erased_weights(load_pipeline(str(tiny_pipeline_dir)), path)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".ckpt", ".bin"])
+def test_pickles_are_refused_without_opening(tmp_path, tiny_unet, suffix):
+    path = tmp_path / f"weights{suffix}"
+    path.write_bytes(b"not even read")
+    with pytest.raises(ValueError, match="refusing to unpickle.*safetensors"):
+        apply_erased_weights(tiny_unet, path)
+
+
+def test_apply_to_bare_unet(erased_run):
+    from loreun.pipelines.tiny import make_tiny_pipeline
+
+    unet = make_tiny_pipeline(seed=0).unet
+    out = apply_erased_weights(unet, erased_run / "unet-erased.safetensors")
+    assert out is unet
+    tensors = load_file(str(erased_run / "unet-erased.safetensors"))
+    k = sorted(tensors)[0]
+    assert torch.equal(unet.state_dict()[k], tensors[k])
