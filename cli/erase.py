@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -92,5 +93,6 @@ def run(args) -> int:
     except TrainingDiverged as e:
         print(f"loreun erase: error: {e}", file=sys.stderr)
         return 1
-    print(f"erased weights: {path}")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        print(f"erased weights: {path}")
     return 0

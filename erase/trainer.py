@@ -80,6 +80,7 @@ def erase(cfg: EraseConfig) -> Path:
     acc = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        cpu=multi_cpu_launch(),
     )
     try:
         out = prepare_output_dir(cfg.out, cfg.overwrite, cfg.resume, create=acc.is_main_process)
@@ -97,6 +98,14 @@ def erase(cfg: EraseConfig) -> Path:
         return path
     finally:
         acc.end_training()
+
+
+def multi_cpu_launch() -> bool:
+    """True under torchrun/MPI without CUDA: accelerate then needs ``cpu=True`` to use gloo."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("PMI_SIZE", "1")))
+    return world > 1 and not torch.cuda.is_available()
 
 
 def setup(cfg: EraseConfig, acc, out: Path, resume: Path | None = None) -> Run:
@@ -262,6 +271,8 @@ def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> tuple[float, float
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         total += loss.item()
+    if acc.num_processes > 1:  # report the mean over processes, not process 0's alone
+        total = acc.reduce(torch.tensor([total], device=acc.device), reduction="mean").item()
     weights = run.weighting.all_weights()
     ess = effective_sample_size(weights) if weights is not None else float(len(run.forget))
     return total / cfg.gradient_accumulation_steps, ess

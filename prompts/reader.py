@@ -1,0 +1,186 @@
+"""Read prompt files (CSV, TSV, JSONL, TXT) into rows with per-row seed, guidance and size.
+
+Columns that mean the same thing in different research repos are read as one (DESIGN.md
+section 5). Unknown columns are kept, so they reach the manifest and the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATA_DIR = Path(__file__).parent / "data"
+BUNDLED = {
+    "nudity": "nudity.csv",
+    "imagenette": "imagenette.csv",
+    "neutral": "neutral.csv",
+    "digits": "digits.csv",
+}
+
+ALIASES = {
+    "seed": ("evaluation_seed", "sd_seed", "seed"),
+    "guidance": ("evaluation_guidance", "sd_guidance_scale", "guidance"),
+    "width": ("sd_image_width", "width"),
+    "height": ("sd_image_height", "height"),
+    "id": ("case_number", "case_num", "id"),
+    "cls": ("class", "label_str", "concept"),
+}
+INDEX_COLUMNS = ("", "Unnamed: 0")
+MAX_SEED = 2**64 - 1
+
+
+@dataclass
+class PromptRow:
+    """One prompt with the settings it must be generated with.
+
+    ``None`` means the file gave no value; generation then uses its defaults.
+    """
+
+    id: str
+    prompt: str
+    seed: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    cls: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def load_prompts(path_or_name: str | Path) -> list[PromptRow]:
+    """Read a prompt file, or a bundled set by name (nudity, imagenette, neutral, digits).
+
+    Raises:
+        FileNotFoundError: no such file or bundled set.
+        ValueError: a malformed file; the message names the file and the row.
+    """
+    path = _resolve(path_or_name)
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        records = _read_txt(path)
+    elif suffix == ".jsonl":
+        records = _read_jsonl(path)
+    elif suffix in (".csv", ".tsv"):
+        records = _read_table(path, "\t" if suffix == ".tsv" else ",")
+    else:
+        raise ValueError(
+            f"{path}: unknown prompt file type {suffix!r}; use .csv, .tsv, .jsonl or .txt"
+        )
+    if not records:
+        raise ValueError(f"{path}: holds no prompt rows")
+    return [_to_row(rec, i, path) for i, rec in enumerate(records)]
+
+
+def _resolve(path_or_name: str | Path) -> Path:
+    name = str(path_or_name)
+    if name in BUNDLED:
+        return DATA_DIR / BUNDLED[name]
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: no such prompt file (bundled sets: {', '.join(BUNDLED)})")
+    return path
+
+
+def _read_txt(path: Path) -> list[dict]:
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    return [{"prompt": ln.strip()} for ln in lines if ln.strip()]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from e
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: line {n}: expected a JSON object")
+        out.append(rec)
+    if out and not any("prompt" in r for r in out):
+        raise ValueError(f"{path}: no 'prompt' field")
+    return out
+
+
+def _read_table(path: Path, delimiter: str) -> list[dict]:
+    # utf-8-sig drops a BOM; newline="" lets quoted prompts hold newlines.
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        columns = reader.fieldnames or []
+        if columns and "prompt" not in columns:
+            raise ValueError(f"{path}: no 'prompt' column (columns: {', '.join(columns)})")
+        return list(reader)
+
+
+def _first(rec: dict, names: tuple[str, ...]):
+    for name in names:
+        value = rec.get(name)
+        if value is not None and str(value).strip() != "":
+            return value
+    return None
+
+
+def _to_row(rec: dict, index: int, path: Path) -> PromptRow:
+    where = f"{path}: row {index + 1}"
+    prompt = rec.get("prompt")
+    if prompt is None:
+        raise ValueError(f"{where}: no prompt")
+    row = PromptRow(
+        id=str(_first(rec, ALIASES["id"]) or index).strip(),
+        prompt=str(prompt),
+        seed=_seed(_first(rec, ALIASES["seed"]), where),
+        guidance=_number(_first(rec, ALIASES["guidance"]), where, "guidance"),
+        width=_size(_first(rec, ALIASES["width"]), where, "width"),
+        height=_size(_first(rec, ALIASES["height"]), where, "height"),
+        cls=_text(_first(rec, ALIASES["cls"])),
+    )
+    used = {"prompt", *INDEX_COLUMNS} | {a for names in ALIASES.values() for a in names}
+    row.extra = {k: v for k, v in rec.items() if k not in used and k is not None}
+    return row
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value).strip()
+
+
+def _seed(value, where: str) -> int | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        seed = int(text)
+    except ValueError:
+        try:
+            as_float = float(text)
+        except ValueError:
+            as_float = math.nan
+        if not (math.isfinite(as_float) and as_float.is_integer()):
+            raise ValueError(f"{where}: seed {text!r} is not an integer") from None
+        seed = int(as_float)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{where}: seed {seed} is outside 0..2^64-1")
+    return seed
+
+
+def _number(value, where: str, what: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{where}: {what} {str(value)!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: {what} {str(value)!r} is not a finite number")
+    return number
+
+
+def _size(value, where: str, what: str) -> int | None:
+    number = _number(value, where, what)
+    if number is None:
+        return None
+    if not number.is_integer() or number <= 0 or int(number) % 8:
+        raise ValueError(f"{where}: {what} {str(value)!r} is not a positive multiple of 8")
+    return int(number)

@@ -1,0 +1,105 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from loreun.prompts import BUNDLED, load_prompts
+
+EXTERNAL = Path(__file__).resolve().parents[1].parent / "shared" / "prompts-external"
+
+
+def ext(name):
+    path = EXTERNAL / name
+    assert path.is_file(), f"the shared prompt files are expected at {EXTERNAL}"
+    return path
+
+
+def test_i2p_rows_seeds_guidance_size_and_multiline():
+    rows = load_prompts(ext("i2p_unsafe_4703.csv"))
+    assert len(rows) == 4703
+    assert rows[0].id == "0" and rows[0].prompt.startswith("weird and disturbing portrait")
+    assert rows[1].seed == 4080709695 and rows[1].guidance == 7.0
+    assert (rows[1].width, rows[1].height) == (512, 512)
+    assert "🪦" in rows[1].prompt
+    assert any("\n" in r.prompt for r in rows)
+    assert max(r.seed for r in rows) > 2**31  # does not fit a signed 32-bit int
+    assert rows[0].extra["categories"] == "violence, self-harm"
+    assert "" not in rows[0].extra  # the unnamed index column is dropped
+    assert len({r.id for r in rows}) == 4703
+
+
+def test_unlearndiffatk_index_column():
+    rows = load_prompts(ext("unlearndiffatk_nudity_142.csv"))
+    assert len(rows) == 142
+    assert "Unnamed: 0" not in rows[0].extra and rows[0].guidance == 7.0
+    assert rows[0].id != "21" or rows[0].extra["sd_model"] == "stable-diffusion-v1-4"
+
+
+def test_salun_bom_and_class():
+    rows = load_prompts(ext("salun_imagenette.csv"))
+    assert len(rows) == 10
+    assert rows[0].id == "0" and rows[0].prompt == "Image of tench" and rows[0].seed == 4889
+    assert rows[0].cls == "tench" and rows[0].extra == {"classidx": "0"}
+    assert rows[0].guidance is None and rows[0].width is None
+
+
+def test_esd_small_imagenet():
+    rows = load_prompts(ext("esd_small_imagenet.csv"))
+    assert len(rows) == 100 and rows[0].cls == "cassette player" and rows[1].seed == 4667
+
+
+def test_coco_without_case_number_uses_row_index():
+    rows = load_prompts(ext("coco_30k_first1000.csv"))
+    assert len(rows) == 995
+    assert [r.id for r in rows[:3]] == ["0", "1", "2"]
+    assert rows[0].extra["image_id"] == "000000203564" and rows[0].seed == 41337
+    assert any("\n" in r.prompt for r in rows)
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_bundled_sets(name):
+    rows = load_prompts(name)
+    assert rows and all(r.prompt and r.seed is not None for r in rows)
+
+
+def test_tsv_jsonl_txt(tmp_path):
+    (tmp_path / "p.tsv").write_text("prompt\tseed\tguidance\tlabel_str\na cat\t3\t5.5\tcat\n")
+    (tmp_path / "p.jsonl").write_text(
+        json.dumps({"prompt": "a dog", "sd_seed": 4294967295, "width": 64, "height": 32, "note": 1})
+        + "\n"
+    )
+    (tmp_path / "p.txt").write_text("\ufeffa bird\n\n  a fish  \n")
+    tsv = load_prompts(tmp_path / "p.tsv")[0]
+    assert (tsv.prompt, tsv.seed, tsv.guidance, tsv.cls) == ("a cat", 3, 5.5, "cat")
+    js = load_prompts(tmp_path / "p.jsonl")[0]
+    assert (js.seed, js.width, js.height, js.extra) == (4294967295, 64, 32, {"note": 1})
+    assert [r.prompt for r in load_prompts(tmp_path / "p.txt")] == ["a bird", "a fish"]
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("text,seed\na,1\n", "no 'prompt' column (columns: text, seed)"),
+        ("", "holds no prompt rows"),
+        ("prompt\n", "holds no prompt rows"),
+        ("prompt,seed\na,1\nb,abc\n", "row 2: seed 'abc' is not an integer"),
+        ("prompt,seed\na,1.5\n", "row 1: seed '1.5' is not an integer"),
+        ("prompt,seed\na,-1\n", "row 1: seed -1 is outside"),
+        ("prompt,guidance\na,high\n", "row 1: guidance 'high' is not a number"),
+        ("prompt,width,height\na,500,512\n", "row 1: width '500' is not a positive multiple of 8"),
+    ],
+)
+def test_bad_files_name_file_and_row(tmp_path, content, needle):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError) as err:
+        load_prompts(path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_missing_file_and_unknown_type(tmp_path):
+    with pytest.raises(FileNotFoundError, match="bundled sets: nudity"):
+        load_prompts(tmp_path / "nope.csv")
+    (tmp_path / "p.xlsx").write_text("x")
+    with pytest.raises(ValueError, match="unknown prompt file type"):
+        load_prompts(tmp_path / "p.xlsx")
