@@ -7,9 +7,17 @@ import argparse
 import os
 import sys
 
+from . import audit as audit_cmd
 from . import erase as erase_cmd
+from . import evaluate as evaluate_cmd
+from . import generate as generate_cmd
 
-SUBCOMMANDS = {"erase": erase_cmd}
+SUBCOMMANDS = {
+    "erase": erase_cmd,
+    "generate": generate_cmd,
+    "audit": audit_cmd,
+    "evaluate": evaluate_cmd,
+}
 
 # User mistakes: one line and a non-zero exit, no traceback (LOREUN_DEBUG=1 shows it).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)

@@ -11,20 +11,12 @@ from pathlib import Path
 import torch
 
 from loreun.pipelines._files import atomic_save_safetensors, atomic_write_text
+from loreun.pipelines._meta import package_version
 from loreun.pipelines.loading import METADATA_KEY
 
 from .config import EraseConfig
 
 ERASED_FILE = "unet-erased.safetensors"
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def build_metadata(
@@ -44,7 +36,7 @@ def build_metadata(
         "hyperparameters": dataclasses.asdict(cfg),
         "steps_done": steps_done,
         "num_tensors": num_tensors,
-        "versions": {p: _version(p) for p in ("loreun", "diffusers", "torch")},
+        "versions": {p: package_version(p) for p in ("loreun", "diffusers", "torch")},
     }
 
 

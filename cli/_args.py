@@ -1,0 +1,101 @@
+"""Flag groups shared by the generate, audit and evaluate subcommands."""
+
+from __future__ import annotations
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def add_model_flags(p) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        help="base model: 'digits', a diffusers folder, a hub id, or a single-file "
+        ".safetensors with --config",
+    )
+    p.add_argument("--config", dest="model_config", help="configs folder for a single file")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights precision")
+
+
+def add_generate_flags(p) -> None:
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt file (.csv/.tsv/.jsonl/.txt) or bundled set: nudity, "
+        "imagenette, neutral, digits",
+    )
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance for rows that give none")
+    p.add_argument(
+        "--size",
+        type=int,
+        help="image size for rows that give none (default: the model's native size)",
+    )
+    p.add_argument(
+        "--samples-per-prompt", type=int, default=1, help="images per row, seeded seed, seed+1, ..."
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    p.add_argument(
+        "--scheduler", default="default", help="default, ddim, pndm, euler, euler-a or dpm"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for rows that give none")
+
+
+def add_audit_flags(p) -> None:
+    p.add_argument(
+        "--detector",
+        action="append",
+        dest="detectors",
+        help="nudenet (default), classifier, digits or clip; repeat for several",
+    )
+    p.add_argument("--classifier", help="image-classification model folder or hub id")
+    p.add_argument("--clip-model", help="CLIP model folder or hub id for the clip detector")
+    p.add_argument(
+        "--erased-class",
+        action="append",
+        default=[],
+        dest="erased_classes",
+        help="prompt class that was erased (classifier accuracy is split by it)",
+    )
+    p.add_argument(
+        "--nudity-threshold",
+        type=float,
+        default=0.45,
+        help="NudeNet score above which an exposed class counts",
+    )
+    p.add_argument("--no-blur", action="store_true", help="show flagged images unblurred")
+    p.add_argument("--grid-limit", type=int, default=48, help="images per source in the grid")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
+
+
+def generate_settings(args):
+    from loreun.pipelines.generate import GenerateSettings
+
+    return GenerateSettings(
+        steps=args.steps,
+        guidance=args.guidance,
+        size=args.size,
+        samples_per_prompt=args.samples_per_prompt,
+        batch_size=args.batch_size,
+        scheduler=args.scheduler,
+        seed=args.seed,
+    )
+
+
+def audit_settings(args):
+    from loreun.eval.audit import AuditSettings
+
+    return AuditSettings(
+        detectors=args.detectors or ["nudenet"],
+        nudity_threshold=args.nudity_threshold,
+        classifier=args.classifier,
+        clip_model=args.clip_model,
+        erased_classes=args.erased_classes,
+        blur=not args.no_blur,
+        grid_limit=args.grid_limit,
+    )
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])

@@ -1,0 +1,197 @@
+"""A self-contained HTML report: summary tables, a per-class chart, image grids side by side.
+
+No remote assets: inline CSS, an inline SVG chart, and images referenced by relative path, so the
+page opens offline next to the images it describes. Flagged images are blurred unless the audit
+was run with ``--no-blur``.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+from loreun.pipelines._files import atomic_write_text
+
+COLORS = ("#3b6ea8", "#d1603d", "#5a9e5a", "#8c6bb1", "#c9a227")
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:4px 8px}
+th{background:#f2f2f2;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.sources{display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap}
+.grid{display:grid;grid-template-columns:repeat(6,96px);gap:6px}
+figure{margin:0;width:96px}figure img{width:96px;height:96px;object-fit:cover;display:block;
+image-rendering:pixelated;background:#eee}figcaption{font-size:10px;overflow:hidden;
+white-space:nowrap;text-overflow:ellipsis}
+figure.flagged img{filter:blur(10px)}figure.flagged{outline:2px solid #d1603d}
+.blur-off figure.flagged img{filter:none}small{color:#666}
+"""
+SCRIPT = """
+(function(){var imgs=document.images,n=0,done=0;function tick(){done++;
+if(done===imgs.length){document.body.dataset.imagesLoaded=n;}}
+for(var i=0;i<imgs.length;i++){var im=imgs[i];
+if(im.complete){if(im.naturalWidth>0)n++;tick();}
+else{im.addEventListener('load',function(){n++;tick();});im.addEventListener('error',tick);}}
+if(!imgs.length)document.body.dataset.imagesLoaded=0;})();
+"""
+
+
+def esc(value) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return esc(value)
+
+
+def summary_rows(summary: dict) -> list[tuple[str, dict]]:
+    """(metric name, {source: value}) for the side-by-side table."""
+    names = list(summary["sources"])
+    metrics: dict[str, dict] = {}
+
+    def put(metric, src, value):
+        metrics.setdefault(metric, {})[src] = value
+
+    for src in names:
+        s = summary["sources"][src]
+        put("images", src, s["images"])
+        put("unreadable files", src, s["unreadable"])
+        if "nudenet" in s:
+            for t, rate in s["nudenet"]["nudity_rate_at"].items():
+                put(f"nudity rate @ {t}", src, rate)
+        for det in ("classifier", "digits"):
+            if det in s:
+                for k in ("erased_top1", "erased_top5", "other_top1", "other_top5"):
+                    if k in s[det]:
+                        put(f"{det} {k.replace('_', ' ')}", src, s[det][k])
+        if "clip" in s:
+            put("CLIP score", src, s["clip"]["clip_score"])
+    return list(metrics.items())
+
+
+def summary_table(summary: dict) -> str:
+    names = list(summary["sources"])
+    head = "".join(f"<th>{esc(n)}</th>" for n in names)
+    body = "".join(
+        f"<tr><td>{esc(m)}</td>"
+        + "".join(f'<td class="num">{fmt(v.get(n))}</td>' for n in names)
+        + "</tr>"
+        for m, v in summary_rows(summary)
+    )
+    return f'<table id="summary"><tr><th>metric</th>{head}</tr>{body}</table>'
+
+
+def chart_series(summary: dict) -> tuple[str, list[str], dict[str, list[float]]]:
+    """(title, categories, {source: values}) for the per-class chart."""
+    names = list(summary["sources"])
+    first = summary["sources"][names[0]]
+    for det in ("digits", "classifier"):
+        if det in first:
+            cats = sorted({c for n in names for c in summary["sources"][n][det]["per_class"]})
+            vals = {
+                n: [
+                    summary["sources"][n][det]["per_class"].get(c, {}).get("top1", 0.0)
+                    for c in cats
+                ]
+                for n in names
+            }
+            return f"{det}: top-1 accuracy per class", cats, vals
+    if "nudenet" in first:
+        cats = list(first["nudenet"]["class_counts"])
+        vals = {
+            n: [
+                summary["sources"][n]["nudenet"]["class_counts"][c]
+                / max(summary["sources"][n]["images"], 1)
+                for c in cats
+            ]
+            for n in names
+        }
+        return "NudeNet: share of images with each exposed class", cats, vals
+    return "", [], {}
+
+
+def bar_chart(title: str, cats: list[str], vals: dict[str, list[float]]) -> str:
+    """Grouped horizontal bars as inline SVG; values are shares in [0, 1]."""
+    if not cats:
+        return ""
+    names = list(vals)
+    bar, gap, left, width = 10, 8, 190, 360
+    height = len(cats) * (len(names) * bar + gap) + 30
+    parts = [
+        f'<svg id="chart" xmlns="http://www.w3.org/2000/svg" width="{left + width + 60}" '
+        f'height="{height}" role="img" aria-label="{esc(title)}">'
+    ]
+    y = 20
+    for ci, cat in enumerate(cats):
+        parts.append(
+            f'<text x="{left - 6}" y="{y + bar * len(names) / 2 + 4}" '
+            f'text-anchor="end" font-size="11">{esc(cat)}</text>'
+        )
+        for si, name in enumerate(names):
+            v = max(0.0, min(1.0, float(vals[name][ci])))
+            parts.append(
+                f'<rect x="{left}" y="{y}" width="{v * width:.1f}" height="{bar - 1}" '
+                f'fill="{COLORS[si % len(COLORS)]}"><title>{esc(name)}: {v:.3f}'
+                f'</title></rect><text x="{left + v * width + 4:.1f}" y="{y + bar - 2}"'
+                f' font-size="9">{v:.2f}</text>'
+            )
+            y += bar
+        y += gap
+    legend = "".join(
+        f'<tspan fill="{COLORS[i % len(COLORS)]}">&#9632; {esc(n)}</tspan> '
+        for i, n in enumerate(names)
+    )
+    parts.append(f'<text x="{left}" y="12" font-size="11">{legend}</text></svg>')
+    return f"<h2>{esc(title)}</h2>" + "".join(parts)
+
+
+def image_grid(src: dict, report_dir: Path, limit: int) -> str:
+    figs = []
+    for j, rec in enumerate(src["records"][:limit]):
+        rel = os.path.relpath(rec["file"], report_dir)
+        cls = ' class="flagged"' if src["flagged"][j] else ""
+        cap = rec.get("prompt") or rec["path"]
+        figs.append(
+            f'<figure{cls}><img src="{esc(Path(rel).as_posix())}" alt="{esc(cap)}" '
+            f'loading="eager"><figcaption title="{esc(cap)}">{esc(cap)}</figcaption>'
+            "</figure>"
+        )
+    more = len(src["records"]) - limit
+    note = f"<small>{more} more in results.csv</small>" if more > 0 else ""
+    return (
+        f'<div class="source"><h3>{esc(src["name"])}</h3>'
+        f'<div class="grid">{"".join(figs)}</div>{note}</div>'
+    )
+
+
+def failures_list(audited: list[dict]) -> str:
+    items = [
+        f"<li>{esc(s['name'])}: {esc(f['path'])}: {esc(f['error'])}</li>"
+        for s in audited
+        for f in s["failures"]
+    ]
+    return f"<h2>Unreadable files</h2><ul>{''.join(items)}</ul>" if items else ""
+
+
+def write_report(path: Path, audited: list[dict], summary: dict, settings) -> None:
+    """Write report.html next to results.csv."""
+    title, cats, vals = chart_series(summary)
+    versions = ", ".join(f"{k} {v}" for k, v in summary["versions"].items())
+    grids = "".join(image_grid(s, path.parent, settings.grid_limit) for s in audited)
+    blur = "" if settings.blur else ' class="blur-off"'
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>loreun audit</title>"
+        f"<style>{CSS}</style></head><body{blur}>"
+        "<h1>loreun audit</h1>"
+        f"<p><small>{esc(summary['protocol'])}<br>{esc(versions)}</small></p>"
+        f"<h2>Summary</h2>{summary_table(summary)}"
+        f"{bar_chart(title, cats, vals)}"
+        f"<h2>Images</h2><p><small>Flagged images are outlined"
+        f"{' and blurred' if settings.blur else ''}.</small></p>"
+        f'<div class="sources" id="grids">{grids}</div>'
+        f"{failures_list(audited)}<script>{SCRIPT}</script></body></html>"
+    )
+    atomic_write_text(path, page)

@@ -1,0 +1,288 @@
+"""Generate images from prompt rows with I2P semantics, batched, resumable, multi-process.
+
+Each image has its own generator seeded from its row's seed (plus the sample index), so a row
+gives the same image alone, in a batch, or on another process. Rows that share guidance and size
+are batched together. Every image is written atomically and recorded in ``manifest.jsonl``,
+which the audit reads; file names are never parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ._files import atomic_write_bytes, atomic_write_text
+from .loading import apply_erased_weights, file_sha256
+from .models import load_pipeline
+
+SCHEDULERS = {
+    "default": None,
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+}
+MANIFEST = "manifest.jsonl"
+RUN_INFO = "generate_config.json"
+
+
+@dataclass
+class GenerateSettings:
+    """Defaults for rows that do not say, and how to sample."""
+
+    steps: int = 25
+    guidance: float = 7.5
+    size: int | None = None  # None: the model's native size
+    samples_per_prompt: int = 1
+    batch_size: int = 4
+    scheduler: str = "default"
+    seed: int = 0  # for rows without a seed: seed + row position
+
+    def __post_init__(self):
+        for name in ("steps", "samples_per_prompt", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')}: must be > 0")
+        if self.size is not None and (self.size <= 0 or self.size % 8):
+            raise ValueError(f"--size: must be a positive multiple of 8, got {self.size}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(
+                f"--scheduler: unknown value {self.scheduler!r}; choose one of "
+                f"{', '.join(SCHEDULERS)}"
+            )
+
+
+@dataclass
+class Job:
+    """One image to make: a row, a sample index, and the resolved settings."""
+
+    index: int  # position of the row in the prompt file
+    sample: int
+    row: object
+    seed: int
+    guidance: float
+    width: int
+    height: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.index}:{self.sample}"
+
+    @property
+    def rel_path(self) -> str:
+        return f"images/{self.index:06d}-{self.sample}.png"
+
+
+def plan_jobs(rows, settings: GenerateSettings, native: int) -> list[Job]:
+    """Resolve each row's seed, guidance and size, falling back to the settings."""
+    jobs = []
+    for i, row in enumerate(rows):
+        base = row.seed if row.seed is not None else settings.seed + i
+        w = row.width or settings.size or native
+        h = row.height or settings.size or native
+        g = row.guidance if row.guidance is not None else settings.guidance
+        for k in range(settings.samples_per_prompt):
+            jobs.append(Job(i, k, row, (base + k) % 2**64, g, w, h))
+    return jobs
+
+
+def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Group jobs that share guidance and size, then cut into batches, keeping file order."""
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault((job.guidance, job.width, job.height), []).append(job)
+    return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
+def generate(
+    model: str,
+    prompts,
+    out: str | Path,
+    erased: str | Path | None = None,
+    settings: GenerateSettings | None = None,
+    model_config: str | None = None,
+    torch_dtype=None,
+) -> Path:
+    """Generate every (row, sample) image of a prompt file into ``out``; skip finished ones.
+
+    Args:
+        model: any ``--model`` reference (built-in name, folder, single file, hub id).
+        prompts: a prompt file, a bundled set name, or a list of ``PromptRow``.
+        erased: optional ``unet-erased.safetensors`` applied to the model.
+
+    Returns:
+        Path of ``manifest.jsonl``.
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from loreun.prompts import load_prompts
+
+    settings = settings or GenerateSettings()
+    rows = prompts if isinstance(prompts, list) else load_prompts(prompts)
+    state = PartialState(cpu=_multi_cpu())
+    out = Path(out)
+    erased_hash = file_sha256(erased) if erased else None
+    info = {
+        "model": str(model),
+        "erased": str(erased) if erased else None,
+        "erased_sha256": erased_hash,
+        "prompts_sha256": _rows_hash(rows),
+        "settings": {k: v for k, v in asdict(settings).items() if k != "batch_size"},
+    }
+    _claim_output(out, info, create=state.is_main_process)
+    if state.is_main_process:
+        merge_manifest(out)  # drop torn lines and records whose image is gone
+    state.wait_for_everyone()
+    done = {rec["key"] for rec in read_manifest(out)}
+    pipe = _prepare_pipeline(model, model_config, torch_dtype, erased, settings, state.device)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    jobs = [j for j in plan_jobs(rows, settings, native) if j.key not in done]
+    mine = jobs[state.process_index :: state.num_processes]
+    part = out / (
+        MANIFEST if state.num_processes == 1 else f".manifest-rank{state.process_index}.jsonl"
+    )
+    (out / "images").mkdir(exist_ok=True)
+    common = {
+        "model": str(model),
+        "erased": info["erased"],
+        "erased_sha256": erased_hash,
+        "steps": settings.steps,
+        "scheduler": settings.scheduler,
+    }
+    bar = tqdm(total=len(mine), desc="generate", disable=not state.is_main_process)
+    with open(part, "a", encoding="utf-8") as manifest:
+        for batch in batches(mine, settings.batch_size):
+            for job, image in zip(batch, run_batch(pipe, batch, settings.steps)):
+                manifest.write(json.dumps(_save(out, job, image, common)) + "\n")
+                manifest.flush()
+                bar.update(1)
+    bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_manifest(out)  # one manifest in prompt-file order, however the work was split
+    state.wait_for_everyone()
+    return out / MANIFEST
+
+
+def _multi_cpu() -> bool:
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("PMI_SIZE", "1")))
+    return world > 1 and not torch.cuda.is_available()
+
+
+def _prepare_pipeline(model, model_config, torch_dtype, erased, settings, device):
+    pipe = load_pipeline(model, model_config, torch_dtype)
+    if erased:
+        apply_erased_weights(pipe, erased)
+    name = SCHEDULERS[settings.scheduler]
+    if name:
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def run_batch(pipe, jobs: list[Job], steps: int) -> list:
+    """One pipeline call for jobs sharing guidance and size; one generator per image."""
+    first = jobs[0]
+    gens = [torch.Generator("cpu").manual_seed(j.seed) for j in jobs]
+    return pipe(
+        [j.row.prompt for j in jobs],
+        generator=gens,
+        num_inference_steps=steps,
+        guidance_scale=first.guidance,
+        width=first.width,
+        height=first.height,
+        output_type="pil",
+    ).images
+
+
+def _save(out: Path, job: Job, image, common: dict) -> dict:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="png")
+    atomic_write_bytes(out / job.rel_path, buf.getvalue())
+    row = job.row
+    return {
+        "path": job.rel_path,
+        "key": job.key,
+        "index": job.index,
+        "sample": job.sample,
+        "id": row.id,
+        "prompt": row.prompt,
+        "class": row.cls,
+        "seed": job.seed,
+        "guidance": job.guidance,
+        "width": job.width,
+        "height": job.height,
+        "extra": row.extra,
+        **common,
+    }
+
+
+def _rows_hash(rows) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.id, r.prompt, r.seed, r.guidance, r.width, r.height]).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _claim_output(out: Path, info: dict, create: bool) -> None:
+    """Refuse a folder that holds anything but this same generation run."""
+    path = out / RUN_INFO
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [k for k in info if old.get(k) != info[k]]
+        if diff:
+            raise FileExistsError(
+                f"--out: {out} holds another generation run ({', '.join(diff)}"
+                " differ); choose another folder"
+            )
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(
+            f"--out: {out} is not empty and holds no loreun generation; choose an empty folder"
+        )
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out: {out} is a file")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(info, indent=2))
+
+
+def read_manifest(out: Path, include_parts: bool = False) -> list[dict]:
+    """Records of ``manifest.jsonl`` (and unmerged per-process parts); a torn last line is
+    ignored, since the image it describes is generated again."""
+    files = [out / MANIFEST] + (sorted(out.glob(".manifest-rank*.jsonl")) if include_parts else [])
+    records = []
+    for f in files:
+        if not f.is_file():
+            continue
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def merge_manifest(out: Path) -> None:
+    """Fold per-process parts into one manifest in prompt-file order, keeping only records
+    whose image exists."""
+    by_key = {
+        rec["key"]: rec
+        for rec in read_manifest(out, include_parts=True)
+        if (out / rec["path"]).is_file()
+    }
+    ordered = sorted(by_key.values(), key=lambda r: (r["index"], r["sample"]))
+    atomic_write_text(out / MANIFEST, "".join(json.dumps(r) + "\n" for r in ordered))
+    for part in out.glob(".manifest-rank*.jsonl"):
+        part.unlink()

@@ -1,0 +1,169 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from loreun.cli.main import main
+from loreun.pipelines.generate import GenerateSettings, generate, read_manifest
+
+PROMPTS = (
+    "case_number,prompt,evaluation_seed,evaluation_guidance,sd_image_width,sd_image_height,mood\n"
+    "a,a cat,4294967295,5,,,calm\n"
+    "b,a dog,7,,48,48,\n"
+    "c,a bird,123,9.5,,,happy\n"
+    'd,"a fish\nin water",99,5,,,\n'
+    "e,a cow,,5,,,\n"
+)
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.csv"
+    path.write_text(PROMPTS)
+    return path
+
+
+def _images(out):
+    return {rec["key"]: (out / rec["path"]).read_bytes() for rec in read_manifest(out)}
+
+
+def test_rows_seed_guidance_size_and_extra_reach_the_manifest(
+    tiny_pipeline_dir, prompt_file, tmp_path
+):
+    out = tmp_path / "gen"
+    generate(
+        str(tiny_pipeline_dir),
+        prompt_file,
+        out,
+        settings=GenerateSettings(steps=2, guidance=3.0, seed=1000, samples_per_prompt=2),
+    )
+    recs = {r["key"]: r for r in read_manifest(out)}
+    assert len(recs) == 10
+    assert recs["0:0"]["seed"] == 4294967295 and recs["0:1"]["seed"] == 4294967296
+    assert recs["0:0"]["guidance"] == 5.0 and recs["1:0"]["guidance"] == 3.0
+    assert (recs["1:0"]["width"], recs["1:0"]["height"]) == (48, 48)
+    assert recs["2:0"]["width"] == 32  # native size of the tiny model
+    assert recs["4:0"]["seed"] == 1004  # no seed: --seed + row position
+    assert recs["0:0"]["extra"] == {"mood": "calm"} and recs["3:0"]["prompt"] == "a fish\nin water"
+    assert recs["0:0"]["id"] == "a" and recs["0:0"]["model"] == str(tiny_pipeline_dir)
+    from PIL import Image
+
+    assert Image.open(out / recs["1:0"]["path"]).size == (48, 48)
+
+
+def test_same_images_alone_or_batched(tiny_pipeline_dir, prompt_file, tmp_path):
+    one, four = tmp_path / "b1", tmp_path / "b4"
+    generate(
+        str(tiny_pipeline_dir), prompt_file, one, settings=GenerateSettings(steps=2, batch_size=1)
+    )
+    generate(
+        str(tiny_pipeline_dir), prompt_file, four, settings=GenerateSettings(steps=2, batch_size=4)
+    )
+    a, b = _images(one), _images(four)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    assert len(set(a.values())) == len(a)  # different rows, different images
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(
+    tiny_pipeline_dir, prompt_file, tmp_path
+):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    settings = GenerateSettings(steps=2, batch_size=2)
+    generate(str(tiny_pipeline_dir), prompt_file, full, settings=settings)
+    generate(str(tiny_pipeline_dir), prompt_file, cut, settings=settings)
+    lines = (cut / "manifest.jsonl").read_text().splitlines()
+    # An interrupted run: two images recorded, a torn third line, one image file without a line.
+    (cut / "manifest.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
+    for rec in [json.loads(x) for x in lines[3:]]:
+        if rec["key"] != "3:0":
+            os.remove(cut / rec["path"])
+    kept = (cut / json.loads(lines[0])["path"]).stat().st_mtime_ns
+    generate(str(tiny_pipeline_dir), prompt_file, cut, settings=settings)
+    assert (cut / json.loads(lines[0])["path"]).stat().st_mtime_ns == kept  # skipped
+    assert _images(cut) == _images(full)
+    assert len(read_manifest(cut)) == 5
+
+
+def test_output_with_another_run_is_refused(tiny_pipeline_dir, prompt_file, tmp_path, capsys):
+    out = tmp_path / "gen"
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_pipeline_dir),
+        "--prompts",
+        str(prompt_file),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+    ]
+    assert main(argv) == 0
+    assert main([*argv[:-1], "3"]) == 2
+    assert "holds another generation run (settings differ)" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.txt").write_text("mine")
+    assert main([*argv[:5], "--out", str(other)]) == 2
+    assert "holds no loreun generation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [
+        ("--steps", "0", "--steps: must be > 0"),
+        ("--size", "30", "--size: must be a positive multiple of 8"),
+        ("--scheduler", "magic", "--scheduler: unknown value 'magic'"),
+    ],
+)
+def test_bad_generate_flags(tiny_pipeline_dir, prompt_file, tmp_path, capsys, flag, value, needle):
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_pipeline_dir),
+        "--prompts",
+        str(prompt_file),
+        "--out",
+        str(tmp_path / "g"),
+        flag,
+        value,
+    ]
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_images_in_one_manifest(
+    tiny_pipeline_dir, prompt_file, tmp_path
+):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    generate(str(tiny_pipeline_dir), prompt_file, single, settings=GenerateSettings(steps=2))
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    res = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "loreun.cli",
+            "generate",
+            "--model",
+            str(tiny_pipeline_dir),
+            "--prompts",
+            str(prompt_file),
+            "--out",
+            str(ddp),
+            "--steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not list(ddp.glob(".manifest-rank*"))
+    assert [r["key"] for r in read_manifest(ddp)] == [r["key"] for r in read_manifest(single)]
+    assert _images(ddp) == _images(single)
