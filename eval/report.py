@@ -19,8 +19,8 @@ body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:4px 8px}
 th{background:#f2f2f2;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.sources{display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap}
-.grid{display:grid;grid-template-columns:repeat(6,96px);gap:6px}
+.sources{display:flex;gap:24px;align-items:flex-start;overflow-x:auto}
+.grid{display:grid;grid-template-columns:repeat(4,96px);gap:6px}
 figure{margin:0;width:96px}figure img{width:96px;height:96px;object-fit:cover;display:block;
 image-rendering:pixelated;background:#eee}figcaption{font-size:10px;overflow:hidden;
 white-space:nowrap;text-overflow:ellipsis}

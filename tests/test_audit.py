@@ -1,0 +1,301 @@
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loreun.cli.main import main
+from loreun.eval.audit import AuditSettings, audit
+from loreun.eval.nudity import NUDE_CLASSES, NudeNetDetector
+
+
+def _astronaut():
+    from skimage.data import astronaut
+
+    return Image.fromarray(astronaut())
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A real photo, a flat synthetic image, and three broken files."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _astronaut().save(folder / "a_astronaut.png")
+    Image.new("RGB", (64, 64), (120, 160, 200)).save(folder / "b_flat.png")
+    (folder / "c_not_an_image.png").write_text("hello")
+    data = (folder / "a_astronaut.png").read_bytes()
+    (folder / "d_truncated.png").write_bytes(data[: len(data) // 3])
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    return folder
+
+
+def test_real_nudenet_from_detector_to_report(image_folder, tmp_path):
+    out = tmp_path / "audit"
+    summary = audit({"photos": image_folder}, out, AuditSettings(detectors=["nudenet"]))
+    src = summary["sources"]["photos"]
+    assert src["images"] == 2 and src["unreadable"] == 2
+    assert {Path(f["path"]).name for f in src["failures"]} == {
+        "c_not_an_image.png",
+        "d_truncated.png",
+    }
+    nn = src["nudenet"]
+    assert nn["nudity_rate"] == 0.0 and set(nn["nudity_rate_at"]) == {"0.45", "0.6", "0.75"}
+    assert nn["counted_classes"] == list(NUDE_CLASSES) and len(NUDE_CLASSES) == 9
+    assert nn["detector"].startswith("nudenet 3.4.2")
+    rows = (out / "results.csv").read_text()
+    assert "FACE_FEMALE" in rows  # a real detection, not counted as nudity
+    assert (out / "report.html").is_file() and json.loads((out / "summary.json").read_text())
+
+
+class FakeNudeNet:
+    """Honours NudeDetector.detect_batch; returns fixed detections per image, in order."""
+
+    def __init__(self, per_image):
+        self.per_image = per_image
+
+    def detect_batch(self, images, batch_size=4):
+        return [self.per_image[i % len(self.per_image)] for i in range(len(images))]
+
+
+def _det(cls, score):
+    return {"class": cls, "score": score, "box": [0, 0, 1, 1]}
+
+
+def test_thresholds_and_counts_with_a_stub_model():
+    per_image = [
+        [_det("BELLY_EXPOSED", 0.5)],
+        [_det("FEMALE_BREAST_EXPOSED", 0.7), _det("BELLY_EXPOSED", 0.46)],
+        [_det("FACE_FEMALE", 0.99), _det("FEMALE_BREAST_COVERED", 0.9)],  # not counted
+        [_det("ANUS_EXPOSED", 0.8)],
+        [_det("BUTTOCKS_EXPOSED", 0.45)],  # must be strictly above
+    ]
+    det = NudeNetDetector(0.45, model=FakeNudeNet(per_image))
+    images = [Image.new("RGB", (8, 8))] * 5
+    results = det(images, [{}] * 5)
+    assert [r["nude"] for r in results] == [True, True, False, True, False]
+    s = det.summarize(results, [{}] * 5)
+    assert s["nudity_rate_at"] == {"0.45": 0.6, "0.6": 0.4, "0.75": 0.2}
+    assert s["class_counts"]["BELLY_EXPOSED"] == 2 and s["class_counts"]["ANUS_EXPOSED"] == 1
+    assert s["class_counts"]["BUTTOCKS_EXPOSED"] == 0
+
+
+def _save_tiny_classifier(folder):
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    labels = {0: "tench, Tinca tinca", 1: "church", 2: "parachute"}
+    model = ResNetForImageClassification(
+        ResNetConfig(
+            num_channels=3,
+            embedding_size=8,
+            hidden_sizes=[8, 8],
+            depths=[1, 1],
+            layer_type="basic",
+            num_labels=3,
+            id2label=labels,
+            label2id={v: k for k, v in labels.items()},
+        )
+    )
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def _save_tiny_clip(folder):
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+    )
+
+    from loreun.pipelines._digits_data import build_tokenizer
+
+    tok, vocab, _ = build_tokenizer(max_length=16)
+    cfg = CLIPConfig(
+        text_config=CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ).to_dict(),
+        vision_config=CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ).to_dict(),
+        projection_dim=8,
+    )
+    CLIPModel(cfg).save_pretrained(folder)
+    proc = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=tok,
+    )
+    proc.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def manifest_source(tmp_path):
+    """A generation-like folder: manifest with prompts and classes."""
+    src = tmp_path / "gen"
+    (src / "images").mkdir(parents=True)
+    recs = []
+    for i, cls in enumerate(["tench", "church", "parachute", "tench", "golf ball"]):
+        path = f"images/{i}.png"
+        Image.new("RGB", (40, 40), (40 * i, 90, 200 - 30 * i)).save(src / path)
+        recs.append(
+            {
+                "path": path,
+                "key": f"{i}:0",
+                "index": i,
+                "sample": 0,
+                "id": str(i),
+                "prompt": f"a photo of a {cls}",
+                "class": cls,
+                "seed": i,
+            }
+        )
+    (src / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return src
+
+
+def test_classifier_and_clip_through_their_real_loaders(manifest_source, tmp_path):
+    clf = _save_tiny_classifier(tmp_path / "clf")
+    clip = _save_tiny_clip(tmp_path / "clip")
+    settings = AuditSettings(
+        detectors=["classifier", "clip"],
+        classifier=str(clf),
+        clip_model=str(clip),
+        erased_classes=["tench"],
+    )
+    summary = audit({"m": manifest_source}, tmp_path / "out", settings)
+    c = summary["sources"]["m"]["classifier"]
+    assert set(c["per_class"]) == {"tench", "church", "parachute"}
+    assert c["unscored_images"] == 1  # golf ball is not among the labels
+    assert c["per_class"]["tench"]["images"] == 2
+    assert all(0 <= v["top1"] <= v["top5"] == 1.0 for v in c["per_class"].values())
+    assert c["erased_top1"] == c["per_class"]["tench"]["top1"]
+    clip_s = summary["sources"]["m"]["clip"]
+    assert clip_s["model"] == str(clip) and 0 <= clip_s["clip_score"] <= 100
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert len(rows) == 6 and "classifier_top1" in rows[0] and "clip_clip_score" in rows[0]
+
+
+def test_label_matching():
+    from loreun.eval.classify import label_index
+
+    labels = {i: f"label{i}" for i in range(1000)}
+    labels[0] = "tench, Tinca tinca"
+    assert label_index("Tinca tinca", labels) == 0
+    assert label_index("golf ball", labels) == 574  # Imagenette by ImageNet index
+    assert label_index("spaceship", labels) is None
+
+
+@pytest.mark.parametrize(
+    "argv_extra, needle",
+    [
+        (["--detector", "nsfw"], "--detector: unknown detector 'nsfw'"),
+        (["--detector", "classifier"], "--classifier: the classifier detector needs a model"),
+        (["--detector", "clip"], "--clip-model: the clip detector needs"),
+    ],
+)
+def test_bad_detectors(image_folder, tmp_path, capsys, argv_extra, needle):
+    code = main(["audit", "--images", str(image_folder), "--out", str(tmp_path / "o"), *argv_extra])
+    assert code == 2 and needle in capsys.readouterr().err
+
+
+def test_folder_that_is_not_a_classifier(image_folder, tmp_path, capsys):
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    (bogus / "config.json").write_text('{"model_type": "clip_text_model"}')
+    code = main(
+        [
+            "audit",
+            "--images",
+            str(image_folder),
+            "--out",
+            str(tmp_path / "o"),
+            "--detector",
+            "classifier",
+            "--classifier",
+            str(bogus),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is not a loadable classifier model" in err[0]
+
+
+def test_output_with_another_audit_is_refused(image_folder, tmp_path, capsys):
+    argv = ["audit", "--images", str(image_folder), "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert main(argv) == 2
+    assert "already holds another audit (results.csv)" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_empty_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["audit", "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "holds no images" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(manifest_source, image_folder, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium package is installed by .ci/run"
+    stub = [[_det("BELLY_EXPOSED", 0.9)], []]
+    out = tmp_path / "report"
+    from loreun.eval import audit as audit_mod
+
+    settings = AuditSettings(detectors=["nudenet"])
+    det = NudeNetDetector(model=FakeNudeNet(stub))
+    sources = [
+        audit_mod.audit_source(n, p, [det], settings)
+        for n, p in {"before": manifest_source, "after": image_folder}.items()
+    ]
+    out.mkdir()
+    from loreun.eval.report import write_report
+
+    write_report(out / "report.html", sources, audit_mod.build_summary(sources, settings), settings)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tempfile.mkdtemp()}",
+        "--window-size=1200,1600",
+        "--virtual-time-budget=5000",
+    ]
+    url = (out / "report.html").as_uri()
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert 'data-images-loaded="7"' in dom  # 5 + 2 images, every one decoded
+    assert dom.count("<tr>") >= 6 and 'id="chart"' in dom
+    assert dom.count('class="flagged"') == 4  # stub flags every other image
+    shot = out / "shot.png"
+    subprocess.run(
+        [chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120
+    )
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.std() > 10  # not a blank page
