@@ -8,6 +8,7 @@ import os
 import sys
 
 from . import audit as audit_cmd
+from . import demo as demo_cmd
 from . import erase as erase_cmd
 from . import evaluate as evaluate_cmd
 from . import generate as generate_cmd
@@ -17,6 +18,7 @@ SUBCOMMANDS = {
     "generate": generate_cmd,
     "audit": audit_cmd,
     "evaluate": evaluate_cmd,
+    "demo": demo_cmd,
 }
 
 # User mistakes: one line and a non-zero exit, no traceback (LOREUN_DEBUG=1 shows it).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,12 +224,17 @@ def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
     try:
         with stop.installed():
             while step < cfg.steps:
+                started = time.perf_counter()
                 loss, ess = train_step(run, cfg, acc, step)
+                seconds = time.perf_counter() - started
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}", ess=f"{ess:.3g}")
                 if log:
-                    log.write(json.dumps({"step": step, "loss": loss, "ess": ess}) + "\n")
+                    log.write(
+                        json.dumps({"step": step, "loss": loss, "ess": ess, "seconds": seconds})
+                        + "\n"
+                    )
                     log.flush()
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     checkpoint(run, cfg, acc, out, step)

@@ -39,10 +39,10 @@ def build_detectors(settings: AuditSettings) -> list:
     from .classify import ClipScorer, ImageClassifier
     from .nudity import NudeNetDetector
 
-    def classifier(model):
+    def classifier(model, name="classifier"):
         if not model:
             raise ValueError("--classifier: the classifier detector needs a model folder or id")
-        return ImageClassifier(model, settings.batch_size, settings.erased_classes)
+        return ImageClassifier(model, settings.batch_size, settings.erased_classes, name=name)
 
     def clip():
         if not settings.clip_model:
@@ -52,7 +52,7 @@ def build_detectors(settings: AuditSettings) -> list:
     table = {
         "nudenet": lambda: NudeNetDetector(settings.nudity_threshold, settings.batch_size),
         "classifier": lambda: classifier(settings.classifier),
-        "digits": lambda: classifier("digits"),
+        "digits": lambda: classifier("digits", "digits"),
         "clip": clip,
     }
     unknown = [d for d in settings.detectors if d not in table]

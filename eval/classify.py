@@ -54,9 +54,17 @@ class ImageClassifier:
 
     name = "classifier"
 
-    def __init__(self, model: str, batch_size: int = 32, erased_classes=(), device="cpu"):
+    def __init__(
+        self,
+        model: str,
+        batch_size: int = 32,
+        erased_classes=(),
+        device="cpu",
+        name: str = "classifier",
+    ):
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+        self.name = name
         self.model_id = model
         self.model = (
             _load("classifier", model, AutoModelForImageClassification.from_pretrained)

@@ -148,9 +148,18 @@ def bar_chart(title: str, cats: list[str], vals: dict[str, list[float]]) -> str:
     return f"<h2>{esc(title)}</h2>" + "".join(parts)
 
 
+def grid_indices(n: int, limit: int) -> list[int]:
+    """Evenly spaced picks, so the grid spans the whole prompt file, not its first rows; sources
+    made from the same prompt file get the same picks, so their grids line up."""
+    if n <= limit:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
+
+
 def image_grid(src: dict, report_dir: Path, limit: int) -> str:
     figs = []
-    for j, rec in enumerate(src["records"][:limit]):
+    for j in grid_indices(len(src["records"]), limit):
+        rec = src["records"][j]
         rel = os.path.relpath(rec["file"], report_dir)
         cls = ' class="flagged"' if src["flagged"][j] else ""
         cap = rec.get("prompt") or rec["path"]
