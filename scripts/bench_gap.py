@@ -1,0 +1,165 @@
+"""The gap to exact unlearning on the digits model (DESIGN.md section 6).
+
+For each forgotten digit, a "retrain" reference is the digits model trained by the same script
+without that digit's images and captions:
+
+    python scripts/train_digits.py --out runs/retrain-3 --exclude-digit 3
+
+Every erasure (method x weighting x x_t source x seed, at equal steps) and the retrain model
+generate the bundled digits prompt set; the built-in classifier scores them:
+
+- forget accuracy: the erased digit's prompts classified as that digit;
+- retain accuracy: the other digits' prompts classified as their digit;
+- Avg. Gap: mean of |forget - forget_retrain| and |retain - retain_retrain|.
+
+Results are appended to ``--out/runs.jsonl`` as they finish (a rerun skips finished runs), and
+``--out/results.md`` holds the mean +- std table. Run:
+
+    python scripts/bench_gap.py --retrain 3=runs/retrain-3 --retrain 8=runs/retrain-8 \\
+        --seeds 0 1 2 --steps 60 --out runs/gap
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+
+WEIGHTINGS = {
+    "uniform": {"weighting": "uniform"},
+    "loreun-static": {"weighting": "loreun", "loreun_variant": "static"},
+    "loreun-dynamic": {"weighting": "loreun", "loreun_variant": "dynamic"},
+    "loreun-static-t0.1": {"weighting": "loreun", "loreun_variant": "static", "temperature": 0.1},
+    "loreun-dynamic-t0.1": {"weighting": "loreun", "loreun_variant": "dynamic", "temperature": 0.1},
+}
+
+
+def score(model: str, erased, out: Path, digit: int, samples: int) -> dict:
+    """Generate the digits prompt set and return forget/retain top-1 accuracy."""
+    from loreun.eval.audit import AuditSettings, audit
+    from loreun.pipelines.generate import GenerateSettings, generate
+
+    generate(
+        model,
+        "digits",
+        out / "gen",
+        erased=erased,
+        settings=GenerateSettings(samples_per_prompt=samples, batch_size=50),
+    )
+    s = audit(
+        {"m": out / "gen"},
+        out / "audit",
+        AuditSettings(detectors=["digits"], erased_classes=[str(digit)]),
+        overwrite=True,
+    )["sources"]["m"]["digits"]
+    return {"forget": s["erased_top1"], "retain": s["other_top1"]}
+
+
+def erase_and_score(digit, method, weighting, source, seed, args, root: Path) -> dict:
+    from loreun.erase import EraseConfig, erase
+    from loreun.pipelines._digits_data import digit_captions
+
+    run = root / f"d{digit}-{method}-{weighting}-{source}-s{seed}"
+    cfg = EraseConfig(
+        model="digits",
+        out=str(run / "erase"),
+        concepts=digit_captions(digit),
+        method=method,
+        steps=args.steps,
+        lr=args.lr,
+        seed=seed,
+        xt_source=source,
+        sample_steps=args.sample_steps,
+        checkpoint_every=0,
+        temperature=args.temperature,
+        overwrite=True,
+        **WEIGHTINGS[weighting],
+    )
+    start = time.perf_counter()
+    path = erase(cfg)
+    seconds = time.perf_counter() - start
+    return {**score("digits", path, run, digit, args.samples), "erase_seconds": seconds}
+
+
+def _ms(rows: list[dict], name: str) -> str:
+    vals = [r[name] for r in rows]
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
+
+
+def _ms(rows: list[dict], name: str) -> str:
+    vals = [r[name] for r in rows]
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
+
+
+def table(rows: list[dict], refs: dict) -> str:
+    keys = ("digit", "method", "weighting", "source")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = [
+        "| digit | method | weighting | x_t source | forget acc | retain acc | Avg. Gap | "
+        "erase s | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for digit, ref in sorted(refs.items()):
+        out.append(
+            f"| {digit} | retrain | - | - | {ref['forget']:.3f} | {ref['retain']:.3f} | 0 | - | - |"
+        )
+    for key, rs in sorted(groups.items()):
+        out.append(
+            f"| {' | '.join(map(str, key))} | {_ms(rs, 'forget')} | {_ms(rs, 'retain')} | "
+            f"{_ms(rs, 'gap')} | {statistics.mean(r['erase_seconds'] for r in rs):.1f} | "
+            f"{len(rs)} |"
+        )
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--retrain", action="append", required=True, metavar="DIGIT=FOLDER")
+    p.add_argument("--methods", nargs="+", default=["esd-x", "esd-u"])
+    p.add_argument("--weightings", nargs="+", default=list(WEIGHTINGS), choices=list(WEIGHTINGS))
+    p.add_argument("--sources", nargs="+", default=["cached", "partial-train"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--samples", type=int, default=1, help="images per prompt row")
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    root = Path(a.out)
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "runs.jsonl"
+    done = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+    refs = {}
+    for item in a.retrain:
+        digit, folder = item.split("=", 1)
+        refs[int(digit)] = score(folder, None, root / f"retrain-{digit}", int(digit), a.samples)
+    keys = ("digit", "method", "weighting", "source", "seed")
+    for digit, method, weighting, source, seed in itertools.product(
+        sorted(refs), a.methods, a.weightings, a.sources, a.seeds
+    ):
+        key = dict(zip(keys, (digit, method, weighting, source, seed)))
+        if any(all(r[k] == v for k, v in key.items()) for r in done):
+            continue
+        res = erase_and_score(digit, method, weighting, source, seed, a, root)
+        ref = refs[digit]
+        res["gap"] = (abs(res["forget"] - ref["forget"]) + abs(res["retain"] - ref["retain"])) / 2
+        done.append({**key, **res, "steps": a.steps})
+        with open(log, "a") as f:
+            f.write(json.dumps(done[-1]) + "\n")
+        print(json.dumps(done[-1]), flush=True)
+    text = table(done, refs)
+    (root / "results.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
