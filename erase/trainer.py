@@ -320,7 +320,9 @@ def observe_difficulty(run: Run, cfg: EraseConfig, acc, batch, pred, g) -> None:
                 run.alphas_cumprod,
                 acc.device,
             )
-    ids, t, diff = (acc.gather(x.to(acc.device)).cpu() for x in (batch.ids, t, diff))
+    ids = batch.ids
+    if acc.num_processes > 1:  # every process folds in every process's items, identically
+        ids, t, diff = (acc.gather(x.to(acc.device)).cpu() for x in (ids, t, diff))
     run.weighting.observe(ids, t, diff)
 
 

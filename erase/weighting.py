@@ -61,9 +61,10 @@ class TimestepNormalizer:
         return (t.long().cpu() * n // self.num_train_timesteps).clamp(0, n - 1)
 
     def update(self, t: torch.Tensor, loss: torch.Tensor) -> None:
+        means, m = self.means.tolist(), self.momentum  # plain floats: this runs every step
         for b, v in zip(self.bucket(t).tolist(), loss.detach().float().cpu().tolist()):
-            old = self.means[b]
-            self.means[b] = v if torch.isnan(old) else self.momentum * old + (1 - self.momentum) * v
+            means[b] = v if math.isnan(means[b]) else m * means[b] + (1 - m) * v
+        self.means = torch.tensor(means)
 
     def normalize(self, t: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """[B] losses at [B] timesteps -> [B] losses divided by their bucket's running mean."""
@@ -128,6 +129,7 @@ class LoReUnWeighting:
         self.momentum = momentum
         self.normalizer = TimestepNormalizer(num_train_timesteps) if normalize else None
         self.memory = torch.full((num_items,), float("nan"))
+        self._weights = None
 
     def fill(self, losses: torch.Tensor, t: torch.Tensor) -> None:
         """Initialise the memory from a probe of every item at a shared grid of timesteps.
@@ -143,6 +145,7 @@ class LoReUnWeighting:
                 self.normalizer.update(t[k].repeat(len(losses)), losses[:, k])
             losses = losses / losses.mean(0, keepdim=True).clamp_min(1e-12)
         self.memory = losses.mean(1)
+        self._weights = None
 
     def observe(self, ids: torch.Tensor, t: torch.Tensor, loss: torch.Tensor) -> None:
         """Fold [B] difficulties of items ``ids`` at timesteps ``t`` into the memory."""
@@ -152,14 +155,19 @@ class LoReUnWeighting:
         if self.normalizer is not None:
             self.normalizer.update(t, loss)
             loss = self.normalizer.normalize(t, loss)
+        memory, m = self.memory.tolist(), self.momentum
         for i, v in zip(ids.tolist(), loss.tolist()):
-            old = self.memory[i]
-            self.memory[i] = (
-                v if torch.isnan(old) else self.momentum * old + (1 - self.momentum) * v
-            )
+            memory[i] = v if math.isnan(memory[i]) else m * memory[i] + (1 - m) * v
+        self.memory = torch.tensor(memory)
+        self._weights = None
 
     def all_weights(self) -> torch.Tensor:
         """[N] weights of every forget item; unseen items get the mean difficulty."""
+        if self._weights is None:  # recomputed only when the memory changes
+            self._weights = self._compute_weights()
+        return self._weights
+
+    def _compute_weights(self) -> torch.Tensor:
         mem = self.memory
         seen = ~torch.isnan(mem)
         fill = mem[seen].mean() if seen.any() else torch.tensor(0.0)
@@ -177,6 +185,7 @@ class LoReUnWeighting:
 
     def load_state_dict(self, state: dict) -> None:
         self.memory = torch.tensor(state["memory"], dtype=torch.float32)
+        self._weights = None
         if self.normalizer is not None and "timestep_means" in state:
             self.normalizer.means = torch.tensor(state["timestep_means"], dtype=torch.float32)
 
