@@ -44,7 +44,7 @@ class DigitsTrainConfig:
 
 def build_components(vocab_size: int, max_length: int):
     """Untrained text encoder, VAE, UNet and scheduler of the digits pipeline."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     text_encoder = CLIPTextModel(
@@ -83,7 +83,14 @@ def build_components(vocab_size: int, max_length: int):
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    scheduler = DDIMScheduler(
+    return text_encoder, vae, unet, sd1_ddim_scheduler()
+
+
+def sd1_ddim_scheduler():
+    """DDIM with Stable Diffusion 1.x's noise schedule, as its pipelines are configured."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -91,7 +98,6 @@ def build_components(vocab_size: int, max_length: int):
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    return text_encoder, vae, unet, scheduler
 
 
 def _log(msg: str) -> None:

@@ -15,13 +15,13 @@ def make_tiny_pipeline(seed: int = 0, sample_size: int = 8):
     """Build a tiny ``StableDiffusionPipeline`` (32x32 images, 4x8x8 latents by default)."""
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ._digits_data import build_tokenizer
+    from .digits import sd1_ddim_scheduler
 
     torch.manual_seed(seed)
     tokenizer, vocab, _ = build_tokenizer(max_length=16)
@@ -61,14 +61,7 @@ def make_tiny_pipeline(seed: int = 0, sample_size: int = 8):
             pad_token_id=1,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd1_ddim_scheduler()
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
