@@ -84,7 +84,8 @@ def erase(cfg: EraseConfig) -> Path:
         cpu=multi_cpu_launch(),
     )
     try:
-        out = prepare_output_dir(cfg.out, cfg.overwrite, cfg.resume, create=acc.is_main_process)
+        with acc.main_process_first():  # one process creates, the others check after it
+            out = prepare_output_dir(cfg.out, cfg.overwrite, cfg.resume, create=acc.is_main_process)
         resume = resolve_resume(out, cfg.resume)  # fail before the model loads
         acc.wait_for_everyone()
         run = setup(cfg, acc, out, resume)

@@ -134,7 +134,8 @@ def generate(
         "prompts_sha256": _rows_hash(rows),
         "settings": {k: v for k, v in asdict(settings).items() if k != "batch_size"},
     }
-    _claim_output(out, info, create=state.is_main_process)
+    with state.main_process_first():  # the others then find the main process's claim
+        _claim_output(out, info, create=state.is_main_process)
     if state.is_main_process:
         merge_manifest(out)  # drop torn lines and records whose image is gone
     state.wait_for_everyone()

@@ -137,25 +137,25 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     log = root / "runs.jsonl"
     done = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
-    refs = {}
-    for item in a.retrain:
-        digit, folder = item.split("=", 1)
-        refs[int(digit)] = score(folder, None, root / f"retrain-{digit}", int(digit), a.samples)
+    retrain = {int(d): folder for d, folder in (x.split("=", 1) for x in a.retrain)}
     keys = ("digit", "method", "weighting", "source", "seed")
+    # Erasures first: they do not need the retrain models, which may still be training.
     for digit, method, weighting, source, seed in itertools.product(
-        sorted(refs), a.methods, a.weightings, a.sources, a.seeds
+        sorted(retrain), a.methods, a.weightings, a.sources, a.seeds
     ):
         key = dict(zip(keys, (digit, method, weighting, source, seed)))
         if any(all(r[k] == v for k, v in key.items()) for r in done):
             continue
         res = erase_and_score(digit, method, weighting, source, seed, a, root)
-        ref = refs[digit]
-        res["gap"] = (abs(res["forget"] - ref["forget"]) + abs(res["retain"] - ref["retain"])) / 2
         done.append({**key, **res, "steps": a.steps})
         with open(log, "a") as f:
             f.write(json.dumps(done[-1]) + "\n")
         print(json.dumps(done[-1]), flush=True)
-    text = table(done, refs)
+    refs = {d: score(f, None, root / f"retrain-{d}", d, a.samples) for d, f in retrain.items()}
+    for r in done:
+        ref = refs[r["digit"]]
+        r["gap"] = (abs(r["forget"] - ref["forget"]) + abs(r["retain"] - ref["retain"])) / 2
+    text = table([r for r in done if r["digit"] in refs], refs)
     (root / "results.md").write_text(text + "\n")
     print(text)
     return 0
