@@ -74,9 +74,8 @@ def erase_and_score(digit, method, weighting, source, seed, args, root: Path) ->
         xt_source=source,
         sample_steps=args.sample_steps,
         checkpoint_every=0,
-        temperature=args.temperature,
         overwrite=True,
-        **WEIGHTINGS[weighting],
+        **{"temperature": args.temperature, **WEIGHTINGS[weighting]},
     )
     start = time.perf_counter()
     path = erase(cfg)
