@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 METHODS = ("esd-x", "esd-x-strict", "esd-u", "esd-all")
-OBJECTIVES = ("esd",)
+OBJECTIVES = ("esd", "remap", "ga")
 WEIGHTINGS = ("uniform", "loreun")
 LOREUN_VARIANTS = ("static", "dynamic")
 DIFFICULTY_NORMS = ("timestep", "none")
@@ -62,7 +62,69 @@ class EraseConfig:
             choices=METHODS,
         ),
     )
-    objective: str = field(default="esd", metadata=_help("erasure objective", choices=OBJECTIVES))
+    objective: str = field(
+        default="esd",
+        metadata=_help(
+            "erasure objective: esd (negative guidance), remap (pull forget images towards "
+            "--anchor, SalUn-style), ga (bounded gradient ascent on the forget images)",
+            choices=OBJECTIVES,
+        ),
+    )
+    forget_images: str | None = field(
+        default=None,
+        metadata=_help(
+            "a folder of images of the concept to forget; captions from --forget-caption, "
+            "metadata.jsonl / metadata.csv, or .txt files beside the images"
+        ),
+    )
+    forget_caption: str | None = field(
+        default=None, metadata=_help("one caption for every image in --forget-images")
+    )
+    retain_images: str | None = field(
+        default=None,
+        metadata=_help("a folder of images to keep (captions as for --forget-images)"),
+    )
+    retain_caption: str | None = field(
+        default=None, metadata=_help("one caption for every image in --retain-images")
+    )
+    retain_concepts: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "a prompt whose base-model samples must be kept; repeat for several",
+            flag="--retain-concept",
+        ),
+    )
+    retain_weight: float | None = field(
+        default=None,
+        metadata=_help(
+            "alpha: weight of the denoising loss on retain items (default 1 with a retain set, "
+            "else 0)"
+        ),
+    )
+    anchor: str | None = field(
+        default=None,
+        metadata=_help("remap: the prompt whose prediction forget images are pulled towards"),
+    )
+    ga_bound: float = field(
+        default=1.0,
+        metadata=_help(
+            "ga: an item's denoising error stops rising at this value (1 is the error of "
+            "predicting zero noise), so gradient ascent cannot diverge"
+        ),
+    )
+    saliency: float | None = field(
+        default=None,
+        metadata=_help(
+            "train only this fraction of the selected parameters, those with the largest forget "
+            "gradient (SalUn uses 0.5)"
+        ),
+    )
+    saliency_mask: str | None = field(
+        default=None,
+        metadata=_help(
+            "reuse a saliency mask saved by an earlier run (its saliency-mask.safetensors)"
+        ),
+    )
     negative_guidance: float = field(
         default=1.0, metadata=_help("ESD's eta: how far the target moves away from the concept")
     )
@@ -122,6 +184,7 @@ class EraseConfig:
         default=1, metadata=_help("micro-batches per optimizer step")
     )
     lr: float = field(default=1e-5, metadata=_help("learning rate (AdamW)"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
     max_grad_norm: float | None = field(
         default=None, metadata=_help("clip the gradient norm to this value")
     )
@@ -154,16 +217,74 @@ class EraseConfig:
 
     def __post_init__(self) -> None:
         self.concepts = [c.strip() for c in self.concepts]
+        self.retain_concepts = [c.strip() for c in self.retain_concepts]
         if self.concepts_file:
             self.concepts += read_concepts_file(self.concepts_file)
         self._check_choices()
-        if not self.concepts:
-            raise ValueError("--concept: give at least one concept (or --concepts-file)")
+        self._check_forget()
+        self._check_objective()
+        self._check_retain()
+        self._check_numbers()
+
+    def _check_forget(self) -> None:
+        if self.forget_images is None:
+            if self.forget_caption is not None:
+                raise ValueError("--forget-caption: only used with --forget-images")
+            if not self.concepts:
+                raise ValueError(
+                    "--concept: give at least one concept (or --concepts-file, or --forget-images)"
+                )
+        elif self.concepts:
+            raise ValueError(
+                "--forget-images: give either --concept prompts or a folder of images, not both "
+                "(captions for the images come from --forget-caption or the folder)"
+            )
         if any(not c for c in self.concepts):
             raise ValueError("--concept: a concept is empty")
+        if self.forget_caption is not None and not self.forget_caption.strip():
+            raise ValueError("--forget-caption: is empty")
         if self.erase_from is not None and self.erase_from.strip() in self.concepts:
             raise ValueError("--erase-from: must differ from the concepts being erased")
-        self._check_numbers()
+
+    def _check_objective(self) -> None:
+        if self.objective == "remap":
+            if self.anchor is None:
+                raise ValueError("--anchor: the remap objective needs an anchor prompt")
+            check_anchor(self.anchor, self.concepts + [self.forget_caption or ""])
+        elif self.anchor is not None:
+            raise ValueError("--anchor: only used by --objective remap (ESD's is --erase-from)")
+        if self.objective != "esd":
+            if self.erase_from is not None:
+                raise ValueError("--erase-from: only used by --objective esd")
+            if self.xt_source != "cached":
+                raise ValueError(
+                    f"--xt-source: {self.objective} trains on forward-noised forget images; "
+                    "use cached"
+                )
+        if self.saliency is not None and not 0 < self.saliency <= 1:
+            raise ValueError(f"--saliency: must be in (0, 1], got {self.saliency}")
+        if self.saliency is not None and self.saliency_mask is not None:
+            raise ValueError(
+                "--saliency-mask: a saved mask already fixes the fraction; drop --saliency"
+            )
+
+    def _check_retain(self) -> None:
+        if any(not c for c in self.retain_concepts):
+            raise ValueError("--retain-concept: a prompt is empty")
+        if self.retain_images is not None and self.retain_concepts:
+            raise ValueError("--retain-images: give either a folder or --retain-concept prompts")
+        if self.retain_caption is not None and self.retain_images is None:
+            raise ValueError("--retain-caption: only used with --retain-images")
+        has_retain = self.retain_images is not None or bool(self.retain_concepts)
+        if self.retain_weight is None:
+            self.retain_weight = 1.0 if has_retain else 0.0
+        if not self.retain_weight >= 0:
+            raise ValueError(f"--retain-weight: must be >= 0, got {self.retain_weight}")
+        if self.retain_weight > 0 and not has_retain:
+            raise ValueError(
+                f"--retain-weight: {self.retain_weight} needs a retain set "
+                "(--retain-images or --retain-concept)"
+            )
 
     def _check_choices(self) -> None:
         for f in dataclasses.fields(self):
@@ -184,6 +305,7 @@ class EraseConfig:
             "samples_per_concept",
             "sample_steps",
             "checkpoints_total_limit",
+            "ga_bound",
         )
         for name in positive:
             value = getattr(self, name)
@@ -191,6 +313,8 @@ class EraseConfig:
                 raise ValueError(f"--{name.replace('_', '-')}: must be > 0, got {value}")
         if not 0 <= self.loreun_momentum < 1:
             raise ValueError(f"--loreun-momentum: must be in [0, 1), got {self.loreun_momentum}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"--weight-decay: must be >= 0, got {self.weight_decay}")
         if self.checkpoint_every < 0:
             raise ValueError("--checkpoint-every: must be >= 0")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
@@ -212,6 +336,16 @@ class EraseConfig:
 
 def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def check_anchor(anchor: str, forget_prompts: list[str]) -> None:
+    """Remapping a concept onto itself erases nothing: refuse an anchor equal to a forget prompt."""
+    a = anchor.strip()
+    if not a:
+        raise ValueError("--anchor: is empty")
+    same = [p for p in forget_prompts if p.strip().casefold() == a.casefold()]
+    if same:
+        raise ValueError(f"--anchor: {anchor!r} is also a forget prompt; choose another anchor")
 
 
 def read_concepts_file(path: str) -> list[str]:

@@ -20,13 +20,16 @@ from .sampling import ddim_sample, forward_noise, make_ddim
 
 @dataclass
 class ForgetSet:
-    """Embeddings of the forget items and, when sampled, their cached latents.
+    """Embeddings of the forget (or retain) items and, when known, their x_0 latents.
+
+    An item is a concept prompt (x_0: S base-model samples of it) or one image with its caption
+    (x_0: the image's latent, S = 1).
 
     Attributes:
-        cond: [N, L, D] one embedding per concept prompt.
+        cond: [N, L, D] one embedding per item: its prompt or caption.
         uncond: [1, L, D] the empty prompt.
         anchor: [1, L, D] the --erase-from prompt, or None.
-        x0: [N, S, C, H, W] S cached base-model samples per concept, or None.
+        x0: [N, S, C, H, W] S latents per item, or None.
     """
 
     cond: torch.Tensor
@@ -54,6 +57,33 @@ def encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
     return emb.float()
 
 
+def encode_captions(pipe, captions: list[str], device) -> torch.Tensor:
+    """Encode each distinct caption once: -> [N, L, D], one row per caption given."""
+    unique = sorted(set(captions))
+    emb = encode_prompts(pipe, unique, device)
+    index = torch.tensor([unique.index(c) for c in captions])
+    return emb[index]
+
+
+@torch.no_grad()
+def encode_images(pipe, paths: list[Path], size: int, device, batch: int = 16) -> torch.Tensor:
+    """Latents of images, the VAE posterior mean times its scaling factor: -> [N, 1, C, H, W].
+
+    The mean rather than a sample keeps the cache deterministic; the forward noise added at
+    every step dominates the posterior's spread anyway.
+    """
+    from .images import load_image_tensor
+
+    vae = pipe.vae.to(device)
+    out = []
+    for start in range(0, len(paths), batch):
+        x = torch.stack([load_image_tensor(p, size) for p in paths[start : start + batch]])
+        dist = vae.encode(x.to(device, vae.dtype)).latent_dist
+        out.append((dist.mean * vae.config.scaling_factor).float().cpu())
+    pipe.vae.to("cpu")
+    return torch.cat(out).unsqueeze(1)
+
+
 def step_generator(seed: int, rank: int, step: int, device="cpu") -> torch.Generator:
     """A generator whose state depends only on (seed, rank, step)."""
     g = torch.Generator(device=device)
@@ -61,15 +91,20 @@ def step_generator(seed: int, rank: int, step: int, device="cpu") -> torch.Gener
     return g
 
 
-def item_ids(num_items: int, batch_size: int, seed: int, rank: int, step: int) -> torch.Tensor:
-    """[B] forget-item indices for a step: consecutive slices of per-pass permutations.
+def item_ids(
+    num_items: int, batch_size: int, seed: int, rank: int, step: int, stream: int = 0
+) -> torch.Tensor:
+    """[B] item indices for a step: consecutive slices of per-pass permutations.
 
-    Each pass over the forget set visits every item once (per process) before any repeats.
+    Each pass over the item set visits every item once (per process) before any repeats, so no
+    item is starved whatever the batch size. ``stream`` separates the forget set's order (0)
+    from the retain set's (1).
     """
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, i = divmod(pos, num_items)
-        perm = torch.randperm(num_items, generator=step_generator(seed, rank, -1 - epoch))
+        g = step_generator(seed + stream * 7_777_777, rank, -1 - epoch)
+        perm = torch.randperm(num_items, generator=g)
         out.append(perm[i])
     return torch.stack(out)
 

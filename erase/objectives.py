@@ -82,10 +82,65 @@ def esd_loss(
     return per_sample_mse(pred, target), pred
 
 
-OBJECTIVES = {"esd": esd_loss}
+def denoising_loss(student: EpsFn, batch: ForgetBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ordinary diffusion loss of each item under its own prompt: ||eps_theta(x_t, c) - eps||^2.
+
+    It is the retain term of every objective, and ``ga`` ascends it on forget items.
+
+    Returns:
+        losses: [B]; pred: [B, C, H, W] the student's prediction.
+    """
+    if batch.noise is None:
+        raise ValueError("the denoising loss needs forward-noised items (a known noise)")
+    pred = student(batch.xt, batch.t, batch.cond)
+    return per_sample_mse(pred, batch.noise), pred
 
 
-def get_objective(name: str):
+def remap_loss(student: EpsFn, teacher: EpsFn, batch: ForgetBatch) -> tuple[torch.Tensor, ...]:
+    """SalUn-style remapping (Fan et al., ICLR 2024): ||eps_theta(x_t, c) - sg eps*(x_t, a)||^2.
+
+    The forget image, noised and prompted with its own caption c, should be denoised as the frozen
+    model would denoise it under the anchor prompt a (``batch.anchor``, [B, L, D]).
+
+    Returns:
+        losses: [B]; pred: [B, C, H, W] the student's prediction.
+    """
+    if batch.anchor is None:
+        raise ValueError("the remap objective needs an anchor prompt")
+    with torch.no_grad():
+        target = teacher(batch.xt, batch.t, batch.anchor)
+    pred = student(batch.xt, batch.t, batch.cond)
+    return per_sample_mse(pred, target), pred
+
+
+def ga_loss(
+    student: EpsFn, teacher: EpsFn, batch: ForgetBatch, bound: float
+) -> tuple[torch.Tensor, ...]:
+    """Bounded gradient ascent: -min(||eps_theta(x_t, c) - eps||^2, bound) per item.
+
+    Plain ascent diverges: the error can grow without limit and the weights with it. Clamping at
+    ``bound`` zeroes an item's gradient once its error reaches the bound (1.0 is the error of
+    predicting zero noise), so each item is pushed only until it is no longer denoised.
+
+    ``teacher`` is unused: gradient ascent needs no frozen target.
+
+    Returns:
+        losses: [B] in [-bound, 0]; pred: [B, C, H, W] the student's prediction.
+    """
+    losses, pred = denoising_loss(student, batch)
+    return -losses.clamp(max=bound), pred
+
+
+OBJECTIVES = {"esd": esd_loss, "remap": remap_loss, "ga": ga_loss}
+
+
+def build_objective(name: str, *, eta: float = 1.0, ga_bound: float = 1.0):
+    """The forget objective as ``fn(student, teacher, batch) -> (losses [B], pred)``.
+
+    Looked up in ``OBJECTIVES`` when built, with each objective's own settings bound.
+    """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
+    fn = OBJECTIVES[name]
+    params = {"esd": (eta,), "ga": (ga_bound,)}.get(name, ())
+    return lambda student, teacher, batch: fn(student, teacher, batch, *params)

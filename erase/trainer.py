@@ -27,6 +27,8 @@ from .export import export_erased, save_pipeline_folder
 from .forget import (
     ForgetSet,
     cached_batch,
+    encode_captions,
+    encode_images,
     encode_prompts,
     item_ids,
     latent_shape,
@@ -37,8 +39,18 @@ from .forget import (
     sample_forget_latents,
     step_generator,
 )
-from .objectives import get_objective, per_sample_mse
+from .images import ImageItem, folder_key, read_image_folder
+from .objectives import build_objective, denoising_loss, per_sample_mse
 from .presets import select_parameters
+from .saliency import (
+    forget_gradient,
+    load_mask,
+    mask_gradients,
+    mask_key,
+    restore_masked,
+    save_mask,
+    top_fraction_mask,
+)
 from .sampling import FrozenTeacher, make_ddim, unet_eps
 from .weighting import build_weighting, effective_sample_size
 
@@ -65,6 +77,9 @@ class Run:
     base_fingerprint: str
     alphas_cumprod: torch.Tensor
     ddim: object | None
+    objective: object
+    retain: ForgetSet | None = None
+    mask: dict[str, torch.Tensor] | None = None
     start_step: int = 0
 
 
@@ -84,11 +99,12 @@ def erase(cfg: EraseConfig) -> Path:
         cpu=multi_cpu_launch(),
     )
     try:
+        folders = read_folders(cfg)  # bad images or captions fail before anything is written
         with acc.main_process_first():  # one process creates, the others check after it
             out = prepare_output_dir(cfg.out, cfg.overwrite, cfg.resume, create=acc.is_main_process)
         resume = resolve_resume(out, cfg.resume)  # fail before the model loads
         acc.wait_for_everyone()
-        run = setup(cfg, acc, out, resume)
+        run = setup(cfg, acc, out, resume, folders)
         steps_done = train(run, cfg, acc, out)
         path = out / "unet-erased.safetensors"
         if acc.is_main_process:
@@ -110,8 +126,33 @@ def multi_cpu_launch() -> bool:
     return world > 1 and not torch.cuda.is_available()
 
 
-def setup(cfg: EraseConfig, acc, out: Path, resume: Path | None = None) -> Run:
-    """Load the model, pick trained tensors, encode prompts, cache samples, resume."""
+@dataclass
+class Folders:
+    """Image items read (and checked) before any model loads; None where prompts are used."""
+
+    forget: list[ImageItem] | None
+    retain: list[ImageItem] | None
+
+
+def read_folders(cfg: EraseConfig) -> Folders:
+    """Read --forget-images / --retain-images and check the anchor against their captions."""
+    from .config import check_anchor
+
+    forget = retain = None
+    if cfg.forget_images:
+        forget = read_image_folder(cfg.forget_images, cfg.forget_caption, "--forget-images")
+        if cfg.objective == "remap":
+            check_anchor(cfg.anchor, sorted({it.caption for it in forget}))
+    if cfg.retain_images:
+        retain = read_image_folder(cfg.retain_images, cfg.retain_caption, "--retain-images")
+    return Folders(forget, retain)
+
+
+def setup(
+    cfg: EraseConfig, acc, out: Path, resume: Path | None = None, folders: Folders | None = None
+) -> Run:
+    """Load the model, pick trained tensors, build forget/retain items, mask, resume."""
+    folders = folders or read_folders(cfg)
     pipe = load_pipeline(cfg.model, cfg.model_config)
     unet = pipe.unet.to(acc.device)
     unet.requires_grad_(False)
@@ -119,8 +160,12 @@ def setup(cfg: EraseConfig, acc, out: Path, resume: Path | None = None) -> Run:
     for p in trained.values():
         p.requires_grad_(True)
     teacher = FrozenTeacher(unet, trained)
-    forget = build_forget_set(cfg, pipe, teacher, acc, out)
+    forget = build_forget_set(cfg, pipe, teacher, acc, out, folders.forget)
+    retain = build_retain_set(cfg, pipe, teacher, acc, out, folders.retain)
     alphas = pipe.scheduler.alphas_cumprod.float()
+    objective = build_objective(cfg.objective, eta=cfg.negative_guidance, ga_bound=cfg.ga_bound)
+    base_fp = fingerprint(teacher.base)
+    mask = build_mask(cfg, acc, out, objective, unet, teacher, forget, trained, alphas, base_fp)
     weighting = build_weighting(
         cfg.weighting,
         len(forget),
@@ -134,7 +179,7 @@ def setup(cfg: EraseConfig, acc, out: Path, resume: Path | None = None) -> Run:
         with acc.autocast():
             grid, t_grid = probe_grid(teacher, forget, alphas, cfg.seed, acc.device)
         weighting.fill(grid, t_grid)
-    optimizer = torch.optim.AdamW(list(trained.values()), lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(list(trained.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     prepared, optimizer = acc.prepare(unet, optimizer)
     ddim = make_ddim(pipe.scheduler.config, cfg.sample_steps) if cfg.xt_source != "cached" else None
     run = Run(
@@ -145,52 +190,127 @@ def setup(cfg: EraseConfig, acc, out: Path, resume: Path | None = None) -> Run:
         forget,
         weighting,
         optimizer,
-        fingerprint(teacher.base),
+        base_fp,
         alphas,
         ddim,
+        objective,
+        retain,
+        mask,
     )
     resume_from(run, resume)
     return run
 
 
-def build_forget_set(cfg: EraseConfig, pipe, teacher, acc, out: Path) -> ForgetSet:
-    """Encode every prompt once; sample and cache base latents when the run needs them."""
-    prompts = cfg.concepts + [""] + ([cfg.erase_from] if cfg.erase_from else [])
-    emb = encode_prompts(pipe, prompts, acc.device)
-    n = len(cfg.concepts)
+def build_forget_set(
+    cfg: EraseConfig, pipe, teacher, acc, out: Path, images: list[ImageItem] | None
+) -> ForgetSet:
+    """Encode every prompt once; take x_0 from the images, or sample and cache it when needed."""
+    anchor_prompt = cfg.erase_from if cfg.objective == "esd" else cfg.anchor
+    extra = [""] + ([anchor_prompt] if anchor_prompt else [])
+    emb = encode_prompts(pipe, extra, acc.device)
+    captions = [it.caption for it in images] if images else cfg.concepts
     forget = ForgetSet(
-        cond=emb[:n], uncond=emb[n : n + 1], anchor=emb[n + 1 : n + 2] if cfg.erase_from else None
+        cond=encode_captions(pipe, captions, acc.device),
+        uncond=emb[:1],
+        anchor=emb[1:2] if anchor_prompt else None,
     )
-    if cfg.xt_source == "cached" or cfg.weighting == "loreun":
-        key = {
-            "model": cfg.model,
-            "concepts": cfg.concepts,
-            "samples": cfg.samples_per_concept,
-            "steps": cfg.sample_steps,
-            "guidance": cfg.sample_guidance,
-            "resolution": cfg.resolution,
-            "seed": cfg.seed,
-        }
-
-        def sample():
-            with acc.autocast():
-                return sample_forget_latents(
-                    teacher,
-                    pipe,
-                    forget,
-                    cfg.samples_per_concept,
-                    cfg.sample_steps,
-                    cfg.sample_guidance,
-                    cfg.resolution,
-                    cfg.seed,
-                    acc.device,
-                )
-
-        with acc.main_process_first():  # the main process samples; the others read its cache
-            forget.x0 = load_or_sample_cache(
-                out / "cache" / "forget-latents.safetensors", key, sample
-            )
+    needs_x0 = cfg.xt_source == "cached" or cfg.weighting == "loreun" or cfg.saliency is not None
+    if images:
+        forget.x0 = cached_image_latents(cfg, pipe, acc, out / "cache" / "forget-images", images)
+    elif needs_x0:
+        forget.x0 = cached_samples(
+            cfg, pipe, teacher, acc, out / "cache" / "forget", forget, cfg.concepts
+        )
     return forget
+
+
+def build_retain_set(
+    cfg: EraseConfig, pipe, teacher, acc, out: Path, images: list[ImageItem] | None
+) -> ForgetSet | None:
+    """Retain items from a folder or from base-model samples of --retain-concept prompts."""
+    if not cfg.retain_weight:
+        return None
+    captions = [it.caption for it in images] if images else cfg.retain_concepts
+    uncond = encode_prompts(pipe, [""], acc.device)
+    retain = ForgetSet(cond=encode_captions(pipe, captions, acc.device), uncond=uncond, anchor=None)
+    if images:
+        retain.x0 = cached_image_latents(cfg, pipe, acc, out / "cache" / "retain-images", images)
+    else:
+        retain.x0 = cached_samples(
+            cfg, pipe, teacher, acc, out / "cache" / "retain", retain, captions
+        )
+    return retain
+
+
+def cached_image_latents(cfg, pipe, acc, stem: Path, images: list[ImageItem]) -> torch.Tensor:
+    """VAE latents of a folder's images, cached under OUT/cache and reused while unchanged."""
+    size = latent_shape(pipe, cfg.resolution)[1] * 2 ** (
+        len(pipe.vae.config.block_out_channels) - 1
+    )
+    key = {"model": cfg.model, "images": folder_key(images, size)}
+
+    def encode():
+        return encode_images(pipe, [it.path for it in images], size, acc.device)
+
+    with acc.main_process_first():
+        return load_or_sample_cache(stem.with_suffix(".safetensors"), key, encode)
+
+
+def cached_samples(cfg, pipe, teacher, acc, stem: Path, items: ForgetSet, prompts) -> torch.Tensor:
+    """Base-model samples of each prompt, cached under OUT/cache and reused by a rerun."""
+    key = {
+        "model": cfg.model,
+        "concepts": prompts,
+        "samples": cfg.samples_per_concept,
+        "steps": cfg.sample_steps,
+        "guidance": cfg.sample_guidance,
+        "resolution": cfg.resolution,
+        "seed": cfg.seed,
+    }
+
+    def sample():
+        with acc.autocast():
+            return sample_forget_latents(
+                teacher,
+                pipe,
+                items,
+                cfg.samples_per_concept,
+                cfg.sample_steps,
+                cfg.sample_guidance,
+                cfg.resolution,
+                cfg.seed,
+                acc.device,
+            )
+
+    with acc.main_process_first():  # the main process samples; the others read its cache
+        return load_or_sample_cache(stem.with_name(stem.name + "-latents.safetensors"), key, sample)
+
+
+def build_mask(cfg, acc, out, objective, unet, teacher, forget, trained, alphas, base_fp):
+    """The saliency mask: loaded from --saliency-mask, reused from OUT, or computed and saved."""
+    if cfg.saliency_mask:
+        return load_mask(cfg.saliency_mask, trained, base_fp, "--saliency-mask")
+    if cfg.saliency is None:
+        return None
+    path = out / "saliency-mask.safetensors"
+    key = {
+        "fraction": cfg.saliency,
+        "objective": cfg.objective,
+        "method": cfg.method,
+        "base_fingerprint": base_fp,
+        "seed": cfg.seed,
+    }
+    with acc.main_process_first():
+        if mask_key(path) == key:  # a resumed run keeps its mask
+            return load_mask(path, trained, base_fp, "--resume")
+        with acc.autocast():
+            grads = forget_gradient(
+                objective, unet_eps(unet), teacher, forget, trained, alphas, cfg.seed, acc.device
+            )
+        mask = top_fraction_mask({n: g.abs() for n, g in grads.items()}, cfg.saliency)
+        if acc.is_main_process:
+            save_mask(path, mask, key)
+        return mask
 
 
 def resume_from(run: Run, folder: Path | None) -> None:
@@ -255,34 +375,53 @@ def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> tuple[float, float
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
 
     Returns:
-        (mean weighted loss, effective sample size of the forget-set weights)
+        (mean total loss, effective sample size of the forget-set weights)
     """
-    objective = get_objective(cfg.objective)
-    student = unet_eps(run.unet)
     total = 0.0
     for micro in range(cfg.gradient_accumulation_steps):
         k = step * cfg.gradient_accumulation_steps + micro
-        g = step_generator(cfg.seed, acc.process_index, k)
-        ids = item_ids(len(run.forget), cfg.batch_size, cfg.seed, acc.process_index, k)
-        batch = draw_batch(run, cfg, acc, ids, g)
         with acc.accumulate(run.unet):
-            with acc.autocast():
-                losses, pred = objective(student, run.teacher, batch, cfg.negative_guidance)
-            observe_difficulty(run, cfg, acc, batch, pred, g)
-            w = run.weighting.weights(ids).to(losses.device)
-            loss = (w * losses).sum() / len(losses)
+            loss = micro_batch_loss(run, cfg, acc, k)
             check_finite(loss, step, acc, cfg)
             acc.backward(loss)
-            if acc.sync_gradients and cfg.max_grad_norm:
-                acc.clip_grad_norm_(list(run.trained.values()), cfg.max_grad_norm)
+            if acc.sync_gradients:
+                if run.mask is not None:
+                    mask_gradients(run.trained, run.mask)
+                if cfg.max_grad_norm:
+                    acc.clip_grad_norm_(list(run.trained.values()), cfg.max_grad_norm)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients and run.mask is not None:
+                restore_masked(run.trained, run.mask, run.teacher.base)
         total += loss.item()
     if acc.num_processes > 1:  # report the mean over processes, not process 0's alone
         total = acc.reduce(torch.tensor([total], device=acc.device), reduction="mean").item()
     weights = run.weighting.all_weights()
     ess = effective_sample_size(weights) if weights is not None else float(len(run.forget))
     return total / cfg.gradient_accumulation_steps, ess
+
+
+def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> torch.Tensor:
+    """``sum(w * l_forget) / B + alpha * mean(l_retain)`` for micro-batch ``k``.
+
+    Only the forget term is reweighted (LoReUn); the retain term is the plain denoising loss.
+    """
+    g = step_generator(cfg.seed, acc.process_index, k)
+    ids = item_ids(len(run.forget), cfg.batch_size, cfg.seed, acc.process_index, k)
+    batch = draw_batch(run, cfg, acc, ids, g)
+    student = unet_eps(run.unet)
+    with acc.autocast():
+        losses, pred = run.objective(student, run.teacher, batch)
+    observe_difficulty(run, cfg, acc, batch, pred, g)
+    w = run.weighting.weights(ids).to(losses.device)
+    loss = (w * losses).sum() / len(losses)
+    if run.retain is not None:
+        rids = item_ids(len(run.retain), cfg.batch_size, cfg.seed, acc.process_index, k, stream=1)
+        rbatch = cached_batch(run.retain, rids, g, run.alphas_cumprod, acc.device)
+        with acc.autocast():
+            retain_losses, _ = denoising_loss(student, rbatch)
+        loss = loss + cfg.retain_weight * retain_losses.mean()
+    return loss
 
 
 def draw_batch(run: Run, cfg: EraseConfig, acc, ids: torch.Tensor, g: torch.Generator):

@@ -126,3 +126,41 @@ def save_tokenizer(tokenizer, vocab: dict, merges: list, folder: Path) -> None:
     (folder / "vocab.json").write_text(json.dumps(vocab))
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n")
+
+
+def write_digit_folders(
+    out: str | Path, digit: int, retain_per_digit: int = 20, forget_limit: int | None = None
+) -> tuple[Path, Path]:
+    """Write the digits model's training images as two captioned image folders.
+
+    ``out/forget`` holds every training image of ``digit``; ``out/retain`` holds
+    ``retain_per_digit`` images of each other digit. Both carry a ``metadata.jsonl`` whose
+    captions cycle through the caption templates, the layout of a Hugging Face imagefolder.
+    These are the images the model learnt the digit from, which is what unlearning removes.
+
+    Returns:
+        (forget folder, retain folder)
+    """
+    from PIL import Image
+
+    images, labels = load_digit_images("generator")
+    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    folders = (Path(out) / "forget", Path(out) / "retain")
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=False)
+    counts: dict[int, int] = {}
+    rows: dict[Path, list[str]] = {f: [] for f in folders}
+    for i, d in enumerate(labels.tolist()):
+        folder = folders[0] if d == digit else folders[1]
+        limit = forget_limit if d == digit else retain_per_digit
+        n = counts.get(d, 0)
+        if limit is not None and n >= limit:
+            continue
+        counts[d] = n + 1
+        name = f"digit{d}-{n:03d}.png"
+        Image.fromarray(pixels[i].numpy()).save(folder / name)
+        caption = digit_captions(d)[n % len(CAPTION_TEMPLATES)]
+        rows[folder].append(json.dumps({"file_name": name, "text": caption}))
+    for folder, lines in rows.items():
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folders

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from loreun.erase.objectives import (
@@ -73,3 +74,55 @@ def test_esd_erase_from_replaces_first_term():
     losses, _ = esd_loss(student, _toy_eps(), batch, eta=1.0)
     target = batch.xt * 3.0 - (batch.xt * 2.0 - batch.xt * 0.5)  # = 1.5 xt
     assert torch.allclose(losses, target.pow(2).flatten(1).mean(1))
+
+
+def _noised_batch(anchor=None):
+    batch = _batch(anchor)
+    batch.noise = torch.ones_like(batch.xt)
+    return batch
+
+
+def test_remap_loss_by_hand_per_sample():
+    from loreun.erase.objectives import remap_loss
+
+    batch = _noised_batch(anchor=torch.full((2, 3, 4), 3.0))
+    student = lambda x, t, emb: torch.zeros_like(x)  # noqa: E731
+    losses, pred = remap_loss(student, _toy_eps(), batch)
+    # teacher under the anchor: 3 * xt; student: 0  ->  mean((3 xt)^2) per sample
+    xt = batch.xt.flatten(1)
+    assert torch.allclose(losses, (9 * xt.pow(2)).mean(1))
+    assert losses.shape == (2,) and torch.equal(pred, torch.zeros_like(batch.xt))
+
+
+def test_remap_target_carries_no_gradient():
+    from loreun.erase.objectives import remap_loss
+
+    w = torch.tensor(2.0, requires_grad=True)
+    eps = lambda x, t, emb: x * w * emb.mean(dim=(1, 2)).view(-1, 1, 1, 1)  # noqa: E731
+    losses, _ = remap_loss(eps, eps, _noised_batch(anchor=torch.full((2, 3, 4), 3.0)))
+    losses.sum().backward()
+    # d/dw mean((2w xt - 3*2 xt)^2) = mean(2 (2w - 6) xt * 2 xt) with the target held fixed
+    xt = _batch().xt.flatten(1)
+    expected = (4 * (2 * 2.0 - 6.0) * xt.pow(2)).mean(1).sum()
+    assert torch.allclose(w.grad, expected)
+
+
+def test_ga_loss_is_bounded_and_stops_pushing_past_the_bound():
+    from loreun.erase.objectives import ga_loss
+
+    batch = _noised_batch()  # noise = 1
+    # predictions 1 + 0.5 (error 0.25) and 1 + 3 (error 9, past the bound of 1)
+    scale = torch.tensor([0.5, 3.0], requires_grad=True)
+    student = lambda x, t, emb: torch.ones_like(x) + scale.view(-1, 1, 1, 1)  # noqa: E731
+    losses, _ = ga_loss(student, None, batch, bound=1.0)
+    assert torch.allclose(losses, torch.tensor([-0.25, -1.0]))
+    losses.sum().backward()
+    assert scale.grad[0] == pytest.approx(-1.0)  # d(-s^2)/ds at 0.5
+    assert scale.grad[1] == 0.0  # past the bound: no more ascent
+
+
+def test_denoising_loss_needs_known_noise():
+    from loreun.erase.objectives import denoising_loss
+
+    with pytest.raises(ValueError, match="forward-noised"):
+        denoising_loss(lambda x, t, e: x, _batch())

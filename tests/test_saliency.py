@@ -1,0 +1,172 @@
+"""Saliency masks, the forget-set loader, and erasing from image folders end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from loreun.cli.main import main
+from loreun.erase.forget import item_ids
+from loreun.erase.saliency import top_fraction_mask
+
+
+def test_mask_keeps_exactly_the_top_fraction_with_ties():
+    scores = {"a": torch.tensor([3.0, 1.0, 1.0, 1.0]), "b": torch.tensor([[1.0, 0.0], [2.0, 5.0]])}
+    mask = top_fraction_mask(scores, 0.5)
+    # sorted: 5 3 2 1 1 1 1 0 -> keep 5, 3, 2 and the first 1 by position (a[1])
+    assert mask["a"].tolist() == [True, True, False, False]
+    assert mask["b"].tolist() == [[False, False], [True, True]]
+    assert all(m.all() for m in top_fraction_mask(scores, 1.0).values())
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.3, 0.5, 0.99])
+def test_mask_count_and_order_on_random_scores(fraction):
+    g = torch.Generator().manual_seed(0)
+    scores = {
+        "w": torch.rand(37, 11, generator=g).round(decimals=1),  # many ties
+        "b": torch.rand(50, generator=g),
+    }
+    mask = top_fraction_mask(scores, fraction)
+    flat_s = torch.cat([scores[n].flatten() for n in scores])
+    flat_m = torch.cat([mask[n].flatten() for n in scores])
+    assert int(flat_m.sum()) == round(fraction * flat_s.numel())
+    assert flat_s[flat_m].min() >= flat_s[~flat_m].max()
+
+
+def test_every_item_is_visited_once_per_pass():
+    n, b = 7, 3
+    ids = torch.cat([item_ids(n, b, seed=4, rank=0, step=s) for s in range(14)])  # 6 passes
+    for p in range(len(ids) // n):
+        assert sorted(ids[p * n : (p + 1) * n].tolist()) == list(range(n))
+    retain = torch.cat([item_ids(n, b, seed=4, rank=0, step=s, stream=1) for s in range(14)])
+    assert not torch.equal(ids, retain)  # the retain set has its own order
+    assert sorted(retain[:n].tolist()) == list(range(n))
+
+
+def _images(root, n, caption=None, seed=0):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        arr = rng.integers(0, 255, (24 + 4 * i, 20, 3), dtype=np.uint8)  # mixed sizes
+        Image.fromarray(arr).save(root / f"x{i}.png")
+        rows.append(json.dumps({"file_name": f"x{i}.png", "text": caption or f"a cat {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows))
+    return root
+
+
+def _erase(model, out, *extra):
+    args = ["erase", "--model", str(model), "--out", str(out), "--checkpoint-every", "0"]
+    return args + [str(x) for x in extra]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folders")
+    return _images(root / "forget", 4), _images(root / "retain", 3, caption="a dog", seed=1)
+
+
+def _trained_base(tiny_pipeline_dir, names):
+    state = load_file(str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    return {n: state[n] for n in names}
+
+
+@pytest.mark.parametrize("objective", ["remap", "ga", "esd"])
+def test_masked_weights_stay_bit_identical_under_weight_decay(
+    tiny_pipeline_dir, tmp_path, folders, objective
+):
+    forget, retain = folders
+    out = tmp_path / objective
+    anchor = ["--anchor", "a bird"] if objective == "remap" else []
+    code = main(
+        _erase(tiny_pipeline_dir, out, "--forget-images", forget, "--retain-images", retain)
+        + ["--objective", objective, *anchor, "--steps", "3", "--lr", "1e-2"]
+        + ["--saliency", "0.3", "--weight-decay", "0.5", "--method", "esd-x"]
+    )
+    assert code == 0
+    mask = load_file(str(out / "saliency-mask.safetensors"))
+    erased = load_file(str(out / "unet-erased.safetensors"))
+    base = _trained_base(tiny_pipeline_dir, erased)
+    kept = sum(int(m.sum()) for m in mask.values())
+    total = sum(m.numel() for m in mask.values())
+    assert kept == round(0.3 * total)
+    for name, m in mask.items():
+        assert torch.equal(erased[name][~m], base[name][~m]), name
+    changed = sum(int((erased[n][m] != base[n][m]).sum()) for n, m in mask.items())
+    assert changed > 0.9 * kept
+
+
+def test_saved_mask_is_reused_and_checked(tiny_pipeline_dir, tmp_path, folders, capsys):
+    forget, _ = folders
+    first = tmp_path / "first"
+    base_args = ["--forget-images", forget, "--objective", "ga", "--steps", "2", "--lr", "1e-2"]
+    assert main(_erase(tiny_pipeline_dir, first, *base_args, "--saliency", "0.2")) == 0
+    mask_path = first / "saliency-mask.safetensors"
+    second = tmp_path / "second"
+    assert main(_erase(tiny_pipeline_dir, second, *base_args, "--saliency-mask", mask_path)) == 0
+    mask = load_file(str(mask_path))
+    erased = load_file(str(second / "unet-erased.safetensors"))
+    base = _trained_base(tiny_pipeline_dir, erased)
+    assert all(torch.equal(erased[n][~m], base[n][~m]) for n, m in mask.items())
+    capsys.readouterr()
+    code = main(
+        _erase(tiny_pipeline_dir, tmp_path / "third", *base_args, "--saliency-mask", mask_path)
+        + ["--method", "esd-u"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "covers other parameters" in err[-1]
+
+
+def test_loader_visits_every_forget_image(tiny_pipeline_dir, tmp_path, folders, monkeypatch):
+    from loreun.erase.weighting import LoReUnWeighting
+
+    seen = []
+    real = LoReUnWeighting.observe
+
+    def record(self, ids, t, loss):
+        seen.extend(ids.tolist())
+        return real(self, ids, t, loss)
+
+    monkeypatch.setattr(LoReUnWeighting, "observe", record)
+    forget, _ = folders
+    code = main(
+        _erase(tiny_pipeline_dir, tmp_path / "o", "--forget-images", forget, "--objective", "ga")
+        + ["--steps", "6", "--batch-size", "2", "--weighting", "loreun"]
+    )
+    assert code == 0
+    assert sorted(seen[:4]) == sorted(seen[4:8]) == [0, 1, 2, 3]
+
+
+def test_folder_erase_exports_weights_that_load(tiny_pipeline_dir, tmp_path, folders):
+    from loreun.pipelines import apply_erased_weights
+    from loreun.pipelines.models import load_pipeline
+
+    forget, retain = folders
+    out = tmp_path / "o"
+    args = _erase(tiny_pipeline_dir, out, "--forget-images", forget, "--retain-images", retain)
+    args += ["--objective", "remap", "--anchor", "a bird", "--steps", "2", "--lr", "1e-3"]
+    assert main(args) == 0
+    cache = out / "cache" / "forget-images.safetensors"
+    assert load_file(str(cache))["x0"].shape[:2] == (4, 1)
+    before = cache.stat().st_mtime_ns
+    assert main(args + ["--overwrite"]) == 0
+    assert cache.stat().st_mtime_ns == before  # the rerun reused the encoded images
+    pipe = load_pipeline(str(tiny_pipeline_dir))
+    apply_erased_weights(pipe, out / "unet-erased.safetensors")
+    config = json.loads((out / "erase_config.json").read_text())
+    assert config["forget_images"] == str(forget) and config["retain_weight"] == 1.0
+
+
+def test_retain_prompts_are_sampled_once_and_cached(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "o"
+    args = _erase(tiny_pipeline_dir, out, "--concept", "a cat", "--retain-concept", "a dog")
+    args += ["--steps", "2", "--sample-steps", "2", "--objective", "ga", "--lr", "1e-3"]
+    assert main(args) == 0
+    cache = out / "cache" / "retain-latents.safetensors"
+    assert load_file(str(cache))["x0"].shape[:2] == (1, 2)
+    before = cache.stat().st_mtime_ns
+    assert main(args + ["--overwrite"]) == 0
+    assert cache.stat().st_mtime_ns == before
