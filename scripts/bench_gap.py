@@ -16,7 +16,11 @@ Results are appended to ``--out/runs.jsonl`` as they finish (a rerun skips finis
 ``--out/results.md`` holds the mean +- std table. Run:
 
     python scripts/bench_gap.py --retrain 3=runs/retrain-3 --retrain 8=runs/retrain-8 \\
-        --seeds 0 1 2 --steps 60 --out runs/gap
+        --seeds 0 1 2 --steps 100 --out runs/gap
+
+ESD erases each digit's caption prompts (methods x x_t sources). remap and ga erase from the
+digit's training images (``loreun.pipelines.digit_images``), keep 20 images of every other digit
+as the retain set, and run with and without a saliency mask.
 """
 
 from __future__ import annotations
@@ -58,29 +62,79 @@ def score(model: str, erased, out: Path, digit: int, samples: int) -> dict:
     return {"forget": s["erased_top1"], "retain": s["other_top1"]}
 
 
-def erase_and_score(digit, method, weighting, source, seed, args, root: Path) -> dict:
-    from loreun.erase import EraseConfig, erase
-    from loreun.pipelines._digits_data import digit_captions
+def forget_settings(digit: int, objective: str, root: Path, args) -> dict:
+    """Where the forget (and retain) items come from for one objective.
 
-    run = root / f"d{digit}-{method}-{weighting}-{source}-s{seed}"
+    ESD erases the digit's caption prompts, as in the demo. remap and ga need images: the digit's
+    training images as the forget folder, 20 images of every other digit as the retain folder.
+    """
+    from loreun.pipelines._digits_data import digit_captions, write_digit_folders
+
+    if objective == "esd":
+        return {"concepts": digit_captions(digit)}
+    folders = root / f"images-{digit}"
+    if not folders.is_dir():
+        write_digit_folders(folders, digit)
+    extra = {"anchor": args.anchor.format(other=(digit + 1) % 10)} if objective == "remap" else {}
+    return {
+        "forget_images": str(folders / "forget"),
+        "retain_images": str(folders / "retain"),
+        "retain_weight": args.retain_weight,
+        **extra,
+    }
+
+
+def erase_and_score(run_key: dict, args, root: Path) -> dict:
+    from loreun.erase import EraseConfig, erase
+
+    k = run_key
+    run = root / "-".join(f"{v}" for v in k.values())
+    saliency = None if k["saliency"] == "none" else float(k["saliency"])
     cfg = EraseConfig(
         model="digits",
         out=str(run / "erase"),
-        concepts=digit_captions(digit),
-        method=method,
+        objective=k["objective"],
+        method=k["method"],
         steps=args.steps,
         lr=args.lr,
-        seed=seed,
-        xt_source=source,
+        seed=k["seed"],
+        xt_source="cached" if k["source"] == "images" else k["source"],
         sample_steps=args.sample_steps,
+        saliency=saliency,
         checkpoint_every=0,
         overwrite=True,
-        **{"temperature": args.temperature, **WEIGHTINGS[weighting]},
+        **forget_settings(k["digit"], k["objective"], root, args),
+        **{"temperature": args.temperature, **WEIGHTINGS[k["weighting"]]},
     )
     start = time.perf_counter()
     path = erase(cfg)
     seconds = time.perf_counter() - start
-    return {**score("digits", path, run, digit, args.samples), "erase_seconds": seconds}
+    return {**score("digits", path, run, k["digit"], args.samples), "erase_seconds": seconds}
+
+
+def planned_runs(args, digits: list[int]) -> list[dict]:
+    """ESD over methods x sources without a mask; remap/ga on images, with and without one."""
+    runs = []
+    for digit, objective, weighting, seed in itertools.product(
+        digits, args.objectives, args.weightings, args.seeds
+    ):
+        if objective == "esd":
+            combos = [(m, src, "none") for m in args.methods for src in args.sources]
+        else:
+            combos = [(args.image_method, "images", sal) for sal in args.saliency]
+        for method, source, saliency in combos:
+            runs.append(
+                {
+                    "digit": digit,
+                    "objective": objective,
+                    "method": method,
+                    "weighting": weighting,
+                    "source": source,
+                    "saliency": saliency,
+                    "seed": seed,
+                }
+            )
+    return runs
 
 
 def _ms(rows: list[dict], name: str) -> str:
@@ -89,25 +143,22 @@ def _ms(rows: list[dict], name: str) -> str:
     return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 
 
-def _ms(rows: list[dict], name: str) -> str:
-    vals = [r[name] for r in rows]
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
+GROUP = ("digit", "objective", "method", "weighting", "source", "saliency")
 
 
 def table(rows: list[dict], refs: dict) -> str:
-    keys = ("digit", "method", "weighting", "source")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+        groups.setdefault(tuple(r[k] for k in GROUP), []).append(r)
     out = [
-        "| digit | method | weighting | x_t source | forget acc | retain acc | Avg. Gap | "
-        "erase s | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| digit | objective | method | weighting | x_t source | saliency | forget acc | "
+        "retain acc | Avg. Gap | erase s | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for digit, ref in sorted(refs.items()):
         out.append(
-            f"| {digit} | retrain | - | - | {ref['forget']:.3f} | {ref['retain']:.3f} | 0 | - | - |"
+            f"| {digit} | retrain | - | - | - | - | {ref['forget']:.3f} | {ref['retain']:.3f} "
+            "| 0 | - | - |"
         )
     for key, rs in sorted(groups.items()):
         out.append(
@@ -121,32 +172,43 @@ def table(rows: list[dict], refs: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--retrain", action="append", required=True, metavar="DIGIT=FOLDER")
-    p.add_argument("--methods", nargs="+", default=["esd-x", "esd-u"])
-    p.add_argument("--weightings", nargs="+", default=list(WEIGHTINGS), choices=list(WEIGHTINGS))
-    p.add_argument("--sources", nargs="+", default=["cached", "partial-train"])
+    p.add_argument("--objectives", nargs="+", default=["esd", "remap", "ga"])
+    p.add_argument("--methods", nargs="+", default=["esd-x", "esd-u"], help="for esd")
+    p.add_argument("--image-method", default="esd-u", help="parameters remap and ga train")
+    p.add_argument(
+        "--weightings",
+        nargs="+",
+        default=["uniform", "loreun-static", "loreun-dynamic"],
+        choices=list(WEIGHTINGS),
+    )
+    p.add_argument("--sources", nargs="+", default=["cached", "partial-train"], help="for esd")
+    p.add_argument("--saliency", nargs="+", default=["none", "0.5"], help="for remap and ga")
+    p.add_argument(
+        "--anchor",
+        default="a handwritten {other}",
+        help="remap's anchor; {other} is (digit + 1) mod 10: SalUn remaps a class to another",
+    )
+    p.add_argument("--retain-weight", type=float, default=1.0)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--samples", type=int, default=1, help="images per prompt row")
     p.add_argument("--out", required=True)
+    p.add_argument("--report-only", action="store_true", help="tabulate finished runs only")
     a = p.parse_args()
     root = Path(a.out)
     root.mkdir(parents=True, exist_ok=True)
     log = root / "runs.jsonl"
     done = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
     retrain = {int(d): folder for d, folder in (x.split("=", 1) for x in a.retrain)}
-    keys = ("digit", "method", "weighting", "source", "seed")
     # Erasures first: they do not need the retrain models, which may still be training.
-    for digit, method, weighting, source, seed in itertools.product(
-        sorted(retrain), a.methods, a.weightings, a.sources, a.seeds
-    ):
-        key = dict(zip(keys, (digit, method, weighting, source, seed)))
-        if any(all(r[k] == v for k, v in key.items()) for r in done):
+    for key in [] if a.report_only else planned_runs(a, sorted(retrain)):
+        if any(all(r.get(k) == v for k, v in key.items()) for r in done):
             continue
-        res = erase_and_score(digit, method, weighting, source, seed, a, root)
-        done.append({**key, **res, "steps": a.steps})
+        res = erase_and_score(key, a, root)
+        done.append({**key, **res, "steps": a.steps, "lr": a.lr})
         with open(log, "a") as f:
             f.write(json.dumps(done[-1]) + "\n")
         print(json.dumps(done[-1]), flush=True)

@@ -196,3 +196,17 @@ def test_folder_errors_come_before_the_model_loads(tmp_path, capsys):
         + ["--objective", "remap", "--anchor", "a dog"]
     )
     assert code == 2 and "'a dog' is also a forget prompt" in capsys.readouterr().err
+
+
+def test_digit_folders_hold_only_the_digit_and_read_back(tmp_path):
+    from loreun.pipelines._digits_data import digit_captions, write_digit_folders
+
+    forget, retain = write_digit_folders(tmp_path / "d", 8, retain_per_digit=3)
+    items = read_image_folder(str(forget), None, FLAG)
+    assert len(items) > 100 and {it.caption for it in items} == set(digit_captions(8))
+    kept = read_image_folder(str(retain), None, "--retain-images")
+    assert len(kept) == 27
+    assert not any(it.caption in digit_captions(8) for it in kept)
+    assert Image.open(items[0].path).size == (16, 16)
+    with pytest.raises(FileExistsError):  # never writes into an existing folder
+        write_digit_folders(tmp_path / "d", 8)

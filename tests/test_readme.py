@@ -1,5 +1,6 @@
 """The README's runnable block is run as a user would run it."""
 
+import json
 import os
 import re
 import subprocess
@@ -11,35 +12,48 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def readme_block() -> str:
+def readme_block(name: str = "readme-test") -> str:
     text = README.read_text()
     block = re.search(
-        r"<!-- readme-test:start -->\s*```bash\n(.*?)```\s*<!-- readme-test:end -->", text, re.S
+        rf"<!-- {name}:start -->\s*```bash\n(.*?)```\s*<!-- {name}:end -->", text, re.S
     )
-    assert block, "README lost its tested block"
+    assert block, f"README lost its tested block {name}"
     return block.group(1)
 
 
-@pytest.mark.slow
-def test_readme_erase_load_and_evaluate(tmp_path):
+def run_block(name: str, cwd):
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
-    res = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", readme_block()],
-        cwd=tmp_path,
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", readme_block(name)],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=1200,
     )
+
+
+@pytest.mark.slow
+def test_readme_erase_load_and_evaluate(tmp_path):
+    res = run_block("readme-test", tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("(16, 16)") == 2
     assert "erased weights: runs/erase-3/unet-erased.safetensors" in res.stdout
     assert (tmp_path / "runs/eval-3/report.html").is_file()
-    import json
-
     s = json.loads((tmp_path / "runs/eval-3/summary.json").read_text())["sources"]
     assert s["erased"]["digits"]["erased_top1"] < s["original"]["digits"]["erased_top1"]
+
+
+@pytest.mark.slow
+def test_readme_erase_a_digit_from_a_folder_of_images(tmp_path):
+    res = run_block("readme-test-images", tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(list((tmp_path / "runs/digit-8/forget").glob("*.png"))) > 100
+    s = json.loads((tmp_path / "runs/eval-8/summary.json").read_text())["sources"]
+    before, after = s["original"]["digits"], s["erased"]["digits"]
+    assert after["erased_top1"] <= 0.2 < before["erased_top1"] - 0.5
+    assert after["other_top1"] >= before["other_top1"] - 0.05  # within 5 points

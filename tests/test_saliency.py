@@ -170,3 +170,19 @@ def test_retain_prompts_are_sampled_once_and_cached(tiny_pipeline_dir, tmp_path)
     before = cache.stat().st_mtime_ns
     assert main(args + ["--overwrite"]) == 0
     assert cache.stat().st_mtime_ns == before
+
+
+def test_resumed_run_keeps_its_mask(tiny_pipeline_dir, tmp_path, folders):
+    forget, _ = folders
+    out = tmp_path / "o"
+    args = _erase(tiny_pipeline_dir, out, "--forget-images", forget, "--objective", "ga")
+    args += ["--lr", "1e-2", "--saliency", "0.4", "--checkpoint-every", "1"]
+    assert main(args + ["--steps", "2"]) == 0
+    mask_file = out / "saliency-mask.safetensors"
+    written = mask_file.stat().st_mtime_ns
+    assert main(args + ["--steps", "4", "--resume", "latest"]) == 0
+    assert mask_file.stat().st_mtime_ns == written
+    mask = load_file(str(mask_file))
+    erased = load_file(str(out / "unet-erased.safetensors"))
+    base = _trained_base(tiny_pipeline_dir, erased)
+    assert all(torch.equal(erased[n][~m], base[n][~m]) for n, m in mask.items())

@@ -1,6 +1,6 @@
 """Write the built-in digits model's training images as captioned image folders.
 
-    python scripts/digit_images.py --digit 8 --out runs/digit-8
+    python -m loreun.pipelines.digit_images --digit 8 --out runs/digit-8
 
 makes ``runs/digit-8/forget`` (every training image of the digit) and ``runs/digit-8/retain``
 (20 images of each other digit), each with a ``metadata.jsonl`` of captions, ready for
