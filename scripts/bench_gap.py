@@ -169,6 +169,35 @@ def table(rows: list[dict], refs: dict) -> str:
     return "\n".join(out)
 
 
+def weighting_summary(rows: list[dict]) -> str:
+    """Avg. Gap per weighting, pooled over digits and seeds, for each erasure setting.
+
+    The "vs uniform" columns are the paired mean difference (same digit and seed) and how many
+    of the pairs LoReUn made closer to the retrain model, so a reader sees at once whether
+    LoReUn narrowed the gap and whether the difference is larger than the seed noise.
+    """
+    setting = ("objective", "method", "source", "saliency")
+    names = sorted({r["weighting"] for r in rows} - {"uniform"})
+    out = [
+        "| objective | method | x_t source | saliency | uniform gap | "
+        + " | ".join(f"{n} gap | {n} - uniform (closer/pairs)" for n in names)
+        + " |",
+        "|---|---|---|---|---|" + "---|---|" * len(names),
+    ]
+    for key in sorted({tuple(r[k] for k in setting) for r in rows}):
+        sub = [r for r in rows if tuple(r[k] for k in setting) == key]
+        base = {(r["digit"], r["seed"]): r["gap"] for r in sub if r["weighting"] == "uniform"}
+        cells = [_ms([r for r in sub if r["weighting"] == "uniform"], "gap")]
+        for n in names:
+            mine = [r for r in sub if r["weighting"] == n and (r["digit"], r["seed"]) in base]
+            diffs = [r["gap"] - base[(r["digit"], r["seed"])] for r in mine]
+            closer = sum(d < 0 for d in diffs)
+            mean = f"{statistics.mean(diffs):+.3f}" if diffs else "-"
+            cells += [_ms(mine, "gap") if mine else "-", f"{mean} ({closer}/{len(diffs)})"]
+        out.append(f"| {' | '.join(map(str, key))} | {' | '.join(cells)} |")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--retrain", action="append", required=True, metavar="DIGIT=FOLDER")
@@ -216,7 +245,8 @@ def main() -> int:
     for r in done:
         ref = refs[r["digit"]]
         r["gap"] = (abs(r["forget"] - ref["forget"]) + abs(r["retain"] - ref["retain"])) / 2
-    text = table([r for r in done if r["digit"] in refs], refs)
+    scored = [r for r in done if r["digit"] in refs]
+    text = table(scored, refs) + "\n\n" + weighting_summary(scored)
     (root / "results.md").write_text(text + "\n")
     print(text)
     return 0
