@@ -346,16 +346,13 @@ def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
         with stop.installed():
             while step < cfg.steps:
                 started = time.perf_counter()
-                loss, ess = train_step(run, cfg, acc, step)
+                stats = train_step(run, cfg, acc, step)
                 seconds = time.perf_counter() - started
                 step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4g}", ess=f"{ess:.3g}")
+                bar.set_postfix(loss=f"{stats['loss']:.4g}", ess=f"{stats['ess']:.3g}")
                 if log:
-                    log.write(
-                        json.dumps({"step": step, "loss": loss, "ess": ess, "seconds": seconds})
-                        + "\n"
-                    )
+                    log.write(json.dumps({"step": step, **stats, "seconds": seconds}) + "\n")
                     log.flush()
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     checkpoint(run, cfg, acc, out, step)
@@ -371,17 +368,19 @@ def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
     return step
 
 
-def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> tuple[float, float]:
+def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> dict[str, float]:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
 
     Returns:
-        (mean total loss, effective sample size of the forget-set weights)
+        {"loss": mean total loss, "forget": its weighted forget term, "retain": its retain
+        term (before alpha), "ess": effective sample size of the forget-set weights}; the
+        losses are means over micro-batches and processes.
     """
-    total = 0.0
+    sums = torch.zeros(3)
     for micro in range(cfg.gradient_accumulation_steps):
         k = step * cfg.gradient_accumulation_steps + micro
         with acc.accumulate(run.unet):
-            loss = micro_batch_loss(run, cfg, acc, k)
+            loss, forget_term, retain_term = micro_batch_loss(run, cfg, acc, k)
             check_finite(loss, step, acc, cfg)
             acc.backward(loss)
             if acc.sync_gradients:
@@ -393,18 +392,22 @@ def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> tuple[float, float
             run.optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients and run.mask is not None:
                 restore_masked(run.trained, run.mask, run.teacher.base)
-        total += loss.item()
+        sums += torch.tensor([loss.item(), forget_term, retain_term])
     if acc.num_processes > 1:  # report the mean over processes, not process 0's alone
-        total = acc.reduce(torch.tensor([total], device=acc.device), reduction="mean").item()
+        sums = acc.reduce(sums.to(acc.device), reduction="mean").cpu()
+    means = (sums / cfg.gradient_accumulation_steps).tolist()
     weights = run.weighting.all_weights()
     ess = effective_sample_size(weights) if weights is not None else float(len(run.forget))
-    return total / cfg.gradient_accumulation_steps, ess
+    return {"loss": means[0], "forget": means[1], "retain": means[2], "ess": ess}
 
 
-def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> torch.Tensor:
+def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Tensor, float, float]:
     """``sum(w * l_forget) / B + alpha * mean(l_retain)`` for micro-batch ``k``.
 
     Only the forget term is reweighted (LoReUn); the retain term is the plain denoising loss.
+
+    Returns:
+        (the loss to backpropagate, the forget term's value, the retain mean's value or 0)
     """
     g = step_generator(cfg.seed, acc.process_index, k)
     ids = item_ids(len(run.forget), cfg.batch_size, cfg.seed, acc.process_index, k)
@@ -415,13 +418,15 @@ def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> torch.Tensor:
     observe_difficulty(run, cfg, acc, batch, pred, g)
     w = run.weighting.weights(ids).to(losses.device)
     loss = (w * losses).sum() / len(losses)
+    forget_term, retain_term = loss.item(), 0.0
     if run.retain is not None:
         rids = item_ids(len(run.retain), cfg.batch_size, cfg.seed, acc.process_index, k, stream=1)
         rbatch = cached_batch(run.retain, rids, g, run.alphas_cumprod, acc.device)
         with acc.autocast():
             retain_losses, _ = denoising_loss(student, rbatch)
+        retain_term = retain_losses.mean().item()
         loss = loss + cfg.retain_weight * retain_losses.mean()
-    return loss
+    return loss, forget_term, retain_term
 
 
 def draw_batch(run: Run, cfg: EraseConfig, acc, ids: torch.Tensor, g: torch.Generator):

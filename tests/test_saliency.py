@@ -158,6 +158,10 @@ def test_folder_erase_exports_weights_that_load(tiny_pipeline_dir, tmp_path, fol
     apply_erased_weights(pipe, out / "unet-erased.safetensors")
     config = json.loads((out / "erase_config.json").read_text())
     assert config["forget_images"] == str(forget) and config["retain_weight"] == 1.0
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    for row in log:  # the logged total is the forget term plus alpha times the retain mean
+        assert row["retain"] > 0
+        assert row["loss"] == pytest.approx(row["forget"] + 1.0 * row["retain"], rel=1e-5)
 
 
 def test_retain_prompts_are_sampled_once_and_cached(tiny_pipeline_dir, tmp_path):
