@@ -13,9 +13,10 @@ does with ``--center_crop``. Nothing is refused for its size; a non-square image
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from loreun.prompts.reader import jsonl_objects
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
@@ -79,19 +80,14 @@ def folder_captions(root: Path, images: dict[str, Path], flag: str) -> dict[str,
 
 
 def _jsonl_rows(path: Path, flag: str) -> list[tuple[str, str, str]]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{flag}: {where}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict):
-            raise ValueError(f"{flag}: {where}: must be a JSON object")
-        rows.append((where, *_name_and_caption(row, where, flag)))
-    return rows
+    try:
+        objects = jsonl_objects(path)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from e
+    return [
+        (f"{path} line {n}", *_name_and_caption(row, f"{path} line {n}", flag))
+        for n, row in objects
+    ]
 
 
 def _csv_rows(path: Path, flag: str) -> list[tuple[str, str, str]]:

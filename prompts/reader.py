@@ -88,7 +88,8 @@ def _read_txt(path: Path) -> list[dict]:
     return [{"prompt": ln.strip()} for ln in lines if ln.strip()]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def jsonl_objects(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a bad line names itself."""
     out = []
     for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
@@ -99,7 +100,12 @@ def _read_jsonl(path: Path) -> list[dict]:
             raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from e
         if not isinstance(rec, dict):
             raise ValueError(f"{path}: line {n}: expected a JSON object")
-        out.append(rec)
+        out.append((n, rec))
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = [rec for _, rec in jsonl_objects(path)]
     if out and not any("prompt" in r for r in out):
         raise ValueError(f"{path}: no 'prompt' field")
     return out
