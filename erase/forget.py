@@ -109,11 +109,20 @@ def item_ids(
     return torch.stack(out)
 
 
+def vae_scale(pipe) -> int:
+    """Pixels per latent cell: 2 ** (number of VAE down blocks - 1)."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def pixel_size(pipe, resolution: int | None) -> int:
+    """Training image size: ``resolution``, or the model's native size."""
+    return resolution or pipe.unet.config.sample_size * vae_scale(pipe)
+
+
 def latent_shape(pipe, resolution: int | None) -> tuple[int, int, int]:
     """(C, H, W) of the latents for a resolution (default: the model's native size)."""
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    size = resolution or pipe.unet.config.sample_size * scale
-    return pipe.unet.config.in_channels, size // scale, size // scale
+    size = pixel_size(pipe, resolution) // vae_scale(pipe)
+    return pipe.unet.config.in_channels, size, size
 
 
 def sample_forget_latents(

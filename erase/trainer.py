@@ -22,7 +22,7 @@ from loreun.pipelines.loading import fingerprint
 from loreun.pipelines.models import load_pipeline
 
 from .checkpoint import load_checkpoint, prepare_output_dir, resolve_resume, save_checkpoint
-from .config import EraseConfig
+from .config import EraseConfig, check_anchor
 from .export import export_erased, save_pipeline_folder
 from .forget import (
     ForgetSet,
@@ -34,6 +34,7 @@ from .forget import (
     latent_shape,
     load_or_sample_cache,
     partial_batch,
+    pixel_size,
     probe_difficulty,
     probe_grid,
     sample_forget_latents,
@@ -136,8 +137,6 @@ class Folders:
 
 def read_folders(cfg: EraseConfig) -> Folders:
     """Read --forget-images / --retain-images and check the anchor against their captions."""
-    from .config import check_anchor
-
     forget = retain = None
     if cfg.forget_images:
         forget = read_image_folder(cfg.forget_images, cfg.forget_caption, "--forget-images")
@@ -161,7 +160,7 @@ def setup(
         p.requires_grad_(True)
     teacher = FrozenTeacher(unet, trained)
     forget = build_forget_set(cfg, pipe, teacher, acc, out, folders.forget)
-    retain = build_retain_set(cfg, pipe, teacher, acc, out, folders.retain)
+    retain = build_retain_set(cfg, pipe, teacher, acc, out, folders.retain, forget.uncond)
     alphas = pipe.scheduler.alphas_cumprod.float()
     objective = build_objective(cfg.objective, eta=cfg.negative_guidance, ga_bound=cfg.ga_bound)
     base_fp = fingerprint(teacher.base)
@@ -225,13 +224,15 @@ def build_forget_set(
 
 
 def build_retain_set(
-    cfg: EraseConfig, pipe, teacher, acc, out: Path, images: list[ImageItem] | None
+    cfg: EraseConfig, pipe, teacher, acc, out: Path, images: list[ImageItem] | None, uncond
 ) -> ForgetSet | None:
-    """Retain items from a folder or from base-model samples of --retain-concept prompts."""
+    """Retain items from a folder or from base-model samples of --retain-concept prompts.
+
+    ``uncond`` ([1, L, D], the empty prompt) is the forget set's, encoded once.
+    """
     if not cfg.retain_weight:
         return None
     captions = [it.caption for it in images] if images else cfg.retain_concepts
-    uncond = encode_prompts(pipe, [""], acc.device)
     retain = ForgetSet(cond=encode_captions(pipe, captions, acc.device), uncond=uncond, anchor=None)
     if images:
         retain.x0 = cached_image_latents(cfg, pipe, acc, out / "cache" / "retain-images", images)
@@ -244,9 +245,7 @@ def build_retain_set(
 
 def cached_image_latents(cfg, pipe, acc, stem: Path, images: list[ImageItem]) -> torch.Tensor:
     """VAE latents of a folder's images, cached under OUT/cache and reused while unchanged."""
-    size = latent_shape(pipe, cfg.resolution)[1] * 2 ** (
-        len(pipe.vae.config.block_out_channels) - 1
-    )
+    size = pixel_size(pipe, cfg.resolution)
     key = {"model": cfg.model, "images": folder_key(images, size)}
 
     def encode():
@@ -376,7 +375,7 @@ def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> dict[str, float]:
         term (before alpha), "ess": effective sample size of the forget-set weights}; the
         losses are means over micro-batches and processes.
     """
-    sums = torch.zeros(3)
+    sums = torch.zeros(3, device=acc.device)
     for micro in range(cfg.gradient_accumulation_steps):
         k = step * cfg.gradient_accumulation_steps + micro
         with acc.accumulate(run.unet):
@@ -392,22 +391,23 @@ def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> dict[str, float]:
             run.optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients and run.mask is not None:
                 restore_masked(run.trained, run.mask, run.teacher.base)
-        sums += torch.tensor([loss.item(), forget_term, retain_term])
+        sums += torch.stack([loss.detach(), forget_term, retain_term]).float()
     if acc.num_processes > 1:  # report the mean over processes, not process 0's alone
-        sums = acc.reduce(sums.to(acc.device), reduction="mean").cpu()
-    means = (sums / cfg.gradient_accumulation_steps).tolist()
+        sums = acc.reduce(sums, reduction="mean")
+    means = (sums / cfg.gradient_accumulation_steps).tolist()  # read once, for the log
     weights = run.weighting.all_weights()
     ess = effective_sample_size(weights) if weights is not None else float(len(run.forget))
     return {"loss": means[0], "forget": means[1], "retain": means[2], "ess": ess}
 
 
-def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Tensor, float, float]:
+def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Tensor, ...]:
     """``sum(w * l_forget) / B + alpha * mean(l_retain)`` for micro-batch ``k``.
 
     Only the forget term is reweighted (LoReUn); the retain term is the plain denoising loss.
 
     Returns:
-        (the loss to backpropagate, the forget term's value, the retain mean's value or 0)
+        (the loss to backpropagate, the forget term and the retain mean as detached scalars,
+        left on the device so logging does not stall the step)
     """
     g = step_generator(cfg.seed, acc.process_index, k)
     ids = item_ids(len(run.forget), cfg.batch_size, cfg.seed, acc.process_index, k)
@@ -418,14 +418,15 @@ def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Ten
     observe_difficulty(run, cfg, acc, batch, pred, g)
     w = run.weighting.weights(ids).to(losses.device)
     loss = (w * losses).sum() / len(losses)
-    forget_term, retain_term = loss.item(), 0.0
+    forget_term, retain_term = loss.detach(), torch.zeros((), device=loss.device)
     if run.retain is not None:
         rids = item_ids(len(run.retain), cfg.batch_size, cfg.seed, acc.process_index, k, stream=1)
         rbatch = cached_batch(run.retain, rids, g, run.alphas_cumprod, acc.device)
         with acc.autocast():
             retain_losses, _ = denoising_loss(student, rbatch)
-        retain_term = retain_losses.mean().item()
-        loss = loss + cfg.retain_weight * retain_losses.mean()
+        retain_term = retain_losses.mean()
+        loss = loss + cfg.retain_weight * retain_term
+        retain_term = retain_term.detach()
     return loss, forget_term, retain_term
 
 
