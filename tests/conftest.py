@@ -30,14 +30,13 @@ def tiny_unet():
     return make_tiny_pipeline(seed=0).unet
 
 
+def _erase_base(model, out):
+    return ["erase", "--model", str(model), "--out", str(out)]
+
+
 def erase_args(model, out, *extra):
     """argv for a fast erase on a tiny pipeline."""
-    return [
-        "erase",
-        "--model",
-        str(model),
-        "--out",
-        str(out),
+    return _erase_base(model, out) + [
         "--concept",
         "a cat",
         "--concept",
@@ -50,3 +49,8 @@ def erase_args(model, out, *extra):
         "1e-3",
         *map(str, extra),
     ]
+
+
+def erase_cli(model, out, *extra):
+    """argv for an erase whose forget items and settings the test gives, without checkpoints."""
+    return _erase_base(model, out) + ["--checkpoint-every", "0", *map(str, extra)]

@@ -10,6 +10,8 @@ from PIL import Image
 from loreun.cli.main import main
 from loreun.erase.images import load_image_tensor, read_image_folder
 
+from .conftest import erase_cli
+
 FLAG = "--forget-images"
 
 
@@ -121,23 +123,6 @@ def test_mixed_sizes_are_resized_and_center_cropped(tmp_path):
     assert torch.allclose(load_image_tensor(sq, 16), torch.from_numpy(arr).permute(2, 0, 1))
 
 
-def _erase(model, out, *extra):
-    return [
-        "erase",
-        "--model",
-        str(model),
-        "--out",
-        str(out),
-        "--steps",
-        "2",
-        "--lr",
-        "1e-3",
-        "--checkpoint-every",
-        "0",
-        *map(str, extra),
-    ]
-
-
 @pytest.mark.parametrize(
     "flags, needle",
     [
@@ -159,7 +144,7 @@ def _erase(model, out, *extra):
     ],
 )
 def test_bad_erase_settings_fail_in_one_line(tmp_path, capsys, flags, needle):
-    code = main(_erase(tmp_path / "no-model", tmp_path / "out", *flags))
+    code = main(erase_cli(tmp_path / "no-model", tmp_path / "out", *flags))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "out").exists()
@@ -183,7 +168,7 @@ def test_folder_errors_come_before_the_model_loads(tmp_path, capsys):
         ),
     ]
     for flags, needle in cases:
-        code = main(_erase(tmp_path / "no-model", tmp_path / "out", *flags))
+        code = main(erase_cli(tmp_path / "no-model", tmp_path / "out", *flags))
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and needle in err[0], err
         assert not (tmp_path / "out").exists()
@@ -192,7 +177,7 @@ def test_folder_errors_come_before_the_model_loads(tmp_path, capsys):
         "file_name,text\nim0.png,a cat\nim1.png,a dog\nim2.png,a cat\n"
     )
     code = main(
-        _erase(tmp_path / "no-model", tmp_path / "out", "--forget-images", forget)
+        erase_cli(tmp_path / "no-model", tmp_path / "out", "--forget-images", forget)
         + ["--objective", "remap", "--anchor", "a dog"]
     )
     assert code == 2 and "'a dog' is also a forget prompt" in capsys.readouterr().err

@@ -12,6 +12,8 @@ from loreun.cli.main import main
 from loreun.erase.forget import item_ids
 from loreun.erase.saliency import top_fraction_mask
 
+from .conftest import erase_cli
+
 
 def test_mask_keeps_exactly_the_top_fraction_with_ties():
     scores = {"a": torch.tensor([3.0, 1.0, 1.0, 1.0]), "b": torch.tensor([[1.0, 0.0], [2.0, 5.0]])}
@@ -58,11 +60,6 @@ def _images(root, n, caption=None, seed=0):
     return root
 
 
-def _erase(model, out, *extra):
-    args = ["erase", "--model", str(model), "--out", str(out), "--checkpoint-every", "0"]
-    return args + [str(x) for x in extra]
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("folders")
@@ -82,7 +79,7 @@ def test_masked_weights_stay_bit_identical_under_weight_decay(
     out = tmp_path / objective
     anchor = ["--anchor", "a bird"] if objective == "remap" else []
     code = main(
-        _erase(tiny_pipeline_dir, out, "--forget-images", forget, "--retain-images", retain)
+        erase_cli(tiny_pipeline_dir, out, "--forget-images", forget, "--retain-images", retain)
         + ["--objective", objective, *anchor, "--steps", "3", "--lr", "1e-2"]
         + ["--saliency", "0.3", "--weight-decay", "0.5", "--method", "esd-x"]
     )
@@ -103,17 +100,17 @@ def test_saved_mask_is_reused_and_checked(tiny_pipeline_dir, tmp_path, folders, 
     forget, _ = folders
     first = tmp_path / "first"
     base_args = ["--forget-images", forget, "--objective", "ga", "--steps", "2", "--lr", "1e-2"]
-    assert main(_erase(tiny_pipeline_dir, first, *base_args, "--saliency", "0.2")) == 0
+    assert main(erase_cli(tiny_pipeline_dir, first, *base_args, "--saliency", "0.2")) == 0
     mask_path = first / "saliency-mask.safetensors"
     second = tmp_path / "second"
-    assert main(_erase(tiny_pipeline_dir, second, *base_args, "--saliency-mask", mask_path)) == 0
+    assert main(erase_cli(tiny_pipeline_dir, second, *base_args, "--saliency-mask", mask_path)) == 0
     mask = load_file(str(mask_path))
     erased = load_file(str(second / "unet-erased.safetensors"))
     base = _trained_base(tiny_pipeline_dir, erased)
     assert all(torch.equal(erased[n][~m], base[n][~m]) for n, m in mask.items())
     capsys.readouterr()
     code = main(
-        _erase(tiny_pipeline_dir, tmp_path / "third", *base_args, "--saliency-mask", mask_path)
+        erase_cli(tiny_pipeline_dir, tmp_path / "third", *base_args, "--saliency-mask", mask_path)
         + ["--method", "esd-u"]
     )
     err = capsys.readouterr().err.strip().splitlines()
@@ -133,11 +130,19 @@ def test_loader_visits_every_forget_image(tiny_pipeline_dir, tmp_path, folders, 
     monkeypatch.setattr(LoReUnWeighting, "observe", record)
     forget, _ = folders
     code = main(
-        _erase(tiny_pipeline_dir, tmp_path / "o", "--forget-images", forget, "--objective", "ga")
+        erase_cli(tiny_pipeline_dir, tmp_path / "o", "--forget-images", forget, "--objective", "ga")
         + ["--steps", "6", "--batch-size", "2", "--weighting", "loreun"]
     )
     assert code == 0
     assert sorted(seen[:4]) == sorted(seen[4:8]) == [0, 1, 2, 3]
+
+
+def _assert_rerun_reuses(args, cache, items_and_samples):
+    """The cache holds [N, S, ...] latents and a rerun into the same folder leaves it alone."""
+    assert load_file(str(cache))["x0"].shape[:2] == items_and_samples
+    before = cache.stat().st_mtime_ns
+    assert main(args + ["--overwrite"]) == 0
+    assert cache.stat().st_mtime_ns == before
 
 
 def test_folder_erase_exports_weights_that_load(tiny_pipeline_dir, tmp_path, folders):
@@ -146,14 +151,10 @@ def test_folder_erase_exports_weights_that_load(tiny_pipeline_dir, tmp_path, fol
 
     forget, retain = folders
     out = tmp_path / "o"
-    args = _erase(tiny_pipeline_dir, out, "--forget-images", forget, "--retain-images", retain)
+    args = erase_cli(tiny_pipeline_dir, out, "--forget-images", forget, "--retain-images", retain)
     args += ["--objective", "remap", "--anchor", "a bird", "--steps", "2", "--lr", "1e-3"]
     assert main(args) == 0
-    cache = out / "cache" / "forget-images.safetensors"
-    assert load_file(str(cache))["x0"].shape[:2] == (4, 1)
-    before = cache.stat().st_mtime_ns
-    assert main(args + ["--overwrite"]) == 0
-    assert cache.stat().st_mtime_ns == before  # the rerun reused the encoded images
+    _assert_rerun_reuses(args, out / "cache" / "forget-images.safetensors", (4, 1))
     pipe = load_pipeline(str(tiny_pipeline_dir))
     apply_erased_weights(pipe, out / "unet-erased.safetensors")
     config = json.loads((out / "erase_config.json").read_text())
@@ -166,20 +167,16 @@ def test_folder_erase_exports_weights_that_load(tiny_pipeline_dir, tmp_path, fol
 
 def test_retain_prompts_are_sampled_once_and_cached(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "o"
-    args = _erase(tiny_pipeline_dir, out, "--concept", "a cat", "--retain-concept", "a dog")
+    args = erase_cli(tiny_pipeline_dir, out, "--concept", "a cat", "--retain-concept", "a dog")
     args += ["--steps", "2", "--sample-steps", "2", "--objective", "ga", "--lr", "1e-3"]
     assert main(args) == 0
-    cache = out / "cache" / "retain-latents.safetensors"
-    assert load_file(str(cache))["x0"].shape[:2] == (1, 2)
-    before = cache.stat().st_mtime_ns
-    assert main(args + ["--overwrite"]) == 0
-    assert cache.stat().st_mtime_ns == before
+    _assert_rerun_reuses(args, out / "cache" / "retain-latents.safetensors", (1, 2))
 
 
 def test_resumed_run_keeps_its_mask(tiny_pipeline_dir, tmp_path, folders):
     forget, _ = folders
     out = tmp_path / "o"
-    args = _erase(tiny_pipeline_dir, out, "--forget-images", forget, "--objective", "ga")
+    args = erase_cli(tiny_pipeline_dir, out, "--forget-images", forget, "--objective", "ga")
     args += ["--lr", "1e-2", "--saliency", "0.4", "--checkpoint-every", "1"]
     assert main(args + ["--steps", "2"]) == 0
     mask_file = out / "saliency-mask.safetensors"
