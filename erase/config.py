@@ -14,10 +14,12 @@ from pathlib import Path
 METHODS = ("esd-x", "esd-x-strict", "esd-u", "esd-all")
 OBJECTIVES = ("esd", "remap", "ga")
 WEIGHTINGS = ("uniform", "loreun")
-LOREUN_VARIANTS = ("static", "dynamic")
+LOREUN_VARIANTS = ("static", "dynamic", "batch")
 DIFFICULTY_NORMS = ("timestep", "none")
 XT_SOURCES = ("cached", "partial-train", "partial-base")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# Forget items per concept prompt: enough for a single concept to give LoReUn a set to weigh.
+SAMPLES_PER_CONCEPT = 8
 
 
 def _help(text: str, **extra) -> dict:
@@ -135,16 +137,29 @@ class EraseConfig:
     loreun_variant: str = field(
         default="dynamic",
         metadata=_help(
-            "difficulty under the original weights (static) or the current ones (dynamic)",
+            "difficulty from a memory filled under the original weights (static), that memory "
+            "updated under the current weights (dynamic), or the current batch's own losses "
+            "(batch; needs --batch-size >= 2)",
             choices=LOREUN_VARIANTS,
         ),
     )
     temperature: float = field(
         default=1.0, metadata=_help("LoReUn softmax temperature tau; inf gives uniform weights")
     )
+    target_ess: float | None = field(
+        default=None,
+        metadata=_help(
+            "choose tau instead: the one at which the weights of the filled difficulty memory "
+            "have this effective sample size, as a fraction of the forget items (e.g. 0.8); "
+            "overrides --temperature, and the chosen tau is recorded in the erased file"
+        ),
+    )
     loreun_momentum: float = field(
-        default=0.9,
-        metadata=_help("moving-average momentum of each forget item's remembered difficulty"),
+        default=0.5,
+        metadata=_help(
+            "dynamic: the share of an item's remembered difficulty kept at each visit; after P "
+            "visits the initial fill keeps momentum**P of it"
+        ),
     )
     difficulty_norm: str = field(
         default="timestep",
@@ -164,9 +179,10 @@ class EraseConfig:
         ),
     )
     samples_per_concept: int = field(
-        default=2,
+        default=SAMPLES_PER_CONCEPT,
         metadata=_help(
-            "base-model samples cached per concept (cached source and LoReUn difficulty)"
+            "base-model samples cached per concept prompt; each (prompt, sample) pair is one "
+            "forget item with its own LoReUn difficulty and weight"
         ),
     )
     sample_steps: int = field(
@@ -225,6 +241,7 @@ class EraseConfig:
         self._check_objective()
         self._check_retain()
         self._check_numbers()
+        self._check_weighting()
 
     def _check_forget(self) -> None:
         if self.forget_images is None:
@@ -284,6 +301,24 @@ class EraseConfig:
             raise ValueError(
                 f"--retain-weight: {self.retain_weight} needs a retain set "
                 "(--retain-images or --retain-concept)"
+            )
+
+    def _check_weighting(self) -> None:
+        if self.target_ess is not None and not 0 < self.target_ess <= 1:
+            raise ValueError(f"--target-ess: must be in (0, 1], got {self.target_ess}")
+        if self.weighting != "loreun":
+            return
+        if self.loreun_variant == "batch" and self.batch_size < 2:
+            raise ValueError(
+                "--loreun-variant batch: a softmax over one item is a no-op; "
+                "use --batch-size 2 or more, or the dynamic variant"
+            )
+        items = len(self.concepts) * self.samples_per_concept
+        if self.forget_images is None and items < 2:
+            raise ValueError(
+                f"--weighting loreun: needs at least 2 forget items, and {len(self.concepts)} "
+                f"concept x {self.samples_per_concept} sample gives {items}; raise "
+                "--samples-per-concept or use --weighting uniform"
             )
 
     def _check_choices(self) -> None:

@@ -20,9 +20,17 @@ ERASED_FILE = "unet-erased.safetensors"
 
 
 def build_metadata(
-    cfg: EraseConfig, base_fingerprint: str, steps_done: int, num_tensors: int
+    cfg: EraseConfig,
+    base_fingerprint: str,
+    steps_done: int,
+    num_tensors: int,
+    weighting: dict | None = None,
 ) -> dict:
-    """The JSON object stored in the erased file's header."""
+    """The JSON object stored in the erased file's header.
+
+    ``weighting`` holds what the weighting chose during the run, e.g. the tau that a
+    ``--target-ess`` picked, which the config alone does not say.
+    """
     return {
         "format": "loreun.unet-erased",
         "format_version": 1,
@@ -33,6 +41,7 @@ def build_metadata(
         "erase_from": cfg.erase_from,
         "objective": cfg.objective,
         "weighting": cfg.weighting,
+        "weighting_chosen": weighting or {},
         "hyperparameters": dataclasses.asdict(cfg),
         "steps_done": steps_done,
         "num_tensors": num_tensors,
@@ -46,13 +55,15 @@ def export_erased(
     cfg: EraseConfig,
     base_fingerprint: str,
     steps_done: int,
+    weighting: dict | None = None,
 ) -> Path:
     """Write ``unet-erased.safetensors`` and ``erase_config.json`` into ``out``.
 
     Args:
         trained: state-dict name -> current value of each trained tensor.
+        weighting: the weighting's ``summary()``, recorded in the header.
     """
-    meta = build_metadata(cfg, base_fingerprint, steps_done, len(trained))
+    meta = build_metadata(cfg, base_fingerprint, steps_done, len(trained), weighting)
     path = Path(out) / ERASED_FILE
     atomic_save_safetensors(
         path, {k: v.float() for k, v in trained.items()}, metadata={METADATA_KEY: json.dumps(meta)}

@@ -109,6 +109,22 @@ def item_ids(
     return torch.stack(out)
 
 
+def per_sample_items(items: ForgetSet) -> ForgetSet:
+    """One item per (prompt, cached sample) pair: [P, S, ...] samples -> P * S items.
+
+    LoReUn weighs items, and a concept prompt's samples differ in how well the model fits
+    them, so each sample is an item with its own difficulty and weight; a single concept then
+    still gives S items to weigh.
+    """
+    p, s = items.x0.shape[:2]
+    return ForgetSet(
+        cond=items.cond.repeat_interleave(s, dim=0),
+        uncond=items.uncond,
+        anchor=items.anchor,
+        x0=items.x0.reshape(p * s, 1, *items.x0.shape[2:]),
+    )
+
+
 def vae_scale(pipe) -> int:
     """Pixels per latent cell: 2 ** (number of VAE down blocks - 1)."""
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)

@@ -34,6 +34,7 @@ from .forget import (
     latent_shape,
     load_or_sample_cache,
     partial_batch,
+    per_sample_items,
     pixel_size,
     probe_difficulty,
     probe_grid,
@@ -110,7 +111,9 @@ def erase(cfg: EraseConfig) -> Path:
         path = out / "unet-erased.safetensors"
         if acc.is_main_process:
             trained = {n: p.detach() for n, p in run.trained.items()}
-            path = export_erased(out, trained, cfg, run.base_fingerprint, steps_done)
+            path = export_erased(
+                out, trained, cfg, run.base_fingerprint, steps_done, run.weighting.summary()
+            )
             if cfg.save_pipeline:
                 save_pipeline_folder(run.pipe, out)
         acc.wait_for_everyone()
@@ -140,6 +143,11 @@ def read_folders(cfg: EraseConfig) -> Folders:
     forget = retain = None
     if cfg.forget_images:
         forget = read_image_folder(cfg.forget_images, cfg.forget_caption, "--forget-images")
+        if cfg.weighting == "loreun" and len(forget) < 2:
+            raise ValueError(
+                f"--weighting loreun: needs at least 2 forget items, and {cfg.forget_images} "
+                "holds 1 image; add images or use --weighting uniform"
+            )
         if cfg.objective == "remap":
             check_anchor(cfg.anchor, sorted({it.caption for it in forget}))
     if cfg.retain_images:
@@ -168,13 +176,15 @@ def setup(
     weighting = build_weighting(
         cfg.weighting,
         len(forget),
-        cfg.temperature,
-        cfg.loreun_variant,
-        cfg.loreun_momentum,
-        cfg.difficulty_norm == "timestep",
-        len(alphas),
+        temperature=cfg.temperature,
+        variant=cfg.loreun_variant,
+        momentum=cfg.loreun_momentum,
+        normalize=cfg.difficulty_norm == "timestep",
+        num_train_timesteps=len(alphas),
+        target_ess=cfg.target_ess,
     )
-    if weighting.needs_difficulty:
+    if weighting.needs_difficulty and resume is None:  # a resumed run reloads its memory
+        print(f"probing the difficulty of {len(forget)} forget items", flush=True)
         with acc.autocast():
             grid, t_grid = probe_grid(teacher, forget, alphas, cfg.seed, acc.device)
         weighting.fill(grid, t_grid)
@@ -220,6 +230,7 @@ def build_forget_set(
         forget.x0 = cached_samples(
             cfg, pipe, teacher, acc, out / "cache" / "forget", forget, cfg.concepts
         )
+        forget = per_sample_items(forget)
     return forget
 
 
@@ -349,7 +360,7 @@ def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
                 seconds = time.perf_counter() - started
                 step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.4g}", ess=f"{stats['ess']:.3g}")
+                bar.set_postfix(loss=f"{stats['loss']:.4g}", ess=f"{stats['ess_fraction']:.2f}")
                 if log:
                     log.write(json.dumps({"step": step, **stats, "seconds": seconds}) + "\n")
                     log.flush()
@@ -395,9 +406,21 @@ def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> dict[str, float]:
     if acc.num_processes > 1:  # report the mean over processes, not process 0's alone
         sums = acc.reduce(sums, reduction="mean")
     means = (sums / cfg.gradient_accumulation_steps).tolist()  # read once, for the log
-    weights = run.weighting.all_weights()
-    ess = effective_sample_size(weights) if weights is not None else float(len(run.forget))
-    return {"loss": means[0], "forget": means[1], "retain": means[2], "ess": ess}
+    stats = {"loss": means[0], "forget": means[1], "retain": means[2]}
+    return {**stats, **weighting_stats(run.weighting, len(run.forget))}
+
+
+def weighting_stats(weighting, num_items: int) -> dict[str, float]:
+    """ESS of the weights in force, absolute and as a fraction of the items they span, and the
+    dynamic memory's rank correlation with its fill (how far it has moved)."""
+    weights = weighting.all_weights()
+    n = len(weights) if weights is not None else num_items
+    ess = effective_sample_size(weights) if weights is not None else float(n)
+    stats = {"ess": ess, "ess_fraction": ess / n}
+    drift = weighting.drift()
+    if drift is not None:
+        stats["memory_rank_corr"] = drift
+    return stats
 
 
 def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Tensor, ...]:
@@ -449,7 +472,7 @@ def observe_difficulty(run: Run, cfg: EraseConfig, acc, batch, pred, g) -> None:
     With a forward-noised source the student's prediction already is the denoising output, so
     difficulty is free; partial sampling needs one extra no-grad probe on the cached samples.
     """
-    if not (run.weighting.needs_difficulty and cfg.loreun_variant == "dynamic"):
+    if not (run.weighting.needs_difficulty and cfg.loreun_variant != "static"):
         return
     if batch.noise is not None:
         t, diff = batch.t, per_sample_mse(pred.detach(), batch.noise)
@@ -467,7 +490,8 @@ def observe_difficulty(run: Run, cfg: EraseConfig, acc, batch, pred, g) -> None:
                 acc.device,
             )
     ids = batch.ids
-    if acc.num_processes > 1:  # every process folds in every process's items, identically
+    if acc.num_processes > 1 and cfg.loreun_variant == "dynamic":
+        # every process folds in every process's items, identically
         ids, t, diff = (acc.gather(x.to(acc.device)).cpu() for x in (ids, t, diff))
     run.weighting.observe(ids, t, diff)
 

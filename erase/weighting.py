@@ -6,11 +6,17 @@ abstract and Figure 1 (its method section was not available):
 
 * difficulty ``L_i`` is the denoising error of item i, computed without gradient;
 * weights are ``n * softmax(-L / tau)``, mean 1, so the learning rate keeps its meaning;
-* because ESD trains at batch size 1, where a batch softmax is a no-op, weights come from a
-  memory over the whole forget set: an exponential moving average of each item's difficulty
-  (our choice);
+* variants (our choices where the paper is silent):
+  - ``static``: a memory filled once, under the original weights, before training;
+  - ``dynamic``: that memory, also updated with each step's difficulty under the current
+    weights, as an exponential moving average per item. It works at batch size 1, which ESD
+    uses and where a batch softmax is a no-op;
+  - ``batch``: the softmax over the current batch's own difficulties, with no memory; the form
+    most loss-reweighting methods use;
 * denoising error depends strongly on the timestep, so each observation is divided by a running
-  mean of the loss at its timestep before it enters the memory (our choice).
+  mean of the loss at its timestep (our choice);
+* tau can be set by a target effective sample size on the filled memory, so that it means the
+  same thing whatever the spread of the difficulties (our choice).
 
 Weightings return weights only, with no gradient; the trainer combines them with the losses.
 """
@@ -42,6 +48,45 @@ def effective_sample_size(weights: torch.Tensor) -> float:
     """``(sum w)^2 / sum w^2``: n for uniform weights, 1 when one item takes all the weight."""
     w = weights.detach().double()
     return float(w.sum() ** 2 / w.pow(2).sum())
+
+
+def temperature_for_ess(scores: torch.Tensor, target: float, iters: int = 100) -> float:
+    """The tau at which ``softmax_weights(scores, tau)`` has ESS = ``target * n``.
+
+    ESS grows monotonically with tau, from (number of minima) at tau -> 0 to n at tau -> inf,
+    so a bisection on log tau finds it. A fixed tau means nothing on its own: the same tau is
+    uniform on items whose difficulties barely differ and one-hot on widely spread ones.
+
+    Args:
+        scores: [n] difficulties, n >= 2.
+        target: ESS / n in (0, 1]; 1 returns ``inf`` (uniform).
+
+    Returns:
+        tau > 0, or ``inf`` when the target is 1 or the scores are all equal.
+    """
+    scores = scores.detach().double()
+    n = scores.numel()
+    spread = float(scores.max() - scores.min())
+    if target >= 1 or spread == 0:
+        return math.inf
+    floor = float((scores == scores.min()).sum()) / n
+    if target <= floor:
+        raise ValueError(f"target ESS {target} is below {floor:.3g}, reached only as tau -> 0")
+    lo, hi = math.log(spread * 1e-6), math.log(spread * 1e6)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        ess = effective_sample_size(softmax_weights(scores, math.exp(mid))) / n
+        lo, hi = (mid, hi) if ess < target else (lo, mid)
+    return math.exp((lo + hi) / 2)
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rho of two [n] vectors (ties broken by position; n >= 2)."""
+    ra = a.double().argsort().argsort().double()
+    rb = b.double().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denom if denom else 1.0
 
 
 class TimestepNormalizer:
@@ -93,6 +138,12 @@ class UniformWeighting:
     def observe(self, ids, t, loss) -> None:
         pass
 
+    def drift(self) -> None:
+        return None
+
+    def summary(self) -> dict:
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 
@@ -100,16 +151,21 @@ class UniformWeighting:
         pass
 
 
+VARIANTS = ("static", "dynamic", "batch")
+
+
 class LoReUnWeighting:
-    """LoReUn weights from a loss memory over the whole forget set.
+    """LoReUn weights: more weight on forget items that the model still fits well.
 
     Args:
         num_items: N, the size of the forget set.
-        temperature: tau of ``softmax_weights``.
-        variant: "static" (memory filled once under the original weights) or "dynamic" (also
-            updated with each step's difficulty under the current weights).
-        momentum: EMA momentum of the memory.
+        temperature: tau of ``softmax_weights``; ignored when ``target_ess`` is given.
+        variant: "static", "dynamic" or "batch" (see the module docstring).
+        momentum: EMA momentum of the dynamic memory: the share an item's old value keeps at
+            each visit. After P visits the fill keeps ``momentum ** P`` of the memory.
         normalize: divide each observation by the running mean loss at its timestep.
+        target_ess: if given, tau is chosen at ``fill`` so that the filled memory's weights
+            have ESS = target_ess * N.
     """
 
     name = "loreun"
@@ -118,17 +174,25 @@ class LoReUnWeighting:
     def __init__(
         self,
         num_items: int,
-        temperature: float,
+        temperature: float = 1.0,
         variant: str = "dynamic",
-        momentum: float = 0.9,
+        momentum: float = 0.5,
         normalize: bool = True,
         num_train_timesteps: int = 1000,
+        target_ess: float | None = None,
     ):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown LoReUn variant {variant!r}; choose one of {VARIANTS}")
+        if num_items < 2:
+            raise ValueError(f"LoReUn weights need at least 2 forget items, got {num_items}")
         self.temperature = temperature
+        self.target_ess = target_ess
         self.variant = variant
         self.momentum = momentum
         self.normalizer = TimestepNormalizer(num_train_timesteps) if normalize else None
         self.memory = torch.full((num_items,), float("nan"))
+        self.filled: torch.Tensor | None = None
+        self._batch = None  # (ids [B], weights [B]) of the last observed batch ("batch")
         self._weights = None
 
     def fill(self, losses: torch.Tensor, t: torch.Tensor) -> None:
@@ -145,16 +209,22 @@ class LoReUnWeighting:
                 self.normalizer.update(t[k].repeat(len(losses)), losses[:, k])
             losses = losses / losses.mean(0, keepdim=True).clamp_min(1e-12)
         self.memory = losses.mean(1)
+        self.filled = self.memory.clone()
+        if self.target_ess is not None:
+            self.temperature = temperature_for_ess(self.memory, self.target_ess)
         self._weights = None
 
     def observe(self, ids: torch.Tensor, t: torch.Tensor, loss: torch.Tensor) -> None:
-        """Fold [B] difficulties of items ``ids`` at timesteps ``t`` into the memory."""
+        """Fold [B] difficulties of items ``ids`` at timesteps ``t`` into the weighting."""
         if self.variant == "static":
             return
         loss = loss.detach().float().cpu()
         if self.normalizer is not None:
             self.normalizer.update(t, loss)
             loss = self.normalizer.normalize(t, loss)
+        if self.variant == "batch":
+            self._batch = (ids.cpu(), softmax_weights(loss, self.temperature))
+            return
         memory, m = self.memory.tolist(), self.momentum
         for i, v in zip(ids.tolist(), loss.tolist()):
             memory[i] = v if math.isnan(memory[i]) else m * memory[i] + (1 - m) * v
@@ -162,7 +232,9 @@ class LoReUnWeighting:
         self._weights = None
 
     def all_weights(self) -> torch.Tensor:
-        """[N] weights of every forget item; unseen items get the mean difficulty."""
+        """The weights in force: [N] over the forget set, or [B] over the last batch."""
+        if self.variant == "batch":
+            return self._batch[1] if self._batch is not None else torch.ones(len(self.memory))
         if self._weights is None:  # recomputed only when the memory changes
             self._weights = self._compute_weights()
         return self._weights
@@ -174,37 +246,57 @@ class LoReUnWeighting:
         return softmax_weights(torch.where(seen, mem, fill), self.temperature)
 
     def weights(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B] weights of the sampled items, ``N * softmax(-memory / tau)[ids]``."""
-        return self.all_weights()[ids.cpu()]
+        """[B] weights of the sampled items.
+
+        memory variants: ``N * softmax(-memory / tau)[ids]``; batch: ``B * softmax(-L / tau)``
+        over the batch just observed, which must be ``ids``.
+        """
+        if self.variant != "batch":
+            return self.all_weights()[ids.cpu()]
+        if self._batch is None or not torch.equal(self._batch[0], ids.cpu()):
+            raise RuntimeError("batch LoReUn: observe() the batch before asking for its weights")
+        return self._batch[1]
+
+    def drift(self) -> float | None:
+        """Rank correlation of the memory with its fill: 1 while it has not moved."""
+        if self.variant != "dynamic" or self.filled is None:
+            return None
+        return rank_correlation(self.filled, self.memory)
+
+    def summary(self) -> dict:
+        """What the run chose, for the erased file's header: tau and the items weighed."""
+        tau = self.temperature if math.isfinite(self.temperature) else "inf"  # strict JSON
+        return {"variant": self.variant, "temperature": tau, "num_items": len(self.memory)}
 
     def state_dict(self) -> dict:
-        state = {"memory": self.memory.tolist()}
+        state = {"memory": self.memory.tolist(), "temperature": self.temperature}
+        if self.filled is not None:
+            state["filled"] = self.filled.tolist()
         if self.normalizer is not None:
             state["timestep_means"] = self.normalizer.means.tolist()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.memory = torch.tensor(state["memory"], dtype=torch.float32)
+        self.temperature = state.get("temperature", self.temperature)
+        if "filled" in state:
+            self.filled = torch.tensor(state["filled"], dtype=torch.float32)
         self._weights = None
         if self.normalizer is not None and "timestep_means" in state:
             self.normalizer.means = torch.tensor(state["timestep_means"], dtype=torch.float32)
 
 
-def build_weighting(
-    name: str,
-    num_items: int,
-    temperature: float = 1.0,
-    variant: str = "dynamic",
-    momentum: float = 0.9,
-    normalize: bool = True,
-    num_train_timesteps: int = 1000,
-):
-    """The weighting slot: a literal table of names."""
+def build_weighting(name: str, num_items: int, **settings):
+    """The weighting slot: a literal table of names.
+
+    Args:
+        name: "uniform" or "loreun".
+        num_items: N, the size of the forget set.
+        **settings: keyword arguments of ``LoReUnWeighting`` (ignored by uniform).
+    """
     table = {
         "uniform": lambda: UniformWeighting(),
-        "loreun": lambda: LoReUnWeighting(
-            num_items, temperature, variant, momentum, normalize, num_train_timesteps
-        ),
+        "loreun": lambda: LoReUnWeighting(num_items, **settings),
     }
     if name not in table:
         raise ValueError(f"unknown weighting {name!r}; choose one of {', '.join(table)}")

@@ -10,6 +10,7 @@ from loreun.erase.weighting import (
     build_weighting,
     effective_sample_size,
     softmax_weights,
+    temperature_for_ess,
 )
 
 
@@ -93,3 +94,84 @@ def test_state_round_trip():
 def test_unknown_weighting_lists_choices():
     with pytest.raises(ValueError, match="uniform, loreun"):
         build_weighting("focal", 3)
+
+
+def test_memory_momentum_is_the_share_the_old_value_keeps():
+    w = LoReUnWeighting(2, temperature=1.0, normalize=False, momentum=0.3)
+    w.fill(torch.tensor([[1.0], [2.0]]), torch.tensor([500]))
+    w.observe(torch.tensor([0]), torch.tensor([500]), torch.tensor([5.0]))
+    assert w.memory[0].item() == pytest.approx(0.3 * 1.0 + 0.7 * 5.0)
+    assert w.memory[1].item() == pytest.approx(2.0)
+
+
+def test_normalizer_momentum_is_the_share_the_old_mean_keeps():
+    n = TimestepNormalizer(1000, buckets=10, momentum=0.8)
+    n.update(torch.tensor([5]), torch.tensor([1.0]))
+    n.update(torch.tensor([5]), torch.tensor([6.0]))
+    assert n.means[0].item() == pytest.approx(0.8 * 1.0 + 0.2 * 6.0)
+
+
+def test_fill_divides_each_timestep_by_its_mean():
+    """Item 0 is the easier one at both timesteps, though its raw mean is higher."""
+    w = LoReUnWeighting(2, temperature=1.0)
+    w.fill(torch.tensor([[8.0, 0.1], [10.0, 0.01]]), torch.tensor([50, 950]))
+    # raw means: 4.05 vs 5.005 -> item 0 easier; normalised: 8/9+0.1/0.055 vs 10/9+0.01/0.055
+    assert w.all_weights()[1] > w.all_weights()[0]
+
+
+def test_unseen_items_get_the_mean_difficulty():
+    w = LoReUnWeighting(3, temperature=1.0, normalize=False, momentum=0.0)
+    w.observe(torch.tensor([0, 1]), torch.tensor([1, 1]), torch.tensor([1.0, 3.0]))
+    expected = softmax_weights(torch.tensor([1.0, 3.0, 2.0]), 1.0)  # unseen item scores 2
+    assert torch.allclose(w.all_weights(), expected)
+
+
+@pytest.mark.parametrize("target", [0.2, 0.5, 0.8, 0.95])
+def test_temperature_for_ess_hits_the_target(target):
+    scores = torch.linspace(0.0, 3.0, 40) ** 2
+    tau = temperature_for_ess(scores, target)
+    ess = effective_sample_size(softmax_weights(scores, tau)) / 40
+    assert ess == pytest.approx(target, abs=1e-4)
+
+
+def test_temperature_for_ess_edge_cases():
+    assert temperature_for_ess(torch.tensor([1.0, 2.0]), 1.0) == math.inf
+    assert temperature_for_ess(torch.ones(4), 0.5) == math.inf  # no spread: any tau is uniform
+    with pytest.raises(ValueError, match="below"):
+        temperature_for_ess(torch.tensor([0.0, 1.0, 2.0, 3.0]), 0.1)
+
+
+def test_target_ess_sets_tau_at_fill_and_survives_a_reload():
+    w = LoReUnWeighting(30, target_ess=0.6, normalize=False)
+    w.fill(torch.rand(30, 1, generator=torch.Generator().manual_seed(0)), torch.tensor([1]))
+    assert effective_sample_size(w.all_weights()) / 30 == pytest.approx(0.6, abs=1e-3)
+    v = LoReUnWeighting(30, target_ess=0.6, normalize=False)
+    v.load_state_dict(w.state_dict())
+    assert v.temperature == w.temperature and v.summary()["temperature"] == w.temperature
+
+
+def test_batch_variant_weighs_the_current_batch_only():
+    w = LoReUnWeighting(10, temperature=0.5, variant="batch", normalize=False)
+    ids = torch.tensor([7, 2, 4])
+    w.observe(ids, torch.tensor([1, 1, 1]), torch.tensor([2.0, 0.5, 1.0]))
+    got = w.weights(ids)
+    assert torch.allclose(got, softmax_weights(torch.tensor([2.0, 0.5, 1.0]), 0.5))
+    assert got[1] > got[2] > got[0] and got.mean().item() == pytest.approx(1.0)
+    assert torch.equal(w.all_weights(), got)  # ESS is over the batch
+    with pytest.raises(RuntimeError, match="observe"):
+        w.weights(torch.tensor([1, 2, 3]))
+
+
+def test_drift_tracks_how_far_the_memory_moved():
+    w = LoReUnWeighting(4, temperature=1.0, normalize=False, momentum=0.0)
+    w.fill(torch.tensor([[1.0], [2.0], [3.0], [4.0]]), torch.tensor([1]))
+    assert w.drift() == pytest.approx(1.0)
+    w.observe(torch.arange(4), torch.ones(4), torch.tensor([4.0, 3.0, 2.0, 1.0]))
+    assert w.drift() == pytest.approx(-1.0)
+    assert LoReUnWeighting(4, variant="static").drift() is None
+
+
+def test_fewer_than_two_items_are_refused():
+    with pytest.raises(ValueError, match="at least 2 forget items"):
+        build_weighting("loreun", 1)
+    assert build_weighting("uniform", 1).weights(torch.tensor([0])).item() == 1.0

@@ -1,0 +1,79 @@
+"""LoReUn on a single concept: per-sample items, refusals, ESS in the log, tau in the header."""
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from loreun.cli.main import main
+from loreun.pipelines.loading import METADATA_KEY
+
+from .conftest import erase_cli
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _header(out):
+    with safe_open(str(out / "unet-erased.safetensors"), framework="pt") as f:
+        return json.loads(f.metadata()[METADATA_KEY])
+
+
+@pytest.mark.parametrize("variant", ["static", "dynamic"])
+def test_single_concept_weighs_one_item_per_sample(tiny_pipeline_dir, tmp_path, variant):
+    out = tmp_path / "o"
+    args = erase_cli(tiny_pipeline_dir, out, "--concept", "a cat", "--samples-per-concept", "6")
+    args += ["--steps", "4", "--sample-steps", "2", "--batch-size", "3", "--lr", "1e-3"]
+    args += ["--weighting", "loreun", "--target-ess", "0.5", "--loreun-variant", variant]
+    assert main(args) == 0
+    rows = _log(out)
+    assert all(0 < r["ess_fraction"] < 0.999 for r in rows)  # weights really differ
+    if variant == "static":  # the memory stays at its fill: 0.5 of the 6 items
+        assert all(r["ess"] == pytest.approx(3.0, abs=0.01) for r in rows)
+    else:
+        assert -1 <= rows[-1]["memory_rank_corr"] <= 1
+    chosen = _header(out)["weighting_chosen"]
+    assert chosen["num_items"] == 6 and 0 < chosen["temperature"] < 1e6
+
+
+def test_batch_variant_logs_ess_over_the_batch(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "o"
+    args = erase_cli(tiny_pipeline_dir, out, "--concept", "a cat", "--samples-per-concept", "4")
+    args += ["--steps", "2", "--sample-steps", "2", "--batch-size", "2", "--lr", "1e-3"]
+    args += ["--weighting", "loreun", "--loreun-variant", "batch", "--temperature", "0.01"]
+    assert main(args) == 0
+    rows = _log(out)
+    assert all(1 <= r["ess"] <= 2 and r["ess_fraction"] == r["ess"] / 2 for r in rows)
+    assert any(r["ess"] < 1.99 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (
+            ["--samples-per-concept", "1"],
+            "--weighting loreun: needs at least 2 forget items, and 1 concept x 1 sample gives 1",
+        ),
+        (["--loreun-variant", "batch"], "--loreun-variant batch: a softmax over one item"),
+        (["--target-ess", "1.5"], "--target-ess: must be in (0, 1]"),
+    ],
+)
+def test_loreun_settings_that_cannot_weigh_are_refused(tmp_path, capsys, flags, needle):
+    args = erase_cli(tmp_path / "no-model", tmp_path / "out", "--concept", "a cat")
+    code = main(args + ["--weighting", "loreun", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_forget_image_is_refused_before_the_model_loads(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.new("RGB", (16, 16), "white").save(folder / "a.png")
+    args = erase_cli(tmp_path / "no-model", tmp_path / "out", "--forget-images", folder)
+    code = main(args + ["--forget-caption", "a cat", "--objective", "ga", "--weighting", "loreun"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "holds 1 image" in err[0]
