@@ -223,13 +223,24 @@ class LoReUnWeighting:
             self.normalizer.update(t, loss)
             loss = self.normalizer.normalize(t, loss)
         if self.variant == "batch":
-            self._batch = (ids.cpu(), softmax_weights(loss, self.temperature))
+            self._batch = (ids.cpu(), softmax_weights(loss, self._batch_temperature(loss)))
             return
         memory, m = self.memory.tolist(), self.momentum
         for i, v in zip(ids.tolist(), loss.tolist()):
             memory[i] = v if math.isnan(memory[i]) else m * memory[i] + (1 - m) * v
         self.memory = torch.tensor(memory)
         self._weights = None
+
+    def _batch_temperature(self, loss: torch.Tensor) -> float:
+        """tau for one batch: with a target ESS, solved on the batch itself.
+
+        The losses of items being forgotten grow during training, so a tau fixed on the fill
+        would turn one-hot as their spread grows; solving per batch keeps the ESS at its target.
+        """
+        if self.target_ess is None or len(loss) < 2:
+            return self.temperature
+        floor = float((loss == loss.min()).sum()) / len(loss)
+        return temperature_for_ess(loss, max(self.target_ess, floor + 1e-6), iters=40)
 
     def all_weights(self) -> torch.Tensor:
         """The weights in force: [N] over the forget set, or [B] over the last batch."""

@@ -36,6 +36,7 @@ WEIGHTINGS = {
     "uniform": {"weighting": "uniform"},
     "loreun-static": {"weighting": "loreun", "loreun_variant": "static"},
     "loreun-dynamic": {"weighting": "loreun", "loreun_variant": "dynamic"},
+    "loreun-batch": {"weighting": "loreun", "loreun_variant": "batch"},
     "loreun-static-t0.1": {"weighting": "loreun", "loreun_variant": "static", "temperature": 0.1},
     "loreun-dynamic-t0.1": {"weighting": "loreun", "loreun_variant": "dynamic", "temperature": 0.1},
 }
@@ -72,9 +73,10 @@ def forget_settings(digit: int, objective: str, root: Path, args) -> dict:
 
     if objective == "esd":
         return {"concepts": digit_captions(digit)}
-    folders = root / f"images-{digit}"
+    folders = root / (f"images-{digit}" + (f"-atypical{args.atypical}" if args.atypical else ""))
     if not folders.is_dir():
         write_digit_folders(folders, digit)
+        add_atypical_images(folders / "forget", args.atypical)
     extra = {"anchor": args.anchor.format(other=(digit + 1) % 10)} if objective == "remap" else {}
     return {
         "forget_images": str(folders / "forget"),
@@ -82,6 +84,24 @@ def forget_settings(digit: int, objective: str, root: Path, args) -> dict:
         "retain_weight": args.retain_weight,
         **extra,
     }
+
+
+def add_atypical_images(folder: Path, count: int) -> None:
+    """Add ``count`` upside-down copies of the folder's first images, with their captions.
+
+    The base model never saw a digit upside down, so it fits these poorly: a forget set whose
+    items really differ in difficulty, which is LoReUn's premise.
+    """
+    from PIL import Image
+
+    rows = [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
+    extra = []
+    for row in rows[:count]:
+        name = "atypical-" + row["file_name"]
+        Image.open(folder / row["file_name"]).rotate(180).save(folder / name)
+        extra.append({"file_name": name, "text": row["text"]})
+    lines = [json.dumps(r) for r in rows + extra]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def erase_and_score(run_key: dict, args, root: Path) -> dict:
@@ -103,6 +123,8 @@ def erase_and_score(run_key: dict, args, root: Path) -> dict:
         saliency=saliency,
         checkpoint_every=0,
         overwrite=True,
+        batch_size=args.batch_size,
+        target_ess=args.target_ess if k["weighting"] != "uniform" else None,
         **forget_settings(k["digit"], k["objective"], root, args),
         **{"temperature": args.temperature, **WEIGHTINGS[k["weighting"]]},
     )
@@ -169,6 +191,19 @@ def table(rows: list[dict], refs: dict) -> str:
     return "\n".join(out)
 
 
+def _ci(diffs: list[float]) -> str:
+    """Mean of paired differences with its 95% t-interval."""
+    if not diffs:
+        return "-"
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return f"{mean:+.3f}"
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+
+
 def weighting_summary(rows: list[dict]) -> str:
     """Avg. Gap per weighting, pooled over digits and seeds, for each erasure setting.
 
@@ -180,7 +215,7 @@ def weighting_summary(rows: list[dict]) -> str:
     names = sorted({r["weighting"] for r in rows} - {"uniform"})
     out = [
         "| objective | method | x_t source | saliency | uniform gap | "
-        + " | ".join(f"{n} gap | {n} - uniform (closer/pairs)" for n in names)
+        + " | ".join(f"{n} gap | {n} - uniform, 95% CI (closer/pairs)" for n in names)
         + " |",
         "|---|---|---|---|---|" + "---|---|" * len(names),
     ]
@@ -192,15 +227,26 @@ def weighting_summary(rows: list[dict]) -> str:
             mine = [r for r in sub if r["weighting"] == n and (r["digit"], r["seed"]) in base]
             diffs = [r["gap"] - base[(r["digit"], r["seed"])] for r in mine]
             closer = sum(d < 0 for d in diffs)
-            mean = f"{statistics.mean(diffs):+.3f}" if diffs else "-"
-            cells += [_ms(mine, "gap") if mine else "-", f"{mean} ({closer}/{len(diffs)})"]
+            cells += [_ms(mine, "gap") if mine else "-", f"{_ci(diffs)} ({closer}/{len(diffs)})"]
         out.append(f"| {' | '.join(map(str, key))} | {' | '.join(cells)} |")
     return "\n".join(out)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--retrain", action="append", required=True, metavar="DIGIT=FOLDER")
+    p.add_argument("--retrain", action="append", default=[], metavar="DIGIT=FOLDER")
+    p.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="DIGIT=FORGET,RETAIN",
+        help="a retrain reference's recorded forget and retain accuracy, instead of a folder",
+    )
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--target-ess", type=float, help="LoReUn: tau by target ESS fraction")
+    p.add_argument(
+        "--atypical", type=int, default=0, help="add this many upside-down forget images"
+    )
     p.add_argument("--objectives", nargs="+", default=["esd", "remap", "ga"])
     p.add_argument("--methods", nargs="+", default=["esd-x", "esd-u"], help="for esd")
     p.add_argument("--image-method", default="esd-u", help="parameters remap and ga train")
@@ -232,8 +278,10 @@ def main() -> int:
     log = root / "runs.jsonl"
     done = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
     retrain = {int(d): folder for d, folder in (x.split("=", 1) for x in a.retrain)}
+    recorded = {int(d): v.split(",") for d, v in (x.split("=", 1) for x in a.reference)}
+    digits = sorted({*retrain, *recorded})
     # Erasures first: they do not need the retrain models, which may still be training.
-    for key in [] if a.report_only else planned_runs(a, sorted(retrain)):
+    for key in [] if a.report_only else planned_runs(a, digits):
         if any(all(r.get(k) == v for k, v in key.items()) for r in done):
             continue
         res = erase_and_score(key, a, root)
@@ -242,6 +290,7 @@ def main() -> int:
             f.write(json.dumps(done[-1]) + "\n")
         print(json.dumps(done[-1]), flush=True)
     refs = {d: score(f, None, root / f"retrain-{d}", d, a.samples) for d, f in retrain.items()}
+    refs.update({d: {"forget": float(f), "retain": float(r)} for d, (f, r) in recorded.items()})
     for r in done:
         ref = refs[r["digit"]]
         r["gap"] = (abs(r["forget"] - ref["forget"]) + abs(r["retain"] - ref["retain"])) / 2

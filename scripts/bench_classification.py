@@ -1,0 +1,456 @@
+"""LoReUn in its paper's main setting: machine unlearning for image classification, on a CPU.
+
+The testbed follows SalUn's protocol (Fan et al., ICLR 2024) at laptop scale:
+
+- data: scikit-learn's bundled handwritten digits (1,797 8x8 images), split into train (70%),
+  validation (10%) and test (20%); the split is fixed, the model and forget set vary by seed;
+- model: an MLP (64 -> 256 -> 256 -> 10) trained to fit its training set, as ResNet-18 fits
+  CIFAR-10 in the paper's setting;
+- scenarios: random-data forgetting of 10% and of 50% of the training set, and class-wise
+  forgetting of one class (chosen by the seed);
+- reference: retraining from scratch on the retain set, same seed and recipe;
+- methods: FT (fine-tune on the retain set), GA (gradient ascent on the forget set), RL
+  (random labels on the forget set plus the retain loss), SalUn (RL on the 50% of weights with
+  the largest forget-loss gradient);
+- weightings of the forget term: uniform; LoReUn static, dynamic (memory) and batch, through
+  ``loreun.erase.weighting``. Difficulty is an item's cross-entropy under its true label (low
+  = still fitted = harder to forget), tau set by a target effective sample size. FT has no
+  forget term, so it runs uniform only;
+- metrics: UA = 1 - forget accuracy, RA (retain), TA (test; for class-wise, the test images of
+  the other classes), MIA-efficacy (a confidence-based membership attack trained on retain vs.
+  test, the share of forget images it calls non-members), Avg. Gap = mean |metric - retrain's|;
+- fairness: each method's lr and epochs are tuned for uniform weighting on tuning seeds, with TA
+  measured on the validation split; LoReUn then gets the same lr and epochs, and its target ESS
+  is chosen on the same tuning seeds from a small grid;
+- statistics: paired differences of Avg. Gap (LoReUn - uniform, same seed) with 95% t-intervals;
+- premise check: Spearman correlation between a forget item's loss before unlearning and after
+  uniform unlearning (positive: items fitted well before stay fitted, i.e. resist forgetting).
+
+Run (about 10 minutes on a 2-core CPU, OMP_NUM_THREADS=1):
+
+    python scripts/bench_classification.py --out runs/cls
+
+``--smoke`` runs 2 seeds on small grids and prints the same tables in under 3 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loreun.erase.weighting import build_weighting
+
+WEIGHTINGS = ("uniform", "static", "dynamic", "batch")
+METHODS = ("FT", "GA", "RL", "SalUn")
+SCENARIOS = ("random-10", "random-50", "class")
+METRICS = ("UA", "RA", "TA", "MIA")
+
+
+# ----------------------------------------------------------------------------- data and model
+
+
+@dataclass
+class Data:
+    """Tensors of one scenario: x [n, 64] in [0, 1], y [n] class ids."""
+
+    forget_x: torch.Tensor
+    forget_y: torch.Tensor
+    retain_x: torch.Tensor
+    retain_y: torch.Tensor
+    eval_x: torch.Tensor  # test (or validation, when tuning) images
+    eval_y: torch.Tensor
+    forgotten_class: int | None = None
+
+
+def load_split(split_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed train / validation / test split of scikit-learn's digits."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed))
+    n_test, n_val = int(0.2 * len(x)), int(0.1 * len(x))
+    parts = {
+        "test": perm[:n_test],
+        "val": perm[n_test : n_test + n_val],
+        "train": perm[n_test + n_val :],
+    }
+    return {k: (x[i], y[i]) for k, i in parts.items()}
+
+
+def scenario_data(split: dict, scenario: str, seed: int, eval_part: str) -> Data:
+    """Choose the forget set of a scenario for a seed."""
+    x, y = split["train"]
+    ex, ey = split[eval_part]
+    g = torch.Generator().manual_seed(10_000 + seed)
+    if scenario == "class":
+        c = int(torch.randint(0, 10, (1,), generator=g))
+        forget = y == c
+        keep_eval = ey != c
+        return Data(x[forget], y[forget], x[~forget], y[~forget], ex[keep_eval], ey[keep_eval], c)
+    frac = int(scenario.split("-")[1]) / 100
+    perm = torch.randperm(len(x), generator=g)
+    k = int(round(frac * len(x)))
+    f, r = perm[:k], perm[k:]
+    return Data(x[f], y[f], x[r], y[r], ex, ey)
+
+
+def make_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
+
+
+def batches(n: int, size: int, g: torch.Generator):
+    perm = torch.randperm(n, generator=g)
+    return [perm[i : i + size] for i in range(0, n, size)]
+
+
+def train_from_scratch(x, y, seed: int, epochs: int = 40) -> torch.nn.Module:
+    """The recipe of both the original model (all training data) and the retrain reference."""
+    model = make_model(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in batches(len(x), 64, g):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def accuracy(model, x, y) -> float:
+    return float((model(x).argmax(1) == y).float().mean()) if len(x) else float("nan")
+
+
+@torch.no_grad()
+def confidence(model, x, y) -> np.ndarray:
+    """[n] probability of the true class: the MIA's feature."""
+    return F.softmax(model(x), 1).gather(1, y[:, None]).squeeze(1).numpy()
+
+
+def mia_efficacy(model, data: Data, seed: int) -> float:
+    """Share of forget images that a confidence-based attack calls non-members.
+
+    The attack (a logistic regression on log-confidence, as SalUn's SVC on confidence) is
+    trained on retain images (members) against evaluation images (non-members), balanced.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(seed)
+    n = min(len(data.retain_x), len(data.eval_x))
+    ri = rng.choice(len(data.retain_x), n, replace=False)
+    member = confidence(model, data.retain_x[ri], data.retain_y[ri])
+    non = confidence(model, data.eval_x, data.eval_y)[:n]
+    feats = np.log(np.concatenate([member, non]) + 1e-12)[:, None]
+    labels = np.concatenate([np.ones(len(member)), np.zeros(len(non))])
+    attack = LogisticRegression().fit(feats, labels)
+    forget = np.log(confidence(model, data.forget_x, data.forget_y) + 1e-12)[:, None]
+    return float((attack.predict(forget) == 0).mean())
+
+
+def metrics(model, data: Data, seed: int) -> dict[str, float]:
+    return {
+        "UA": 1 - accuracy(model, data.forget_x, data.forget_y),
+        "RA": accuracy(model, data.retain_x, data.retain_y),
+        "TA": accuracy(model, data.eval_x, data.eval_y),
+        "MIA": mia_efficacy(model, data, seed),
+    }
+
+
+def avg_gap(m: dict, ref: dict) -> float:
+    return statistics.fmean(abs(m[k] - ref[k]) for k in METRICS)
+
+
+# ----------------------------------------------------------------------------- unlearning
+
+
+@dataclass
+class Setting:
+    """One unlearning run's hyperparameters."""
+
+    method: str
+    lr: float
+    epochs: int
+    weighting: str = "uniform"
+    target_ess: float = 0.8
+    batch_size: int = 32
+    extra: dict = field(default_factory=dict)
+
+
+def saliency_mask(model, data: Data, fraction: float = 0.5) -> list[torch.Tensor]:
+    """SalUn's mask: the weights with the largest |gradient of the forget loss|, per tensor
+    set globally; 1 where a weight trains."""
+    model.zero_grad()
+    F.cross_entropy(model(data.forget_x), data.forget_y).backward()
+    grads = [p.grad.abs() for p in model.parameters()]
+    flat = torch.cat([g.flatten() for g in grads])
+    k = int(round(fraction * flat.numel()))
+    threshold = flat.kthvalue(flat.numel() - k + 1).values
+    model.zero_grad()
+    return [(g >= threshold).float() for g in grads]
+
+
+def make_weighting(s: Setting, model, data: Data):
+    """A LoReUn weighting over the forget items, its memory filled with their initial CE."""
+    n = len(data.forget_x)
+    if s.weighting == "uniform":
+        return build_weighting("uniform", n)
+    w = build_weighting(
+        "loreun", n, variant=s.weighting, momentum=0.5, normalize=False, target_ess=s.target_ess
+    )
+    with torch.no_grad():
+        w.fill(
+            F.cross_entropy(model(data.forget_x), data.forget_y, reduction="none")[:, None], None
+        )
+    return w
+
+
+def forget_losses(s: Setting, model, data: Data, idx, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample forget losses [B] of the method, and the items' true-label CE [B] (difficulty).
+
+    GA ascends the true-label CE; RL and SalUn descend the CE of a random wrong label.
+    """
+    logits = model(data.forget_x[idx])
+    ce = F.cross_entropy(logits, data.forget_y[idx], reduction="none")
+    if s.method == "GA":
+        return -ce, ce.detach()
+    wrong = (data.forget_y[idx] + torch.randint(1, 10, (len(idx),), generator=g)) % 10
+    return F.cross_entropy(logits, wrong, reduction="none"), ce.detach()
+
+
+def unlearn(original, data: Data, s: Setting, seed: int) -> torch.nn.Module:
+    """Run one unlearning method from a copy of the original model."""
+    import copy
+
+    model = copy.deepcopy(original)
+    g = torch.Generator().manual_seed(seed)
+    mask = saliency_mask(model, data) if s.method == "SalUn" else None
+    weighting = make_weighting(s, model, data) if s.method != "FT" else None
+    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9)
+    for _ in range(s.epochs):
+        if s.method == "FT":
+            for idx in batches(len(data.retain_x), s.batch_size, g):
+                step(
+                    model, opt, mask, F.cross_entropy(model(data.retain_x[idx]), data.retain_y[idx])
+                )
+            continue
+        for idx in batches(len(data.forget_x), s.batch_size, g):
+            losses, ce = forget_losses(s, model, data, idx, g)
+            weighting.observe(idx, torch.zeros(len(idx)), ce)
+            loss = (weighting.weights(idx) * losses).sum() / len(idx)
+            if s.method != "GA":
+                r = torch.randint(0, len(data.retain_x), (s.batch_size,), generator=g)
+                loss = loss + F.cross_entropy(model(data.retain_x[r]), data.retain_y[r])
+            step(model, opt, mask, loss)
+    return model
+
+
+def step(model, opt, mask, loss) -> None:
+    opt.zero_grad()
+    loss.backward()
+    if mask is not None:
+        for p, m in zip(model.parameters(), mask):
+            p.grad.mul_(m)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    opt.step()
+
+
+# ----------------------------------------------------------------------------- the grid
+
+GRIDS = {  # lr x epochs tuned for uniform weighting; smoke mode takes the middle of each
+    "FT": ([0.01, 0.03, 0.1], [5, 10, 20]),
+    "GA": ([0.001, 0.003, 0.01], [1, 3, 5]),
+    "RL": ([0.003, 0.01, 0.03], [2, 5, 10]),
+    "SalUn": ([0.003, 0.01, 0.03], [2, 5, 10]),
+}
+TARGET_ESS = (0.5, 0.8)
+
+
+class Bench:
+    """Caches the original and retrained models, so each is trained once per seed."""
+
+    def __init__(self, split):
+        self.split = split
+        self._original: dict[int, torch.nn.Module] = {}
+        self._retrain: dict[tuple, dict] = {}
+
+    def original(self, seed: int) -> torch.nn.Module:
+        if seed not in self._original:
+            self._original[seed] = train_from_scratch(*self.split["train"], seed)
+        return self._original[seed]
+
+    def data(self, scenario: str, seed: int, part: str) -> Data:
+        return scenario_data(self.split, scenario, seed, part)
+
+    def reference(self, scenario: str, seed: int, part: str) -> dict:
+        key = (scenario, seed, part)
+        if key not in self._retrain:
+            d = self.data(scenario, seed, part)
+            model = train_from_scratch(d.retain_x, d.retain_y, seed)
+            self._retrain[key] = metrics(model, d, seed)
+        return self._retrain[key]
+
+    def run(self, scenario: str, s: Setting, seed: int, part: str) -> dict:
+        d = self.data(scenario, seed, part)
+        original = self.original(seed)
+        started = time.perf_counter()
+        model = unlearn(original, d, s, seed)
+        seconds = time.perf_counter() - started
+        m = metrics(model, d, seed)
+        row = {"scenario": scenario, "seed": seed, "part": part, **s.__dict__, **m}
+        row.update(gap=avg_gap(m, self.reference(scenario, seed, part)), seconds=seconds)
+        if s.weighting == "uniform" and s.method != "FT":
+            row.update(premise(original, model, d))
+        return row
+
+
+def premise(original, model, d: Data) -> dict:
+    """Does low initial loss predict resistance to forgetting? Spearman(initial CE, final CE)
+    over the forget items, and forget accuracy after unlearning in the lowest and highest
+    quartile of initial CE."""
+    from scipy.stats import spearmanr
+
+    with torch.no_grad():
+        before = F.cross_entropy(original(d.forget_x), d.forget_y, reduction="none").numpy()
+        after = F.cross_entropy(model(d.forget_x), d.forget_y, reduction="none").numpy()
+        right = (model(d.forget_x).argmax(1) == d.forget_y).numpy()
+    lo, hi = np.quantile(before, [0.25, 0.75])
+    return {
+        "premise_rho": float(spearmanr(before, after).statistic),
+        "acc_easiest_quartile": float(right[before <= lo].mean()),
+        "acc_hardest_quartile": float(right[before >= hi].mean()),
+    }
+
+
+def tune(bench: Bench, scenario: str, method: str, seeds, smoke: bool) -> dict[str, Setting]:
+    """lr and epochs for uniform on the tuning seeds (TA on validation), then LoReUn's target
+    ESS at the same lr and epochs. Returns the chosen setting per weighting."""
+    lrs, epochs = GRIDS[method]
+    if smoke:
+        lrs, epochs = lrs[1:2], epochs[1:2]
+
+    def mean_gap(s):
+        return statistics.fmean(bench.run(scenario, s, seed, "val")["gap"] for seed in seeds)
+
+    grid = [Setting(method, lr, ep) for lr, ep in itertools.product(lrs, epochs)]
+    best = min(grid, key=mean_gap)
+    chosen = {"uniform": best}
+    if method == "FT":
+        return chosen
+    for w in WEIGHTINGS[1:]:
+        options = [Setting(method, best.lr, best.epochs, w, t) for t in TARGET_ESS]
+        chosen[w] = min(options, key=mean_gap) if not smoke else options[-1]
+    return chosen
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _ci(diffs: list[float]) -> str:
+    """Mean and 95% t-interval of paired differences."""
+    from scipy.stats import t
+
+    m = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return f"{m:+.4f}"
+    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f"{m:+.4f} [{m - half:+.4f}, {m + half:+.4f}]"
+
+
+def _ms(values) -> str:
+    values = list(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+
+def gap_table(rows: list[dict]) -> str:
+    lines = [
+        "| scenario | method | weighting | target ESS | UA | RA | TA | MIA | Avg. Gap | "
+        "LoReUn - uniform (95% CI) | closer/pairs | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for sc, me in itertools.product(SCENARIOS, METHODS):
+        base = {r["seed"]: r["gap"] for r in rows if _is(r, sc, me, "uniform")}
+        for w in WEIGHTINGS:
+            sub = [r for r in rows if _is(r, sc, me, w)]
+            if not sub:
+                continue
+            cells = [sc, me, w, "-" if w == "uniform" else f"{sub[0]['target_ess']}"]
+            cells += [_ms(r[k] for r in sub) for k in (*METRICS, "gap")]
+            diffs = [r["gap"] - base[r["seed"]] for r in sub if r["seed"] in base]
+            closer = sum(d < 0 for d in diffs)
+            cells += ["-", "-"] if w == "uniform" else [_ci(diffs), f"{closer}/{len(diffs)}"]
+            cells.append(f"{statistics.median(r['seconds'] for r in sub):.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _is(r, scenario, method, weighting) -> bool:
+    return (r["scenario"], r["method"], r["weighting"]) == (scenario, method, weighting)
+
+
+def premise_table(rows: list[dict]) -> str:
+    lines = [
+        "| scenario | method | Spearman(initial CE, final CE) | forget acc., easiest quartile | "
+        "forget acc., hardest quartile |",
+        "|---|---|---|---|---|",
+    ]
+    for sc, me in itertools.product(SCENARIOS, METHODS[1:]):
+        sub = [r for r in rows if _is(r, sc, me, "uniform")]
+        if sub:
+            keys = ("premise_rho", "acc_easiest_quartile", "acc_hardest_quartile")
+            lines.append(f"| {sc} | {me} | " + " | ".join(_ms(r[k] for r in sub) for k in keys))
+    return "\n".join(ln if ln.endswith("|") else ln + " |" for ln in lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, default=20, help="evaluation seeds 0..N-1")
+    p.add_argument("--tune-seeds", type=int, default=3, help="tuning seeds 100..100+N-1")
+    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    p.add_argument("--smoke", action="store_true", help="2 seeds, 1 tuning seed, one grid point")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--out", type=Path, help="write runs.jsonl and results.md here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    seeds = range(2 if args.smoke else args.seeds)
+    tune_seeds = range(100, 101 if args.smoke else 100 + args.tune_seeds)
+    bench, rows, chosen = Bench(load_split()), [], {}
+    started = time.perf_counter()
+    for sc, me in itertools.product(args.scenarios, METHODS):
+        chosen[(sc, me)] = tune(bench, sc, me, tune_seeds, args.smoke)
+        for s in chosen[(sc, me)].values():
+            rows += [bench.run(sc, s, seed, "test") for seed in seeds]
+        print(f"{sc} {me}: done at {time.perf_counter() - started:.0f} s", flush=True)
+    text = gap_table(rows) + "\n\n" + premise_table(rows)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "runs.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        (args.out / "results.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
