@@ -31,6 +31,11 @@ def add_generate_flags(p) -> None:
         help="image size for rows that give none (default: the model's native size)",
     )
     p.add_argument(
+        "--force-size",
+        action="store_true",
+        help="use --size for every row, overriding the sizes the prompt file gives",
+    )
+    p.add_argument(
         "--samples-per-prompt", type=int, default=1, help="images per row, seeded seed, seed+1, ..."
     )
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
@@ -78,6 +83,7 @@ def generate_settings(args):
         batch_size=args.batch_size,
         scheduler=args.scheduler,
         seed=args.seed,
+        force_size=args.force_size,
     )
 
 

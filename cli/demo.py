@@ -18,7 +18,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--digit", type=int, default=3, help="digit to erase (0-9)")
     p.add_argument("--out", default="loreun-demo", help="output folder")
     p.add_argument("--method", default="esd-x", help="ESD parameter preset")
-    p.add_argument("--weighting", default="loreun", help="uniform or loreun")
+    p.add_argument("--weighting", default="uniform", help="uniform or loreun")
     p.add_argument("--steps", type=int, default=150, help="erase steps")
     p.add_argument("--lr", type=float, default=1e-4, help="erase learning rate")
     p.add_argument(

@@ -73,12 +73,47 @@ def _read_yaml(path: str) -> dict:
         raise ValueError(f"--config-file: {path}: not valid YAML ({e.__class__.__name__})") from e
     if not isinstance(data, dict):
         raise ValueError(f"--config-file: {path}: must hold a mapping of settings")
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
     known = {f.name for f in dataclasses.fields(EraseConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"--config-file: {path}: unknown settings: {', '.join(unknown)}")
-    return data
+    hints = typing.get_type_hints(EraseConfig)
+    return {k: _coerce(v, hints[k], f"--config-file: {path}: {k}") for k, v in data.items()}
+
+
+def _coerce(value, hint, where: str):
+    """A YAML value as the field's type: YAML 1.1 reads ``1e-4`` as a string, and a typo like
+    ``steps: abc`` must fail here, naming the setting, not deep inside the trainer."""
+    if value is None:
+        return None
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kind = [a for a in typing.get_args(hint) if a is not type(None)][0] if optional else hint
+    if typing.get_origin(kind) is list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, str, where) for v in items]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{where}: expected text, got {value!r}")
+        return str(value)
+    try:
+        number = float(value) if kind is float else _as_int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    return number
+
+
+def _as_int(value) -> int:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    as_float = float(value)
+    if not as_float.is_integer():
+        raise ValueError(value)
+    return int(as_float)
 
 
 def run(args) -> int:

@@ -42,15 +42,19 @@ def run(args) -> int:
     gen, aud = generate_settings(args), audit_settings(args)
     from loreun.eval.audit import audit
     from loreun.eval.report import summary_rows
+    from loreun.pipelines._files import check_writable
     from loreun.pipelines.generate import generate
+    from loreun.pipelines.loading import check_erased_files
 
-    out = Path(args.out)
+    out = check_writable(Path(args.out))
     runs = {"original": None}
     for value in args.erased:
         name, sep, path = value.partition("=")
         runs[name if sep else f"erased-{len(runs)}" if len(args.erased) > 1 else "erased"] = (
             path if sep else value
         )
+    # Every --erased file is checked against the model before any image is generated.
+    check_erased_files(args.model, [e for e in runs.values() if e], args.model_config)
     sources = {}
     for name, erased in runs.items():
         generate(

@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"loreun {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only or full disk, a folder where a file was expected, ...
+        if os.environ.get("LOREUN_DEBUG"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"loreun {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"loreun {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -9,44 +9,59 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from loreun.pipelines._files import atomic_save_safetensors, atomic_write_text
+from loreun.pipelines._files import (
+    FolderLock,
+    atomic_save_safetensors,
+    atomic_write_text,
+    check_writable,
+    remove_ours,
+    replace_folder,
+)
 
 CHECKPOINTS = "checkpoints"
-OUR_FILES = ("unet-erased.safetensors", "erase_config.json", "train_log.jsonl")
-OUR_DIRS = ("pipeline", "cache", CHECKPOINTS)
+CHECKPOINT_FILES = ("trained.safetensors", "optimizer.pt", "state.json", "erase_config.json")
+TRAIN_LOG = "train_log.jsonl"
 
 
 def prepare_output_dir(
     out: str | Path, overwrite: bool, resume: str | None, create: bool = True
-) -> Path:
-    """Create the output folder, refusing to write into someone's non-empty folder.
+) -> tuple[Path, FolderLock | None]:
+    """Create and lock the output folder, refusing to write into someone's non-empty folder.
+
+    With ``overwrite`` (and no ``resume``) loreun's own checkpoints are removed, file by file:
+    a user's file inside one of them is kept. Leftovers of a killed checkpoint write go too.
 
     Raises:
         FileExistsError: ``out`` is a non-empty folder and neither ``overwrite`` nor ``resume``
-            was given, or ``out`` is a file.
+            was given, ``out`` is a file, or another run holds its lock.
+        PermissionError: ``out`` cannot be written.
 
-    ``create=False`` only checks: with several processes, one creates and the others check.
+    Returns:
+        (the folder, its lock); ``create=False`` only checks and returns no lock: with several
+        processes, one creates and locks, and the others check.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out: {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+    found = [p for p in out.iterdir() if p.name != FolderLock.NAME] if out.is_dir() else []
+    if found and not (overwrite or resume):
         raise FileExistsError(
             f"--out: {out} is not empty; pass --overwrite to write into it "
             "(files loreun did not write are kept) or --resume latest"
         )
     if not create:
-        return out
+        return out, None
+    lock = FolderLock(check_writable(out)).acquire()
+    for stale in (out / CHECKPOINTS).glob(".checkpoint-*.tmp-*"):  # a killed write's leftovers
+        remove_ours(stale, CHECKPOINT_FILES)
     if overwrite and not resume:
         for ckpt in list_checkpoints(out):
-            shutil.rmtree(ckpt)  # only folders that hold loreun's own state.json
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+            remove_ours(ckpt, CHECKPOINT_FILES)
+    return out, lock
 
 
 def list_checkpoints(out: str | Path) -> list[Path]:
@@ -84,20 +99,24 @@ def save_checkpoint(
     optimizer,
     weighting_state: dict,
     limit: int,
+    config_json: str,
 ) -> Path:
-    """Write ``checkpoint-<step>`` through a temporary folder, then keep the newest ``limit``."""
+    """Write ``checkpoint-<step>`` through a temporary folder, then keep the newest ``limit``.
+
+    The run's config goes into each checkpoint, so a resume can compare its settings with the
+    ones that made the steps it continues.
+    """
     root = Path(out) / CHECKPOINTS
     final = root / f"checkpoint-{step}"
     tmp = root / f".checkpoint-{step}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(tmp / "trained.safetensors", trained)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    atomic_write_text(tmp / "erase_config.json", config_json)
     atomic_write_text(tmp / "state.json", json.dumps({"step": step, "weighting": weighting_state}))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_folder(tmp, final)
     for old in list_checkpoints(out)[:-limit]:
-        shutil.rmtree(old)
+        remove_ours(old, CHECKPOINT_FILES)
     return final
 
 
@@ -114,3 +133,26 @@ def load_checkpoint(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict, d
     # Our own file, loaded without arbitrary unpickling.
     optim = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
     return state["step"], trained, optim, state["weighting"]
+
+
+def checkpoint_config(folder: Path) -> dict | None:
+    """The config saved with a checkpoint, or None for one written before configs were kept."""
+    path = folder / "erase_config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def start_log(out: Path, resume_step: int | None) -> None:
+    """Begin train_log.jsonl: empty for a new run; for a resumed one, cut the lines past the
+    checkpoint's step, which the resumed run writes again."""
+    path = Path(out) / TRAIN_LOG
+    if resume_step is None or not path.is_file():
+        atomic_write_text(path, "")
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= resume_step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line torn by a kill
+    atomic_write_text(path, "".join(kept))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from loreun.pipelines._files import atomic_save_safetensors, atomic_write_text
+from loreun.pipelines._files import atomic_save_safetensors, atomic_write_text, replace_folder
 from loreun.pipelines._meta import package_version
-from loreun.pipelines.loading import METADATA_KEY
+from loreun.pipelines.loading import METADATA_KEY, content_hash
 
 from .config import EraseConfig
 
@@ -63,11 +63,11 @@ def export_erased(
         trained: state-dict name -> current value of each trained tensor.
         weighting: the weighting's ``summary()``, recorded in the header.
     """
-    meta = build_metadata(cfg, base_fingerprint, steps_done, len(trained), weighting)
+    tensors = {k: v.detach().float().cpu() for k, v in trained.items()}
+    meta = build_metadata(cfg, base_fingerprint, steps_done, len(tensors), weighting)
+    meta["content_sha256"] = content_hash(tensors)
     path = Path(out) / ERASED_FILE
-    atomic_save_safetensors(
-        path, {k: v.float() for k, v in trained.items()}, metadata={METADATA_KEY: json.dumps(meta)}
-    )
+    atomic_save_safetensors(path, tensors, metadata={METADATA_KEY: json.dumps(meta)})
     atomic_write_text(Path(out) / "erase_config.json", cfg.to_json())
     return path
 
@@ -79,7 +79,5 @@ def save_pipeline_folder(pipe, out: Path) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_folder(tmp, final)  # a user's files in an earlier OUT/pipeline are kept
     return final

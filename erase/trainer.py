@@ -18,11 +18,20 @@ from pathlib import Path
 
 import torch
 
+from loreun.pipelines._files import atomic_write_text
 from loreun.pipelines.loading import fingerprint
 from loreun.pipelines.models import load_pipeline
 
-from .checkpoint import load_checkpoint, prepare_output_dir, resolve_resume, save_checkpoint
-from .config import EraseConfig, check_anchor
+from .checkpoint import (
+    TRAIN_LOG,
+    checkpoint_config,
+    load_checkpoint,
+    prepare_output_dir,
+    resolve_resume,
+    save_checkpoint,
+    start_log,
+)
+from .config import EraseConfig, changed_settings, check_anchor
 from .export import export_erased, save_pipeline_folder
 from .forget import (
     ForgetSet,
@@ -100,17 +109,26 @@ def erase(cfg: EraseConfig) -> Path:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         cpu=multi_cpu_launch(),
     )
+    lock = None
     try:
         folders = read_folders(cfg)  # bad images or captions fail before anything is written
-        with acc.main_process_first():  # one process creates, the others check after it
-            out = prepare_output_dir(cfg.out, cfg.overwrite, cfg.resume, create=acc.is_main_process)
+        with acc.main_process_first():  # one process creates and locks, the others check
+            out, lock = prepare_output_dir(
+                cfg.out, cfg.overwrite, cfg.resume, create=acc.is_main_process
+            )
         resume = resolve_resume(out, cfg.resume)  # fail before the model loads
+        check_resume_settings(resume, cfg)
+        acc.wait_for_everyone()  # every process has checked --out before anything is written
+        if acc.is_main_process:
+            atomic_write_text(out / "erase_config.json", cfg.to_json())
+            start_log(out, load_step(resume))
         acc.wait_for_everyone()
         run = setup(cfg, acc, out, resume, folders)
         steps_done = train(run, cfg, acc, out)
         path = out / "unet-erased.safetensors"
         if acc.is_main_process:
             trained = {n: p.detach() for n, p in run.trained.items()}
+            check_finite_state(trained, None, steps_done, cfg)
             path = export_erased(
                 out, trained, cfg, run.base_fingerprint, steps_done, run.weighting.summary()
             )
@@ -119,7 +137,26 @@ def erase(cfg: EraseConfig) -> Path:
         acc.wait_for_everyone()
         return path
     finally:
+        if lock is not None:
+            lock.release()
         acc.end_training()
+
+
+def check_resume_settings(resume: Path | None, cfg: EraseConfig) -> None:
+    """Refuse a resume whose settings differ from the ones that made its checkpoint."""
+    saved = checkpoint_config(resume) if resume is not None else None
+    if saved is None:
+        return
+    changed = changed_settings(saved, cfg)
+    if changed:
+        raise ValueError(
+            f"--resume: {resume} was made with other settings ({', '.join(changed)} differ); "
+            "resume with the same ones, or start a new run with --overwrite or another --out"
+        )
+
+
+def load_step(resume: Path | None) -> int | None:
+    return json.loads((resume / "state.json").read_text())["step"] if resume else None
 
 
 def multi_cpu_launch() -> bool:
@@ -350,7 +387,7 @@ def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
     bar = tqdm(
         total=cfg.steps, initial=run.start_step, desc="erase", disable=not acc.is_main_process
     )
-    log = open(out / "train_log.jsonl", "a") if acc.is_main_process else None
+    log = open(out / TRAIN_LOG, "a") if acc.is_main_process else None
     step = run.start_step
     try:
         with stop.installed():
@@ -503,17 +540,19 @@ def check_finite(loss: torch.Tensor, step: int, acc, cfg: EraseConfig) -> None:
         bad = acc.reduce(bad, reduction="sum")
     if bad.item() > 0:
         raise TrainingDiverged(
-            f"loss became {loss.item()} at step {step + 1}; stopped without exporting. Earlier "
-            f"checkpoints under {Path(cfg.out) / 'checkpoints'} are kept; lower --lr and resume"
+            f"loss became {loss.item()} at step {step + 1}; stopped without exporting. "
+            f"{_recovery_hint(cfg)}"
         )
 
 
 def checkpoint(run: Run, cfg: EraseConfig, acc, out: Path, step: int) -> Path:
-    """Save a checkpoint from the main process; every process waits for it."""
+    """Save a checkpoint from the main process, after checking that the state is finite; every
+    process waits for it."""
     path = out / "checkpoints" / f"checkpoint-{step}"
     acc.wait_for_everyone()
     if acc.is_main_process:
         trained = {n: p.detach() for n, p in run.trained.items()}
+        check_finite_state(trained, run.optimizer, step, cfg)
         save_checkpoint(
             out,
             step,
@@ -521,9 +560,40 @@ def checkpoint(run: Run, cfg: EraseConfig, acc, out: Path, step: int) -> Path:
             run.optimizer,
             run.weighting.state_dict(),
             cfg.checkpoints_total_limit,
+            cfg.to_json(),
         )
     acc.wait_for_everyone()
     return path
+
+
+def check_finite_state(trained: dict[str, torch.Tensor], optimizer, step: int, cfg) -> None:
+    """Raise TrainingDiverged if a trained tensor or the optimizer state holds NaN or inf.
+
+    A finite loss can still give a non-finite update; checking the state itself, before it is
+    saved, keeps every checkpoint on disk a good one, so ``--resume latest`` never picks a bad
+    one.
+    """
+    tensors = list(trained.items())
+    if optimizer is not None:
+        for i, st in enumerate(optimizer.state_dict()["state"].values()):
+            tensors += [(f"optimizer state {i}.{k}", v) for k, v in st.items() if v.ndim > 0]
+    bad = next((n for n, t in tensors if not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise TrainingDiverged(
+            f"{bad} became NaN or inf by step {step}; nothing was saved for this step. "
+            f"{_recovery_hint(cfg)}"
+        )
+
+
+def _recovery_hint(cfg) -> str:
+    from .checkpoint import list_checkpoints
+
+    found = list_checkpoints(cfg.out)
+    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was kept"
+    return (
+        f"{kept.capitalize()}; lower --lr (or set --max-grad-norm) and start again with "
+        "--overwrite, which reuses the cached samples"
+    )
 
 
 class StopFlag:

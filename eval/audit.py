@@ -33,6 +33,12 @@ class AuditSettings:
     blur: bool = True
     grid_limit: int = 48
 
+    def __post_init__(self):
+        if self.grid_limit < 1:
+            raise ValueError(f"--grid-limit: must be >= 1, got {self.grid_limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+
 
 def build_detectors(settings: AuditSettings) -> list:
     """The detector slot: a literal table of names. ``digits`` is the built-in classifier."""
@@ -74,8 +80,8 @@ def read_source(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"--images: {path}: no such folder")
     if (path / MANIFEST).is_file():
         records = read_manifest(path)
-        for rec in records:
-            rec["file"] = str(path / rec["path"])
+        for n, rec in enumerate(records, start=1):
+            rec["file"] = str(inside(path, rec.get("path"), f"{path / MANIFEST}: record {n}"))
     else:
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         records = [
@@ -85,6 +91,17 @@ def read_source(path: str | Path) -> list[dict]:
     if not records:
         raise ValueError(f"--images: {path}: holds no images and no manifest.jsonl")
     return records
+
+
+def inside(folder: Path, rel, where: str) -> Path:
+    """``folder / rel``, refusing a manifest path that leaves the folder (absolute or ``..``):
+    an audit reads the images of the run it was pointed at, nothing else on the disk."""
+    if not isinstance(rel, str) or not rel:
+        raise ValueError(f"{where}: no image path")
+    target = (folder / rel).resolve()
+    if Path(rel).is_absolute() or not target.is_relative_to(folder.resolve()):
+        raise ValueError(f"{where}: image path {rel!r} is outside {folder}")
+    return folder / rel
 
 
 def open_images(records: list[dict]) -> tuple[list, list[dict], list[dict]]:
@@ -150,11 +167,14 @@ def audit(
     Returns:
         The summary written to summary.json.
     """
+    from loreun.pipelines._files import check_writable
+
     from .report import write_report
 
     settings = settings or AuditSettings()
     out = Path(out)
     _claim(out, overwrite)
+    check_writable(out)  # a read-only --out fails now, not after every image is scored
     detectors = build_detectors(settings)
     audited = [audit_source(name, path, detectors, settings) for name, path in sources.items()]
     out.mkdir(parents=True, exist_ok=True)
@@ -213,8 +233,22 @@ def write_results_csv(path: Path, audited: list[dict], detectors: list) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
     atomic_write_text(path, buf.getvalue())
+
+
+def spreadsheet_safe(value):
+    """Text that a spreadsheet would run as a formula (``=cmd|...``) gets a leading quote.
+
+    Prompt files come from anywhere, and results.csv is opened in spreadsheets; numbers are
+    left alone, so ``-0.5`` stays a number.
+    """
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
 
 
 def build_summary(audited: list[dict], settings: AuditSettings) -> dict:

@@ -153,6 +153,8 @@ def grid_indices(n: int, limit: int) -> list[int]:
     made from the same prompt file get the same picks, so their grids line up."""
     if n <= limit:
         return list(range(n))
+    if limit == 1:
+        return [0]
     return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
 
 

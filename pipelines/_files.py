@@ -34,3 +34,100 @@ def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict | No
         {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata
     )
     os.replace(tmp, path)
+
+
+class FolderLock:
+    """An OS lock on ``folder/.loreun.lock``, held while a run writes into the folder.
+
+    ``flock`` locks die with the process, so a killed run never leaves a stale lock; a second
+    run into the same folder is refused at once instead of interleaving with the first.
+    """
+
+    NAME = ".loreun.lock"
+
+    def __init__(self, folder: str | Path, flag: str = "--out"):
+        self.folder, self.flag, self._fh = Path(folder), flag, None
+
+    def acquire(self) -> FolderLock:
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fh = open(self.folder / self.NAME, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise FileExistsError(
+                f"{self.flag}: {self.folder} is in use by another loreun run ({holder}); "
+                "wait for it or choose another folder"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing drops the flock
+            self._fh = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def remove_ours(folder: str | Path, names: tuple[str, ...]) -> bool:
+    """Delete the files ``names`` that loreun wrote in ``folder``; the folder goes only if that
+    leaves it empty. Returns True when the folder is gone.
+
+    A user's file inside one of loreun's folders is never deleted with it.
+    """
+    folder = Path(folder)
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+        for torn in folder.glob(f".{name}.tmp-*"):  # an atomic write cut short by a kill
+            torn.unlink()
+    try:
+        folder.rmdir()
+    except OSError:  # not empty: something loreun did not write is in it
+        return False
+    return True
+
+
+def replace_folder(tmp: str | Path, final: str | Path) -> None:
+    """Put the freshly written folder ``tmp`` in place of ``final``, keeping every file of
+    ``final`` that ``tmp`` does not also have (a user's notes in an exported folder)."""
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    if final.is_dir():
+        for old in sorted(final.rglob("*")):
+            new = tmp / old.relative_to(final)
+            if old.is_file() and not new.exists():
+                new.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(old, new)
+        shutil.rmtree(final)  # only files that the new folder replaces are left in it
+    os.replace(tmp, final)
+
+
+def check_writable(folder: str | Path, flag: str = "--out") -> Path:
+    """Create ``folder`` and prove a file can be written there, before any work starts.
+
+    Raises:
+        PermissionError: with a one-line message naming the flag and the folder.
+    """
+    folder = Path(folder)
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"{flag}: cannot write to {folder}: {e.strerror}") from None
+    return folder

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ._files import atomic_write_bytes, atomic_write_text
-from .loading import apply_erased_weights, file_sha256
+from loreun.prompts.reader import MAX_SIZE
+
+from ._files import FolderLock, atomic_write_bytes, atomic_write_text, check_writable
+from .loading import apply_erased_weights, erased_file, file_sha256
 from .models import load_pipeline
 
 SCHEDULERS = {
@@ -42,13 +44,18 @@ class GenerateSettings:
     batch_size: int = 4
     scheduler: str = "default"
     seed: int = 0  # for rows without a seed: seed + row position
+    force_size: bool = False  # use ``size`` for every row, whatever the file says
 
     def __post_init__(self):
+        if self.force_size and self.size is None:
+            raise ValueError("--force-size: needs --size")
         for name in ("steps", "samples_per_prompt", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')}: must be > 0")
-        if self.size is not None and (self.size <= 0 or self.size % 8):
-            raise ValueError(f"--size: must be a positive multiple of 8, got {self.size}")
+        if self.size is not None and not (0 < self.size <= MAX_SIZE and self.size % 8 == 0):
+            raise ValueError(
+                f"--size: must be a positive multiple of 8 up to {MAX_SIZE}, got {self.size}"
+            )
         if self.scheduler not in SCHEDULERS:
             raise ValueError(
                 f"--scheduler: unknown value {self.scheduler!r}; choose one of "
@@ -82,8 +89,11 @@ def plan_jobs(rows, settings: GenerateSettings, native: int) -> list[Job]:
     jobs = []
     for i, row in enumerate(rows):
         base = row.seed if row.seed is not None else settings.seed + i
-        w = row.width or settings.size or native
-        h = row.height or settings.size or native
+        if settings.force_size:
+            w = h = settings.size
+        else:
+            w = row.width or settings.size or native
+            h = row.height or settings.size or native
         g = row.guidance if row.guidance is not None else settings.guidance
         for k in range(settings.samples_per_prompt):
             jobs.append(Job(i, k, row, (base + k) % 2**64, g, w, h))
@@ -118,7 +128,6 @@ def generate(
         Path of ``manifest.jsonl``.
     """
     from accelerate import PartialState
-    from tqdm.auto import tqdm
 
     from loreun.prompts import load_prompts
 
@@ -126,6 +135,7 @@ def generate(
     rows = prompts if isinstance(prompts, list) else load_prompts(prompts)
     state = PartialState(cpu=_multi_cpu())
     out = Path(out)
+    erased = erased_file(erased) if erased else None
     erased_hash = file_sha256(erased) if erased else None
     info = {
         "model": str(model),
@@ -134,13 +144,29 @@ def generate(
         "prompts_sha256": _rows_hash(rows),
         "settings": {k: v for k, v in asdict(settings).items() if k != "batch_size"},
     }
-    with state.main_process_first():  # the others then find the main process's claim
-        _claim_output(out, info, create=state.is_main_process)
-    if state.is_main_process:
-        merge_manifest(out)  # drop torn lines and records whose image is gone
-    state.wait_for_everyone()
-    done = {rec["key"] for rec in read_manifest(out)}
+    _claim_output(out, info, create=False)  # refuse another run's folder before loading
+    # Load and check --erased before the folder is claimed: a wrong file must not leave a
+    # claim that refuses the rerun with the right one.
     pipe = _prepare_pipeline(model, model_config, torch_dtype, erased, settings, state.device)
+    lock = FolderLock(check_writable(out)).acquire() if state.is_main_process else None
+    try:
+        with state.main_process_first():  # the others then find the main process's claim
+            _claim_output(out, info, create=state.is_main_process)
+        if state.is_main_process:
+            merge_manifest(out)  # drop torn lines and records whose image is gone
+        state.wait_for_everyone()
+        _generate_missing(pipe, rows, settings, out, info, state)
+    finally:
+        if lock is not None:
+            lock.release()
+    return out / MANIFEST
+
+
+def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> None:
+    """Generate the jobs not yet in the manifest, split over processes, then merge."""
+    from tqdm.auto import tqdm
+
+    done = {rec["key"] for rec in read_manifest(out)}
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     jobs = [j for j in plan_jobs(rows, settings, native) if j.key not in done]
     mine = jobs[state.process_index :: state.num_processes]
@@ -149,9 +175,9 @@ def generate(
     )
     (out / "images").mkdir(exist_ok=True)
     common = {
-        "model": str(model),
+        "model": info["model"],
         "erased": info["erased"],
-        "erased_sha256": erased_hash,
+        "erased_sha256": info["erased_sha256"],
         "steps": settings.steps,
         "scheduler": settings.scheduler,
     }
@@ -167,7 +193,6 @@ def generate(
     if state.is_main_process:
         merge_manifest(out)  # one manifest in prompt-file order, however the work was split
     state.wait_for_everyone()
-    return out / MANIFEST
 
 
 def _multi_cpu() -> bool:
@@ -248,7 +273,7 @@ def _claim_output(out: Path, info: dict, create: bool) -> None:
                 " differ); choose another folder"
             )
         return
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != FolderLock.NAME for p in out.iterdir()):
         raise FileExistsError(
             f"--out: {out} is not empty and holds no loreun generation; choose an empty folder"
         )

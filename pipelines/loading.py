@@ -38,17 +38,45 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash the exact float32 values of named tensors, for the erased file's own integrity.
+
+    Unlike ``fingerprint`` nothing is rounded: two tensors swapped, or one flipped byte,
+    change it.
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.int32).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def erased_file(path: str | Path) -> Path:
+    """The erased file a path names: itself, or the ``unet-erased.safetensors`` of a folder."""
+    path = Path(path)
+    if path.is_dir():
+        inside = path / "unet-erased.safetensors"
+        if not inside.is_file():
+            raise FileNotFoundError(f"{path}: a folder without unet-erased.safetensors in it")
+        return inside
+    return path
+
+
 def read_erased_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read an erased file's tensors and its loreun metadata.
+    """Read an erased file's tensors and its loreun metadata, and check them.
+
+    A folder is read as the ``unet-erased.safetensors`` inside it (an erase run's ``--out``).
 
     Raises:
-        ValueError: a pickle-based file, a corrupt or truncated file, or no loreun metadata.
+        ValueError: a pickle-based file, a corrupt or truncated file, no loreun metadata,
+            tensors that do not match the content hash in the header, or NaN/inf values.
         FileNotFoundError: no such file.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
-    path = Path(path)
+    path = erased_file(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(
             f"{path}: refusing to unpickle a {path.suffix} file, which can run "
@@ -66,14 +94,36 @@ def read_erased_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         ) from e
     if METADATA_KEY not in header:
         raise ValueError(f"{path}: no loreun metadata in its header; not a loreun export")
-    meta = json.loads(header[METADATA_KEY])
+    try:
+        meta = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its loreun metadata is not a JSON object; not a loreun export")
+    check_contents(path, tensors, meta)
+    return tensors, meta
+
+
+def check_contents(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """The tensors are all there, are the ones the header's hash names, and are finite."""
     expected = meta.get("num_tensors")
     if expected is not None and len(tensors) < expected:
         raise ValueError(
             f"{path}: holds {len(tensors)} tensors but its metadata lists "
             f"{expected}; the file is incomplete"
         )
-    return tensors, meta
+    wanted = meta.get("content_sha256")  # absent in files written before it was recorded
+    if wanted is not None and content_hash(tensors) != wanted:
+        raise ValueError(
+            f"{path}: its tensors do not match the content hash in its header; the file was "
+            "edited or corrupted after export"
+        )
+    bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
+    if bad:
+        raise ValueError(
+            f"{path}: {len(bad)} tensors hold NaN or inf values, e.g. {bad[0]}; the erasure "
+            "diverged, and these weights would give black or noise images"
+        )
 
 
 def check_compatible(
@@ -136,6 +186,19 @@ def apply_erased_weights(pipe_or_unet, path: str | Path, force: bool = False):
                 target = unet.state_dict()[name]
             target.copy_(value.to(device=target.device, dtype=target.dtype))
     return pipe_or_unet
+
+
+def check_erased_files(model: str, paths: list, model_config: str | None = None) -> None:
+    """Check erased files against a model (names, shapes, fingerprint) without applying them,
+    so a run over several fails before it has done any work."""
+    if not paths:
+        return
+    from .models import load_pipeline
+
+    unet = load_pipeline(model, model_config).unet
+    for path in paths:
+        tensors, meta = read_erased_file(path)
+        check_compatible(unet, tensors, meta, source=str(path))
 
 
 def load_erased_pipeline(base: str, erased: str | Path, force: bool = False, **kwargs):

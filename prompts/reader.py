@@ -30,6 +30,9 @@ ALIASES = {
 }
 INDEX_COLUMNS = ("", "Unnamed: 0")
 MAX_SEED = 2**64 - 1
+# The largest side loreun generates: 4x SDXL's native size. An 80000-pixel row would otherwise
+# end in an out-of-memory crash after the earlier rows were made.
+MAX_SIZE = 4096
 
 
 @dataclass
@@ -57,17 +60,19 @@ def load_prompts(path_or_name: str | Path) -> list[PromptRow]:
         ValueError: a malformed file; the message names the file and the row.
     """
     path = _resolve(path_or_name)
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        records = _read_txt(path)
-    elif suffix == ".jsonl":
-        records = _read_jsonl(path)
-    elif suffix in (".csv", ".tsv"):
-        records = _read_table(path, "\t" if suffix == ".tsv" else ",")
-    else:
+    readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv, ".tsv": _read_tsv}
+    read = readers.get(path.suffix.lower())
+    if read is None:
         raise ValueError(
-            f"{path}: unknown prompt file type {suffix!r}; use .csv, .tsv, .jsonl or .txt"
+            f"{path}: unknown prompt file type {path.suffix.lower()!r}; "
+            "use .csv, .tsv, .jsonl or .txt"
         )
+    try:
+        records = read(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: not a readable table ({e})") from None
     if not records:
         raise ValueError(f"{path}: holds no prompt rows")
     return [_to_row(rec, i, path) for i, rec in enumerate(records)]
@@ -109,6 +114,14 @@ def _read_jsonl(path: Path) -> list[dict]:
     if out and not any("prompt" in r for r in out):
         raise ValueError(f"{path}: no 'prompt' field")
     return out
+
+
+def _read_csv(path: Path) -> list[dict]:
+    return _read_table(path, ",")
+
+
+def _read_tsv(path: Path) -> list[dict]:
+    return _read_table(path, "\t")
 
 
 def _read_table(path: Path, delimiter: str) -> list[dict]:
@@ -189,4 +202,6 @@ def _size(value, where: str, what: str) -> int | None:
         return None
     if not number.is_integer() or number <= 0 or int(number) % 8:
         raise ValueError(f"{where}: {what} {str(value)!r} is not a positive multiple of 8")
+    if number > MAX_SIZE:
+        raise ValueError(f"{where}: {what} {int(number)} is over {MAX_SIZE}, the largest allowed")
     return int(number)

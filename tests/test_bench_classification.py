@@ -24,7 +24,7 @@ def test_smoke_prints_the_gap_table(tmp_path):
     lines = res.stdout.split("\n\n")[0].splitlines()  # the gap table, before the premise one
     rows = [ln.split(" | ") for ln in lines if ln.startswith("| random-10 | RL")]
     assert [r[2] for r in rows] == ["uniform", "static", "dynamic", "batch"]
-    assert (tmp_path / "runs.jsonl").read_text().count("\n") == 3 * (1 + 3 * 4) * 2
+    assert (tmp_path / "runs.jsonl").read_text().count("\n") == 3 * (1 + 3 * 4) * 2 + 3 * 2
 
 
 def test_testbed_weighs_with_the_library_weighting():

@@ -73,11 +73,62 @@ def test_other_base_is_refused_unless_forced(erased_run, other_pipeline_dir):
     apply_erased_weights(pipe, erased_run / "unet-erased.safetensors", force=True)
 
 
-def _rewrite(src, dst, change):
+def _rewrite(src, dst, change, rehash=True):
+    """A changed copy; ``rehash`` keeps it self-consistent, as a file made elsewhere would be."""
+    from loreun.pipelines.loading import content_hash
+
     tensors, meta = read_erased_file(src)
     tensors = change(dict(tensors))
+    if rehash:
+        meta["content_sha256"] = content_hash(tensors)
     save_file(tensors, str(dst), metadata={"loreun": json.dumps(meta)})
     return dst
+
+
+def _swap_two(t):
+    same = {}
+    for k, v in sorted(t.items()):
+        same.setdefault(tuple(v.shape), []).append(k)
+    a, b = next(ks for ks in same.values() if len(ks) > 1)[:2]
+    t[a], t[b] = t[b], t[a]
+    return t
+
+
+def _one_nan(t):
+    k = sorted(t)[0]
+    t[k] = t[k].clone()
+    t[k].view(-1)[0] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize(
+    "change, rehash, needle",
+    [
+        (_swap_two, False, "do not match the content hash"),
+        (_one_nan, False, "do not match the content hash"),
+        (_one_nan, True, "hold NaN or inf"),
+    ],
+)
+def test_tampered_or_non_finite_files_are_refused(erased_run, tmp_path, change, rehash, needle):
+    bad = _rewrite(
+        erased_run / "unet-erased.safetensors", tmp_path / "b.safetensors", change, rehash
+    )
+    with pytest.raises(ValueError, match=needle):
+        read_erased_file(bad)
+
+
+def test_metadata_that_is_not_an_object_is_refused(erased_run, tmp_path):
+    tensors, _ = read_erased_file(erased_run / "unet-erased.safetensors")
+    save_file(tensors, str(tmp_path / "l.safetensors"), metadata={"loreun": "[1, 2]"})
+    with pytest.raises(ValueError, match="not a JSON object"):
+        read_erased_file(tmp_path / "l.safetensors")
+
+
+def test_an_erase_folder_reads_as_its_erased_file(erased_run, tmp_path):
+    tensors, _ = read_erased_file(erased_run)
+    assert tensors.keys() == read_erased_file(erased_run / "unet-erased.safetensors")[0].keys()
+    with pytest.raises(FileNotFoundError, match="without unet-erased.safetensors"):
+        read_erased_file(tmp_path)
 
 
 def test_wrong_shape_is_refused_even_when_forced(erased_run, tiny_pipeline_dir, tmp_path):
