@@ -25,6 +25,7 @@ def build_metadata(
     steps_done: int,
     num_tensors: int,
     weighting: dict | None = None,
+    prediction_type: str = "epsilon",
 ) -> dict:
     """The JSON object stored in the erased file's header.
 
@@ -36,6 +37,7 @@ def build_metadata(
         "format_version": 1,
         "base_model": cfg.model,
         "base_fingerprint": base_fingerprint,
+        "prediction_type": prediction_type,
         "method": cfg.method,
         "concepts": cfg.concepts,
         "erase_from": cfg.erase_from,
@@ -56,15 +58,19 @@ def export_erased(
     base_fingerprint: str,
     steps_done: int,
     weighting: dict | None = None,
+    prediction_type: str = "epsilon",
 ) -> Path:
     """Write ``unet-erased.safetensors`` and ``erase_config.json`` into ``out``.
 
     Args:
         trained: state-dict name -> current value of each trained tensor.
         weighting: the weighting's ``summary()``, recorded in the header.
+        prediction_type: the base model's parametrisation (epsilon or v_prediction).
     """
     tensors = {k: v.detach().float().cpu() for k, v in trained.items()}
-    meta = build_metadata(cfg, base_fingerprint, steps_done, len(tensors), weighting)
+    meta = build_metadata(
+        cfg, base_fingerprint, steps_done, len(tensors), weighting, prediction_type
+    )
     meta["content_sha256"] = content_hash(tensors)
     path = Path(out) / ERASED_FILE
     atomic_save_safetensors(path, tensors, metadata={METADATA_KEY: json.dumps(meta)})

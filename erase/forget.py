@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from loreun.pipelines._files import atomic_save_safetensors
+from loreun.pipelines.conditioning import NoiseSchedule
 
 from .objectives import ForgetBatch, per_sample_mse
-from .sampling import ddim_sample, forward_noise, make_ddim
+from .sampling import ddim_sample, make_ddim
 
 
 @dataclass
@@ -186,16 +187,16 @@ def load_or_sample_cache(path: Path, key: dict, sample_fn) -> torch.Tensor:
 
 
 def cached_batch(
-    forget: ForgetSet, ids: torch.Tensor, g: torch.Generator, alphas_cumprod: torch.Tensor, device
+    forget: ForgetSet, ids: torch.Tensor, g: torch.Generator, schedule: NoiseSchedule, device
 ) -> ForgetBatch:
     """Forward-noise one cached sample of each item at a random timestep."""
     n_samples = forget.x0.shape[1]
     pick = torch.randint(0, n_samples, (len(ids),), generator=g)
     x0 = forget.x0[ids, pick]
-    t = torch.randint(0, len(alphas_cumprod), (len(ids),), generator=g)
+    t = torch.randint(0, len(schedule), (len(ids),), generator=g)
     noise = torch.randn(x0.shape, generator=g)
-    xt = forward_noise(x0, t, noise, alphas_cumprod)
-    return _batch(forget, ids, xt, t, noise, device)
+    xt = schedule.add_noise(x0, t, noise)
+    return _batch(forget, ids, xt, t, schedule.target(x0, t, noise), device)
 
 
 def partial_batch(
@@ -218,7 +219,7 @@ def partial_batch(
     return _batch(forget, ids, xt, t, None, device)
 
 
-def _batch(forget: ForgetSet, ids, xt, t, noise, device) -> ForgetBatch:
+def _batch(forget: ForgetSet, ids, xt, t, target, device) -> ForgetBatch:
     b = len(ids)
     anchor = forget.anchor.expand(b, -1, -1).to(device) if forget.anchor is not None else None
     return ForgetBatch(
@@ -227,7 +228,7 @@ def _batch(forget: ForgetSet, ids, xt, t, noise, device) -> ForgetBatch:
         cond=forget.cond[ids].to(device),
         uncond=forget.uncond.expand(b, -1, -1).to(device),
         anchor=anchor,
-        noise=noise.to(device) if noise is not None else None,
+        target=target.to(device) if target is not None else None,
         ids=ids,
     )
 
@@ -239,10 +240,10 @@ def probe_difficulty(
     ids: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
+    schedule: NoiseSchedule,
     device,
 ) -> torch.Tensor:
-    """Denoising error of items under their own prompt: -> [B].
+    """Denoising error of items under their own prompt, in the model's parametrisation: -> [B].
 
     Uses the first cached sample of each item, so difficulty compares items, not samples.
 
@@ -250,20 +251,20 @@ def probe_difficulty(
         ids: [B] items; t: [B] timesteps; noise: [B, C, H, W] the noise to add.
     """
     x0 = forget.x0[ids, 0]
-    xt = forward_noise(x0, t.cpu(), noise, alphas_cumprod)
+    xt = schedule.add_noise(x0, t.cpu(), noise)
     pred = eps(xt.to(device), t.to(device), forget.cond[ids].to(device))
-    return per_sample_mse(pred, noise.to(device)).cpu()
+    return per_sample_mse(pred, schedule.target(x0, t.cpu(), noise).to(device)).cpu()
 
 
 def probe_grid(
-    eps, forget: ForgetSet, alphas_cumprod: torch.Tensor, seed: int, device, k: int = 10
+    eps, forget: ForgetSet, schedule: NoiseSchedule, seed: int, device, k: int = 10
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Difficulty of every item at k shared, evenly spaced timesteps: -> ([N, K], [K]).
 
     All items see the same timesteps and the same noise, so their difficulties differ only
     through the items themselves.
     """
-    n_train = len(alphas_cumprod)
+    n_train = len(schedule)
     t_grid = torch.arange(k) * n_train // k + n_train // (2 * k)
     shape = forget.x0.shape[2:]
     cols = []
@@ -278,7 +279,7 @@ def probe_grid(
                         chunk,
                         t.repeat(len(chunk)),
                         noise.expand(len(chunk), *shape),
-                        alphas_cumprod,
+                        schedule,
                         device,
                     )
                     for chunk in torch.arange(len(forget)).split(64)

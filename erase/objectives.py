@@ -24,7 +24,8 @@ class ForgetBatch:
         cond: [B, L, D] prompt embeddings of each item's concept c.
         uncond: [B, L, D] embeddings of the empty prompt.
         anchor: [B, L, D] embeddings of --erase-from c', or None.
-        noise: [B, C, H, W] the noise that made xt, when known (forward-noised sources).
+        target: [B, C, H, W] what a perfect model predicts at (xt, t) in its own
+            parametrisation (the noise, or v), when known: forward-noised sources only.
         ids: [B] forget-item indices.
     """
 
@@ -33,7 +34,7 @@ class ForgetBatch:
     cond: torch.Tensor
     uncond: torch.Tensor
     anchor: torch.Tensor | None
-    noise: torch.Tensor | None
+    target: torch.Tensor | None
     ids: torch.Tensor
 
 
@@ -83,17 +84,18 @@ def esd_loss(
 
 
 def denoising_loss(student: EpsFn, batch: ForgetBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ordinary diffusion loss of each item under its own prompt: ||eps_theta(x_t, c) - eps||^2.
+    """The ordinary diffusion loss of each item under its own prompt: ||eps_theta(x_t, c) - y||^2,
+    where y is the noise or, for a v-prediction model, the velocity (``batch.target``).
 
     It is the retain term of every objective, and ``ga`` ascends it on forget items.
 
     Returns:
         losses: [B]; pred: [B, C, H, W] the student's prediction.
     """
-    if batch.noise is None:
+    if batch.target is None:
         raise ValueError("the denoising loss needs forward-noised items (a known noise)")
     pred = student(batch.xt, batch.t, batch.cond)
-    return per_sample_mse(pred, batch.noise), pred
+    return per_sample_mse(pred, batch.target), pred
 
 
 def remap_loss(student: EpsFn, teacher: EpsFn, batch: ForgetBatch) -> tuple[torch.Tensor, ...]:

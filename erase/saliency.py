@@ -23,7 +23,7 @@ from .forget import ForgetSet, cached_batch, step_generator
 
 
 def forget_gradient(
-    objective, student, teacher, forget: ForgetSet, trained: dict, alphas, seed: int, device
+    objective, student, teacher, forget: ForgetSet, trained: dict, schedule, seed: int, device
 ) -> dict[str, torch.Tensor]:
     """Gradient of the mean forget loss over every (item, cached sample) pair: name -> tensor.
 
@@ -42,7 +42,7 @@ def forget_gradient(
                 forget.anchor,
                 forget.x0[i : i + 1, j : j + 1],
             )
-            batch = cached_batch(sub, torch.tensor([0]), g, alphas, device)
+            batch = cached_batch(sub, torch.tensor([0]), g, schedule, device)
             losses, _ = objective(student, teacher, batch)
             (losses.sum() / (n * s)).backward()
     grads = {name: p.grad.detach().clone() for name, p in trained.items()}

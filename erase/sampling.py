@@ -47,14 +47,6 @@ def unet_eps(unet: torch.nn.Module) -> EpsFn:
     return lambda x, t, emb: unet(x, t, encoder_hidden_states=emb).sample
 
 
-def forward_noise(
-    x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor
-) -> torch.Tensor:
-    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, for [B, C, H, W] x_0 and noise, [B] t."""
-    a = alphas_cumprod.to(x0.device)[t].float().view(-1, 1, 1, 1)
-    return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
-
-
 def make_ddim(scheduler_config: dict, steps: int):
     """A DDIM scheduler with the model's betas, set to ``steps`` inference steps."""
     from diffusers import DDIMScheduler

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from loreun.pipelines._files import atomic_write_text
+from loreun.pipelines.conditioning import NoiseSchedule
 from loreun.pipelines.loading import fingerprint
 from loreun.pipelines.models import load_pipeline
 
@@ -86,7 +87,7 @@ class Run:
     weighting: object
     optimizer: object
     base_fingerprint: str
-    alphas_cumprod: torch.Tensor
+    schedule: NoiseSchedule
     ddim: object | None
     objective: object
     retain: ForgetSet | None = None
@@ -130,7 +131,13 @@ def erase(cfg: EraseConfig) -> Path:
             trained = {n: p.detach() for n, p in run.trained.items()}
             check_finite_state(trained, None, steps_done, cfg)
             path = export_erased(
-                out, trained, cfg, run.base_fingerprint, steps_done, run.weighting.summary()
+                out,
+                trained,
+                cfg,
+                run.base_fingerprint,
+                steps_done,
+                run.weighting.summary(),
+                run.schedule.prediction_type,
             )
             if cfg.save_pipeline:
                 save_pipeline_folder(run.pipe, out)
@@ -206,10 +213,10 @@ def setup(
     teacher = FrozenTeacher(unet, trained)
     forget = build_forget_set(cfg, pipe, teacher, acc, out, folders.forget)
     retain = build_retain_set(cfg, pipe, teacher, acc, out, folders.retain, forget.uncond)
-    alphas = pipe.scheduler.alphas_cumprod.float()
+    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     objective = build_objective(cfg.objective, eta=cfg.negative_guidance, ga_bound=cfg.ga_bound)
     base_fp = fingerprint(teacher.base)
-    mask = build_mask(cfg, acc, out, objective, unet, teacher, forget, trained, alphas, base_fp)
+    mask = build_mask(cfg, acc, out, objective, unet, teacher, forget, trained, schedule, base_fp)
     weighting = build_weighting(
         cfg.weighting,
         len(forget),
@@ -217,13 +224,13 @@ def setup(
         variant=cfg.loreun_variant,
         momentum=cfg.loreun_momentum,
         normalize=cfg.difficulty_norm == "timestep",
-        num_train_timesteps=len(alphas),
+        num_train_timesteps=len(schedule),
         target_ess=cfg.target_ess,
     )
     if weighting.needs_difficulty and resume is None:  # a resumed run reloads its memory
         print(f"probing the difficulty of {len(forget)} forget items", flush=True)
         with acc.autocast():
-            grid, t_grid = probe_grid(teacher, forget, alphas, cfg.seed, acc.device)
+            grid, t_grid = probe_grid(teacher, forget, schedule, cfg.seed, acc.device)
         weighting.fill(grid, t_grid)
     optimizer = torch.optim.AdamW(list(trained.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     prepared, optimizer = acc.prepare(unet, optimizer)
@@ -237,7 +244,7 @@ def setup(
         weighting,
         optimizer,
         base_fp,
-        alphas,
+        schedule,
         ddim,
         objective,
         retain,
@@ -333,7 +340,7 @@ def cached_samples(cfg, pipe, teacher, acc, stem: Path, items: ForgetSet, prompt
         return load_or_sample_cache(stem.with_name(stem.name + "-latents.safetensors"), key, sample)
 
 
-def build_mask(cfg, acc, out, objective, unet, teacher, forget, trained, alphas, base_fp):
+def build_mask(cfg, acc, out, objective, unet, teacher, forget, trained, schedule, base_fp):
     """The saliency mask: loaded from --saliency-mask, reused from OUT, or computed and saved."""
     if cfg.saliency_mask:
         return load_mask(cfg.saliency_mask, trained, base_fp, "--saliency-mask")
@@ -352,7 +359,7 @@ def build_mask(cfg, acc, out, objective, unet, teacher, forget, trained, alphas,
             return load_mask(path, trained, base_fp, "--resume")
         with acc.autocast():
             grads = forget_gradient(
-                objective, unet_eps(unet), teacher, forget, trained, alphas, cfg.seed, acc.device
+                objective, unet_eps(unet), teacher, forget, trained, schedule, cfg.seed, acc.device
             )
         mask = top_fraction_mask({n: g.abs() for n, g in grads.items()}, cfg.saliency)
         if acc.is_main_process:
@@ -481,7 +488,7 @@ def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Ten
     forget_term, retain_term = loss.detach(), torch.zeros((), device=loss.device)
     if run.retain is not None:
         rids = item_ids(len(run.retain), cfg.batch_size, cfg.seed, acc.process_index, k, stream=1)
-        rbatch = cached_batch(run.retain, rids, g, run.alphas_cumprod, acc.device)
+        rbatch = cached_batch(run.retain, rids, g, run.schedule, acc.device)
         with acc.autocast():
             retain_losses, _ = denoising_loss(student, rbatch)
         retain_term = retain_losses.mean()
@@ -493,7 +500,7 @@ def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Ten
 def draw_batch(run: Run, cfg: EraseConfig, acc, ids: torch.Tensor, g: torch.Generator):
     """x_t for the sampled items from the configured source (see ``sampling``)."""
     if cfg.xt_source == "cached":
-        return cached_batch(run.forget, ids, g, run.alphas_cumprod, acc.device)
+        return cached_batch(run.forget, ids, g, run.schedule, acc.device)
     raw = acc.unwrap_model(run.unet)
     eps = unet_eps(raw) if cfg.xt_source == "partial-train" else run.teacher
     shape = latent_shape(run.pipe, cfg.resolution)
@@ -511,10 +518,10 @@ def observe_difficulty(run: Run, cfg: EraseConfig, acc, batch, pred, g) -> None:
     """
     if not (run.weighting.needs_difficulty and cfg.loreun_variant != "static"):
         return
-    if batch.noise is not None:
-        t, diff = batch.t, per_sample_mse(pred.detach(), batch.noise)
+    if batch.target is not None:
+        t, diff = batch.t, per_sample_mse(pred.detach(), batch.target)
     else:
-        t = torch.randint(0, len(run.alphas_cumprod), (len(batch.ids),), generator=g)
+        t = torch.randint(0, len(run.schedule), (len(batch.ids),), generator=g)
         noise = torch.randn((len(batch.ids), *run.forget.x0.shape[2:]), generator=g)
         with acc.autocast():
             diff = probe_difficulty(
@@ -523,7 +530,7 @@ def observe_difficulty(run: Run, cfg: EraseConfig, acc, batch, pred, g) -> None:
                 batch.ids,
                 t,
                 noise,
-                run.alphas_cumprod,
+                run.schedule,
                 acc.device,
             )
     ids = batch.ids

@@ -61,8 +61,6 @@ def load_pipeline(model: str, config: str | None = None, torch_dtype=None):
         config: local diffusers folder holding the configs of a single-file checkpoint.
         torch_dtype: optional dtype for every component.
     """
-    from diffusers import StableDiffusionPipeline
-
     ref = resolve_model(model)
     kwargs = {"safety_checker": None, "requires_safety_checker": False}
     if torch_dtype is not None:
@@ -70,11 +68,33 @@ def load_pipeline(model: str, config: str | None = None, torch_dtype=None):
     if Path(ref).is_file():
         return _load_single_file(ref, config, kwargs)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(ref, **kwargs)
+        cls = pipeline_class(ref, model)
+        pipe = cls.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as e:
         raise ValueError(f"--model: could not load {model!r}: {_first_line(e)}") from e
     check_tokenizer(pipe.tokenizer, model)
     return pipe
+
+
+# Pipelines whose conditioning loreun implements: one CLIP text encoder, epsilon or v targets.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+
+
+def pipeline_class(ref: str, model: str):
+    """The pipeline class that the model's own ``model_index.json`` names, if loreun supports it.
+
+    Raises:
+        ValueError: a pipeline of another family, named, instead of a confusing failure later.
+    """
+    import diffusers
+
+    name = diffusers.DiffusionPipeline.load_config(ref).get("_class_name", "")
+    if name not in SUPPORTED_PIPELINES:
+        raise ValueError(
+            f"its model_index.json names {name or 'no pipeline class'}; loreun supports "
+            f"{', '.join(SUPPORTED_PIPELINES)} models (SD 1.x and 2.x, epsilon or v-prediction)"
+        )
+    return getattr(diffusers, name)
 
 
 def _load_single_file(path: str, config: str | None, kwargs: dict):

@@ -11,8 +11,11 @@ from pathlib import Path
 import torch
 
 
-def make_tiny_pipeline(seed: int = 0, sample_size: int = 8):
-    """Build a tiny ``StableDiffusionPipeline`` (32x32 images, 4x8x8 latents by default)."""
+def make_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: str = "epsilon"):
+    """Build a tiny ``StableDiffusionPipeline`` (32x32 images, 4x8x8 latents by default).
+
+    ``prediction_type="v_prediction"`` gives the parametrisation of SD 2.x 768 models.
+    """
     from diffusers import (
         AutoencoderKL,
         StableDiffusionPipeline,
@@ -62,6 +65,7 @@ def make_tiny_pipeline(seed: int = 0, sample_size: int = 8):
         )
     )
     scheduler = sd1_ddim_scheduler()
+    scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -74,8 +78,9 @@ def make_tiny_pipeline(seed: int = 0, sample_size: int = 8):
     )
 
 
-def save_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
+def save_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Build and save a tiny pipeline as a diffusers folder; returns the folder."""
     folder = Path(folder)
-    make_tiny_pipeline(seed).save_pretrained(folder, safe_serialization=True)
+    pipe = make_tiny_pipeline(seed, prediction_type=prediction_type)
+    pipe.save_pretrained(folder, safe_serialization=True)
     return folder

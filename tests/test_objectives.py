@@ -37,7 +37,7 @@ def _batch(anchor=None):
         cond=torch.full((b, 3, 4), 2.0),
         uncond=torch.full((b, 3, 4), 0.5),
         anchor=anchor,
-        noise=None,
+        target=None,
         ids=torch.tensor([0, 1]),
     )
 
@@ -78,7 +78,7 @@ def test_esd_erase_from_replaces_first_term():
 
 def _noised_batch(anchor=None):
     batch = _batch(anchor)
-    batch.noise = torch.ones_like(batch.xt)
+    batch.target = torch.ones_like(batch.xt)
     return batch
 
 

@@ -1,0 +1,115 @@
+"""Model families: v-prediction models (SD 2.x 768 and others), whose denoising target is the
+velocity, and pipelines of families loreun does not handle yet, refused by name."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from loreun.cli.main import main
+from loreun.erase.objectives import ForgetBatch, denoising_loss
+from loreun.pipelines.conditioning import NoiseSchedule, prediction_type
+
+from .conftest import erase_args
+
+
+def _schedule(kind):
+    betas = torch.linspace(1e-4, 2e-2, 1000)
+    return NoiseSchedule(torch.cumprod(1 - betas, 0), kind)
+
+
+def _batch(schedule, x0, t, noise):
+    return ForgetBatch(
+        xt=schedule.add_noise(x0, t, noise),
+        t=t,
+        cond=torch.zeros(len(t), 3, 4),
+        uncond=torch.zeros(len(t), 3, 4),
+        anchor=None,
+        target=schedule.target(x0, t, noise),
+        ids=torch.arange(len(t)),
+    )
+
+
+def _perfect(schedule, x0, noise, kind):
+    """A model that knows x_0 and the noise and answers in parametrisation ``kind``."""
+    other = NoiseSchedule(schedule.alphas_cumprod, kind)
+    return lambda x, t, emb: other.target(x0, t, noise)
+
+
+def test_the_denoising_loss_of_a_v_model_is_zero_only_for_a_v_predictor():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 990])
+    v = _schedule("v_prediction")
+    batch = _batch(v, x0, t, noise)
+    assert torch.allclose(
+        denoising_loss(_perfect(v, x0, noise, "v_prediction"), batch)[0], torch.zeros(3)
+    )
+    assert (denoising_loss(_perfect(v, x0, noise, "epsilon"), batch)[0] > 1e-3).all()
+    eps = _schedule("epsilon")
+    batch = _batch(eps, x0, t, noise)
+    assert torch.allclose(
+        denoising_loss(_perfect(eps, x0, noise, "epsilon"), batch)[0], torch.zeros(3)
+    )
+
+
+def test_v_is_the_velocity_of_the_forward_process():
+    """v = sqrt(abar) eps - sqrt(1 - abar) x_0, so x_0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
+    s = _schedule("v_prediction")
+    x0, noise, t = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.tensor([100, 800])
+    a = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0_back = a.sqrt() * s.add_noise(x0, t, noise) - (1 - a).sqrt() * s.target(x0, t, noise)
+    assert torch.allclose(x0_back, x0, atol=1e-5)
+
+
+def test_other_parametrisations_are_refused_by_name():
+    assert prediction_type({"prediction_type": "v_prediction"}) == "v_prediction"
+    assert prediction_type({}) == "epsilon"
+    with pytest.raises(ValueError, match="model predicts 'sample'; loreun supports"):
+        prediction_type({"prediction_type": "sample"})
+
+
+@pytest.fixture(scope="module")
+def v_pipeline_dir(tmp_path_factory):
+    from loreun.pipelines.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(
+        tmp_path_factory.mktemp("v") / "tiny-v", prediction_type="v_prediction"
+    )
+
+
+@pytest.mark.slow
+def test_v_prediction_model_end_to_end(v_pipeline_dir, tmp_path):
+    """erase (GA, whose target is the velocity here) -> export -> strict load -> generate ->
+    audit, on a tiny v-prediction pipeline."""
+    from loreun.pipelines import apply_erased_weights
+    from loreun.pipelines.models import load_pipeline
+
+    out = tmp_path / "erase"
+    args = erase_args(v_pipeline_dir, out, "--objective", "ga", "--retain-concept", "a dog")
+    assert main(args + ["--weighting", "loreun", "--save-pipeline"]) == 0
+    with safe_open(str(out / "unet-erased.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["loreun"])
+    assert meta["prediction_type"] == "v_prediction"
+    pipe = apply_erased_weights(load_pipeline(str(v_pipeline_dir)), out / "unet-erased.safetensors")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    gen = tmp_path / "gen"
+    cmd = ["generate", "--model", str(out / "pipeline"), "--prompts", "neutral", "--steps", "2"]
+    assert main(cmd + ["--out", str(gen)]) == 0
+    audit = ["audit", "--images", str(gen), "--detector", "digits", "--out", str(tmp_path / "a")]
+    assert main(audit) == 0
+
+
+def test_a_pipeline_of_another_family_is_refused_by_name(tiny_pipeline_dir, tmp_path, capsys):
+    import shutil
+
+    sdxl = tmp_path / "sdxl-like"
+    shutil.copytree(tiny_pipeline_dir, sdxl)
+    index = json.loads((sdxl / "model_index.json").read_text())
+    (sdxl / "model_index.json").write_text(
+        json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"})
+    )
+    assert main(erase_args(sdxl, tmp_path / "o")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "model_index.json names StableDiffusionXLPipeline; loreun supports" in err
