@@ -213,6 +213,13 @@ class EraseConfig:
     mixed_precision: str = field(
         default="no", metadata=_help("autocast precision", choices=MIXED_PRECISION)
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=_help(
+            "recompute the UNet's activations in the backward pass: less memory (SDXL), "
+            "more time, the same result"
+        ),
+    )
     checkpoint_every: int = field(
         default=100,
         metadata=_help(

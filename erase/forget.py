@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from loreun.pipelines._files import atomic_save_safetensors
-from loreun.pipelines.conditioning import NoiseSchedule
+from loreun.pipelines.conditioning import NoiseSchedule, encode_prompts
 
 from .objectives import ForgetBatch, per_sample_mse
 from .sampling import ddim_sample, make_ddim
@@ -27,9 +27,9 @@ class ForgetSet:
     (x_0: the image's latent, S = 1).
 
     Attributes:
-        cond: [N, L, D] one embedding per item: its prompt or caption.
+        cond: [N, L, D] one embedding per item: its prompt or caption (a ``Cond`` for SDXL).
         uncond: [1, L, D] the empty prompt.
-        anchor: [1, L, D] the --erase-from prompt, or None.
+        anchor: [1, L, D] the --erase-from or --anchor prompt, or None.
         x0: [N, S, C, H, W] S latents per item, or None.
     """
 
@@ -42,26 +42,10 @@ class ForgetSet:
         return len(self.cond)
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
-    """Encode prompts once with the pipeline's tokenizer and text encoder: -> [P, L, D]."""
-    tok = pipe.tokenizer(
-        prompts,
-        padding="max_length",
-        truncation=True,
-        max_length=pipe.tokenizer.model_max_length,
-        return_tensors="pt",
-    )
-    enc = pipe.text_encoder.to(device)
-    emb = enc(tok.input_ids.to(device))[0]
-    pipe.text_encoder.to("cpu")
-    return emb.float()
-
-
-def encode_captions(pipe, captions: list[str], device) -> torch.Tensor:
-    """Encode each distinct caption once: -> [N, L, D], one row per caption given."""
+def encode_captions(pipe, captions: list[str], device, size: int | None = None):
+    """Encode each distinct caption once: -> [N, L, D] (or a ``Cond``), one row per caption."""
     unique = sorted(set(captions))
-    emb = encode_prompts(pipe, unique, device)
+    emb = encode_prompts(pipe, unique, device, size)
     index = torch.tensor([unique.index(c) for c in captions])
     return emb[index]
 

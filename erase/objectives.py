@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loreun.pipelines.conditioning import cat_cond
+
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -63,7 +65,7 @@ def teacher_predictions(teacher: EpsFn, batch: ForgetBatch) -> tuple[torch.Tenso
     conds = [batch.cond, batch.uncond] + ([batch.anchor] if batch.anchor is not None else [])
     k = len(conds)
     with torch.no_grad():
-        eps = teacher(batch.xt.repeat(k, 1, 1, 1), batch.t.repeat(k), torch.cat(conds))
+        eps = teacher(batch.xt.repeat(k, 1, 1, 1), batch.t.repeat(k), cat_cond(conds))
     return eps.chunk(k)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
+from loreun.pipelines.conditioning import cat_cond, unet_kwargs
+
 from .objectives import EpsFn
 
 
@@ -36,15 +38,13 @@ class FrozenTeacher:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W], [B], [B, L, D] -> [B, C, H, W] predicted noise, without gradient."""
         with torch.no_grad():
-            out = functional_call(
-                self.unet, self.base, (x, t), {"encoder_hidden_states": emb}, strict=False
-            )
+            out = functional_call(self.unet, self.base, (x, t), unet_kwargs(emb), strict=False)
         return out.sample
 
 
 def unet_eps(unet: torch.nn.Module) -> EpsFn:
     """Wrap a UNet as ``eps(x, t, emb) -> [B, C, H, W]``."""
-    return lambda x, t, emb: unet(x, t, encoder_hidden_states=emb).sample
+    return lambda x, t, emb: unet(x, t, **unet_kwargs(emb)).sample
 
 
 def make_ddim(scheduler_config: dict, steps: int):
@@ -81,7 +81,7 @@ def ddim_sample(
         [B, C, H, W] latents at ``ddim.timesteps[stop]`` (or x_0).
     """
     x = latents * ddim.init_noise_sigma
-    emb = torch.cat([cond, uncond])
+    emb = cat_cond([cond, uncond])
     for t in ddim.timesteps[:stop]:
         tt = t.repeat(2 * len(x)).to(x.device)
         e_c, e_u = eps(torch.cat([x, x]), tt, emb).chunk(2)

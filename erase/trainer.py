@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from loreun.pipelines._files import atomic_write_text
-from loreun.pipelines.conditioning import NoiseSchedule
+from loreun.pipelines.conditioning import NoiseSchedule, encode_prompts
 from loreun.pipelines.loading import fingerprint
 from loreun.pipelines.models import load_pipeline
 
@@ -39,7 +39,6 @@ from .forget import (
     cached_batch,
     encode_captions,
     encode_images,
-    encode_prompts,
     item_ids,
     latent_shape,
     load_or_sample_cache,
@@ -207,6 +206,8 @@ def setup(
     pipe = load_pipeline(cfg.model, cfg.model_config)
     unet = pipe.unet.to(acc.device)
     unet.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     trained = select_parameters(unet, cfg.method)
     for p in trained.values():
         p.requires_grad_(True)
@@ -260,10 +261,11 @@ def build_forget_set(
     """Encode every prompt once; take x_0 from the images, or sample and cache it when needed."""
     anchor_prompt = cfg.erase_from if cfg.objective == "esd" else cfg.anchor
     extra = [""] + ([anchor_prompt] if anchor_prompt else [])
-    emb = encode_prompts(pipe, extra, acc.device)
+    size = pixel_size(pipe, cfg.resolution)
+    emb = encode_prompts(pipe, extra, acc.device, size)
     captions = [it.caption for it in images] if images else cfg.concepts
     forget = ForgetSet(
-        cond=encode_captions(pipe, captions, acc.device),
+        cond=encode_captions(pipe, captions, acc.device, size),
         uncond=emb[:1],
         anchor=emb[1:2] if anchor_prompt else None,
     )
@@ -288,7 +290,8 @@ def build_retain_set(
     if not cfg.retain_weight:
         return None
     captions = [it.caption for it in images] if images else cfg.retain_concepts
-    retain = ForgetSet(cond=encode_captions(pipe, captions, acc.device), uncond=uncond, anchor=None)
+    size = pixel_size(pipe, cfg.resolution)
+    retain = ForgetSet(encode_captions(pipe, captions, acc.device, size), uncond, anchor=None)
     if images:
         retain.x0 = cached_image_latents(cfg, pipe, acc, out / "cache" / "retain-images", images)
     else:

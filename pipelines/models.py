@@ -62,22 +62,31 @@ def load_pipeline(model: str, config: str | None = None, torch_dtype=None):
         torch_dtype: optional dtype for every component.
     """
     ref = resolve_model(model)
-    kwargs = {"safety_checker": None, "requires_safety_checker": False}
-    if torch_dtype is not None:
-        kwargs[_dtype_kwarg()] = torch_dtype
+    kwargs = {} if torch_dtype is None else {_dtype_kwarg(): torch_dtype}
     if Path(ref).is_file():
         return _load_single_file(ref, config, kwargs)
     try:
         cls = pipeline_class(ref, model)
-        pipe = cls.from_pretrained(ref, **kwargs)
+        pipe = cls.from_pretrained(ref, **kwargs, **_no_safety_checker(cls))
     except (OSError, ValueError) as e:
         raise ValueError(f"--model: could not load {model!r}: {_first_line(e)}") from e
     check_tokenizer(pipe.tokenizer, model)
     return pipe
 
 
-# Pipelines whose conditioning loreun implements: one CLIP text encoder, epsilon or v targets.
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+# Pipelines whose conditioning loreun implements (``conditioning.encode_prompts``): SD 1.x/2.x
+# with one CLIP text encoder, SDXL with two; epsilon or v-prediction targets.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def _no_safety_checker(cls) -> dict:
+    """SD 1.x/2.x pipelines load a safety checker, which blanks the very images an audit must
+    see; SDXL has none."""
+    import inspect
+
+    if "safety_checker" in inspect.signature(cls.__init__).parameters:
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return {}
 
 
 def pipeline_class(ref: str, model: str):
@@ -92,14 +101,12 @@ def pipeline_class(ref: str, model: str):
     if name not in SUPPORTED_PIPELINES:
         raise ValueError(
             f"its model_index.json names {name or 'no pipeline class'}; loreun supports "
-            f"{', '.join(SUPPORTED_PIPELINES)} models (SD 1.x and 2.x, epsilon or v-prediction)"
+            f"{', '.join(SUPPORTED_PIPELINES)} models"
         )
     return getattr(diffusers, name)
 
 
 def _load_single_file(path: str, config: str | None, kwargs: dict):
-    from diffusers import StableDiffusionPipeline
-
     if not path.endswith(".safetensors"):
         raise ValueError(
             f"--model: {path}: only .safetensors single-file checkpoints are "
@@ -112,7 +119,8 @@ def _load_single_file(path: str, config: str | None, kwargs: dict):
         )
     resolve_model(config)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(path, config=config, **kwargs)
+        cls = pipeline_class(config, config)  # the family comes from the configs' folder
+        pipe = cls.from_single_file(path, config=config, **kwargs, **_no_safety_checker(cls))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"--model: could not load {path}: {_first_line(e)}") from e
     check_tokenizer(pipe.tokenizer, path)

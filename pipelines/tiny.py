@@ -84,3 +84,66 @@ def save_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str =
     pipe = make_tiny_pipeline(seed, prediction_type=prediction_type)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def make_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8):
+    """Build a tiny ``StableDiffusionXLPipeline``: two text encoders (the second with a
+    projection, whose pooled output and the size time ids condition the UNet), 32x32 images.
+
+    The shape of diffusers' own SDXL ``get_dummy_components``, with loreun's offline tokenizer.
+    """
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ._digits_data import build_tokenizer
+
+    base = make_tiny_pipeline(seed, sample_size)  # the VAE, tokenizer and scheduler
+    torch.manual_seed(seed)
+    hidden, time_dim = 16, 4
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=2,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + hidden,
+        cross_attention_dim=2 * hidden,  # both encoders' hidden states, concatenated
+        norm_num_groups=4,
+    )
+    tokenizer, vocab, _ = build_tokenizer(max_length=16)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=hidden,
+    )
+    return StableDiffusionXLPipeline(
+        vae=base.vae,
+        text_encoder=CLIPTextModel(config),
+        text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=base.scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def save_tiny_sdxl_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build and save a tiny SDXL pipeline as a diffusers folder; returns the folder."""
+    folder = Path(folder)
+    make_tiny_sdxl_pipeline(seed).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -104,12 +104,67 @@ def test_v_prediction_model_end_to_end(v_pipeline_dir, tmp_path):
 def test_a_pipeline_of_another_family_is_refused_by_name(tiny_pipeline_dir, tmp_path, capsys):
     import shutil
 
-    sdxl = tmp_path / "sdxl-like"
-    shutil.copytree(tiny_pipeline_dir, sdxl)
-    index = json.loads((sdxl / "model_index.json").read_text())
-    (sdxl / "model_index.json").write_text(
-        json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"})
-    )
-    assert main(erase_args(sdxl, tmp_path / "o")) == 2
+    flux = tmp_path / "flux-like"
+    shutil.copytree(tiny_pipeline_dir, flux)
+    index = json.loads((flux / "model_index.json").read_text())
+    (flux / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    assert main(erase_args(flux, tmp_path / "o")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "model_index.json names StableDiffusionXLPipeline; loreun supports" in err
+    assert "model_index.json names FluxPipeline; loreun supports" in err
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    from loreun.pipelines.tiny import save_tiny_sdxl_pipeline
+
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.mark.slow
+def test_sdxl_end_to_end(sdxl_dir, tmp_path):
+    """A tiny SDXL from diffusers configs: erase -> --save-pipeline folder that plain
+    StableDiffusionXLPipeline loads -> strict load of the erased file -> generate -> audit."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from loreun.pipelines import apply_erased_weights
+    from loreun.pipelines.models import load_pipeline
+
+    out = tmp_path / "erase"
+    args = erase_args(sdxl_dir, out, "--save-pipeline", "--weighting", "loreun")
+    assert main(args + ["--retain-concept", "a dog", "--objective", "ga"]) == 0
+    folder = StableDiffusionXLPipeline.from_pretrained(out / "pipeline")
+    image = folder("a cat", num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (32, 32)
+    base = apply_erased_weights(load_pipeline(str(sdxl_dir)), out / "unet-erased.safetensors")
+    a, b = base.unet.state_dict(), folder.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    gen = tmp_path / "gen"
+    cmd = ["generate", "--model", str(sdxl_dir), "--erased", str(out), "--prompts", "neutral"]
+    assert main(cmd + ["--steps", "2", "--out", str(gen)]) == 0
+    audit = ["audit", "--images", str(gen), "--detector", "digits", "--out", str(tmp_path / "a")]
+    assert main(audit) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["cached", "partial-train"])
+def test_sdxl_esd_presets_train_cross_attention(sdxl_dir, tmp_path, source):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "o"
+    assert main(erase_args(sdxl_dir, out, "--method", "esd-x", "--xt-source", source)) == 0
+    keys = load_file(str(out / "unet-erased.safetensors")).keys()
+    assert keys and all(".attn2." in k for k in keys)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tiny_pipeline_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    assert main(erase_args(tiny_pipeline_dir, plain, "--method", "esd-u")) == 0
+    assert (
+        main(erase_args(tiny_pipeline_dir, ckpt, "--method", "esd-u", "--gradient-checkpointing"))
+        == 0
+    )
+    a = load_file(str(plain / "unet-erased.safetensors"))
+    b = load_file(str(ckpt / "unet-erased.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
