@@ -123,10 +123,12 @@ def erase(cfg: EraseConfig) -> Path:
             atomic_write_text(out / "erase_config.json", cfg.to_json())
             start_log(out, load_step(resume))
         acc.wait_for_everyone()
+        say(acc, f"loading {cfg.model}")
         run = setup(cfg, acc, out, resume, folders)
         steps_done = train(run, cfg, acc, out)
         path = out / "unet-erased.safetensors"
         if acc.is_main_process:
+            say(acc, f"exporting {len(run.trained)} trained tensors")
             trained = {n: p.detach() for n, p in run.trained.items()}
             check_finite_state(trained, None, steps_done, cfg)
             path = export_erased(
@@ -146,6 +148,19 @@ def erase(cfg: EraseConfig) -> Path:
         if lock is not None:
             lock.release()
         acc.end_training()
+
+
+def say(acc, message: str) -> None:
+    """One progress line from the main process, for set-up phases that take more than a second."""
+    if acc.is_main_process:
+        print(message, flush=True)
+
+
+def can_differ(cfg: EraseConfig) -> bool:
+    """Whether LoReUn's weights can differ from 1: not at tau = inf without a target ESS."""
+    import math
+
+    return cfg.target_ess is not None or not math.isinf(cfg.temperature)
 
 
 def check_resume_settings(resume: Path | None, cfg: EraseConfig) -> None:
@@ -228,8 +243,9 @@ def setup(
         num_train_timesteps=len(schedule),
         target_ess=cfg.target_ess,
     )
-    if weighting.needs_difficulty and resume is None:  # a resumed run reloads its memory
-        print(f"probing the difficulty of {len(forget)} forget items", flush=True)
+    if weighting.needs_difficulty and resume is None and can_differ(cfg):
+        # a resumed run reloads its memory; at tau = inf every weight is 1 whatever the memory
+        say(acc, f"probing the difficulty of {len(forget)} forget items")
         with acc.autocast():
             grid, t_grid = probe_grid(teacher, forget, schedule, cfg.seed, acc.device)
         weighting.fill(grid, t_grid)
@@ -307,6 +323,7 @@ def cached_image_latents(cfg, pipe, acc, stem: Path, images: list[ImageItem]) ->
     key = {"model": cfg.model, "images": folder_key(images, size)}
 
     def encode():
+        say(acc, f"encoding {len(images)} images with the VAE")
         return encode_images(pipe, [it.path for it in images], size, acc.device)
 
     with acc.main_process_first():
@@ -326,6 +343,8 @@ def cached_samples(cfg, pipe, teacher, acc, stem: Path, items: ForgetSet, prompt
     }
 
     def sample():
+        n = len(prompts) * cfg.samples_per_concept
+        say(acc, f"sampling {n} images of {len(prompts)} prompts ({cfg.sample_steps} steps each)")
         with acc.autocast():
             return sample_forget_latents(
                 teacher,
@@ -360,6 +379,7 @@ def build_mask(cfg, acc, out, objective, unet, teacher, forget, trained, schedul
     with acc.main_process_first():
         if mask_key(path) == key:  # a resumed run keeps its mask
             return load_mask(path, trained, base_fp, "--resume")
+        say(acc, f"saliency: the forget gradient of {len(forget)} items")
         with acc.autocast():
             grads = forget_gradient(
                 objective, unet_eps(unet), teacher, forget, trained, schedule, cfg.seed, acc.device

@@ -77,3 +77,21 @@ def test_one_forget_image_is_refused_before_the_model_loads(tmp_path, capsys):
     code = main(args + ["--forget-caption", "a cat", "--objective", "ga", "--weighting", "loreun"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "holds 1 image" in err[0]
+
+
+def test_the_probe_runs_once_and_only_where_weights_can_differ(
+    tiny_pipeline_dir, tmp_path, monkeypatch
+):
+    from loreun.erase import trainer
+
+    calls = []
+    real = trainer.probe_grid
+    monkeypatch.setattr(trainer, "probe_grid", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "o"
+    args = erase_cli(tiny_pipeline_dir, out, "--concept", "a cat", "--sample-steps", "2")
+    args += ["--weighting", "loreun", "--checkpoint-every", "2", "--lr", "1e-3"]
+    assert main(args + ["--steps", "2"]) == 0 and len(calls) == 1
+    assert main(args + ["--steps", "4", "--resume", "latest"]) == 0 and len(calls) == 1
+    inf = erase_cli(tiny_pipeline_dir, tmp_path / "inf", "--concept", "a cat", "--steps", "1")
+    assert main(inf + ["--weighting", "loreun", "--temperature", "inf"]) == 0
+    assert len(calls) == 1  # tau = inf: every weight is 1, nothing to probe
