@@ -1,11 +1,12 @@
 """``loreun demo``: erase a digit from the built-in digits model and show that it is gone.
 
-Erase (ESD + LoReUn) -> generate the bundled digits prompts before and after -> audit both with
-the built-in digit classifier -> a before/after table and report.html. Minutes on a laptop CPU.
+Erase (ESD) -> generate the bundled digits prompts before and after -> audit both with the
+built-in digit classifier -> a before/after table and report.html. Minutes on a laptop CPU.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -13,7 +14,8 @@ def add_parser(sub, name: str) -> None:
     p = sub.add_parser(
         name,
         help="erase a digit from the built-in digits model, end to end",
-        description=__doc__.splitlines()[2],
+        description=" ".join(__doc__.split("\n\n")[1].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--digit", type=int, default=3, help="digit to erase (0-9)")
     p.add_argument("--out", default="loreun-demo", help="output folder")

@@ -24,13 +24,77 @@ def add_parser(sub, name: str) -> None:
         help="read settings from a YAML file; flags given on the command line win",
     )
     hints = typing.get_type_hints(EraseConfig)
-    for f in dataclasses.fields(EraseConfig):
-        _add_field(p, f, hints[f.name])
+    fields = {f.name: f for f in dataclasses.fields(EraseConfig)}
+    for title, names in GROUPS.items():
+        group = p.add_argument_group(title)
+        for name in names:
+            _add_field(group, fields[name], hints[name])
     p.set_defaults(run=run)
 
 
+# The --help sections, in the order a user meets the decisions; every config field is in one.
+GROUPS = {
+    "model": ("model", "model_config", "resolution", "mixed_precision", "gradient_checkpointing"),
+    "what to forget": (
+        "concepts",
+        "concepts_file",
+        "forget_images",
+        "forget_caption",
+        "samples_per_concept",
+        "sample_steps",
+        "sample_guidance",
+    ),
+    "what to keep": ("retain_images", "retain_caption", "retain_concepts", "retain_weight"),
+    "objective": (
+        "objective",
+        "method",
+        "erase_from",
+        "negative_guidance",
+        "anchor",
+        "ga_bound",
+        "saliency",
+        "saliency_mask",
+        "xt_source",
+    ),
+    "weighting": (
+        "weighting",
+        "loreun_variant",
+        "temperature",
+        "target_ess",
+        "loreun_momentum",
+        "difficulty_norm",
+    ),
+    "training": (
+        "steps",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "lr",
+        "weight_decay",
+        "max_grad_norm",
+        "seed",
+    ),
+    "output": (
+        "out",
+        "save_pipeline",
+        "checkpoint_every",
+        "checkpoints_total_limit",
+        "resume",
+        "overwrite",
+    ),
+}
+
+
+def _help_with_default(f: dataclasses.Field) -> str:
+    """The field's help, plus its default where it has a telling one (flags default to None so
+    that a YAML file can fill them)."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if default in (None, False) or isinstance(default, list):
+        return f.metadata["help"]
+    return f"{f.metadata['help']} (default: {default})"
+
+
 def _add_field(p, f: dataclasses.Field, hint) -> None:
-    kwargs: dict = {"help": f.metadata["help"], "dest": f.name, "default": None}
+    kwargs: dict = {"help": _help_with_default(f), "dest": f.name, "default": None}
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
     kind = [a for a in typing.get_args(hint) if a is not type(None)][0] if optional else hint
     if kind is bool:

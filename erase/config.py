@@ -247,8 +247,11 @@ class EraseConfig:
         self._check_types()
         self.concepts = [c.strip() for c in self.concepts]
         self.retain_concepts = [c.strip() for c in self.retain_concepts]
-        if self.concepts_file:
-            self.concepts += read_concepts_file(self.concepts_file)
+        if self.concepts_file:  # those already listed are not added twice, so a saved config
+            # (whose concepts include the file's) reloads to the same config
+            self.concepts += [
+                c for c in read_concepts_file(self.concepts_file) if c not in self.concepts
+            ]
         self._check_choices()
         self._check_forget()
         self._check_objective()

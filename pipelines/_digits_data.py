@@ -52,7 +52,7 @@ def load_digit_images(split: str = "generator") -> tuple[torch.Tensor, torch.Ten
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "training the digits model needs scikit-learn: pip install 'loreun[train-digits]'"
+            "the digits data comes from scikit-learn: pip install 'loreun[train-digits]'"
         ) from e
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8]

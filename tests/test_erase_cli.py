@@ -201,3 +201,45 @@ def test_partial_sampling_sources(tiny_pipeline_dir, tmp_path, source):
         == 0
     )
     assert (out / "unet-erased.safetensors").is_file()
+
+
+def test_saved_config_reloads_to_the_same_config(tiny_pipeline_dir, tmp_path):
+    """erase_config.json, given back as --config-file, is the same run (concepts not doubled)."""
+    from loreun.erase.config import EraseConfig
+
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("a cat\na dog\n")
+    first = tmp_path / "first"
+    argv = ["erase", "--model", str(tiny_pipeline_dir), "--concepts-file", str(concepts)]
+    assert main(argv + ["--steps", "1", "--sample-steps", "2", "--out", str(first)]) == 0
+    saved = json.loads((first / "erase_config.json").read_text())
+    again = tmp_path / "again"
+    cfg_file = first / "erase_config.json"
+    assert main(["erase", "--config-file", str(cfg_file), "--out", str(again)]) == 0
+    reloaded = json.loads((again / "erase_config.json").read_text())
+    assert {**reloaded, "out": None} == {**saved, "out": None}
+    assert saved["concepts"] == ["a cat", "a dog"]
+    assert EraseConfig.from_dict(saved).to_json() == cfg_file.read_text()
+
+
+def test_every_config_field_has_one_help_group():
+    import dataclasses
+
+    from loreun.cli.erase import GROUPS
+    from loreun.erase.config import EraseConfig
+
+    grouped = [name for names in GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(EraseConfig))
+
+
+def test_config_choice_lists_match_the_slots():
+    """config.py names the choices without importing torch; each list must be its slot's keys."""
+    from loreun.erase import config, objectives, presets, weighting
+
+    assert config.METHODS == tuple(presets.PRESETS)
+    assert config.OBJECTIVES == tuple(objectives.OBJECTIVES)
+    assert config.LOREUN_VARIANTS == weighting.VARIANTS
+    for name in config.WEIGHTINGS:
+        assert weighting.build_weighting(name, 2).name == name
+    with pytest.raises(ValueError, match="choose one of uniform, loreun"):
+        weighting.build_weighting("other", 2)
