@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from loreun.pipelines._files import atomic_write_text
+from loreun.pipelines._meta import quiet
 from loreun.pipelines.conditioning import NoiseSchedule, encode_prompts
 from loreun.pipelines.loading import fingerprint
 from loreun.pipelines.models import load_pipeline
@@ -152,7 +153,7 @@ def erase(cfg: EraseConfig) -> Path:
 
 def say(acc, message: str) -> None:
     """One progress line from the main process, for set-up phases that take more than a second."""
-    if acc.is_main_process:
+    if acc.is_main_process and not quiet():
         print(message, flush=True)
 
 
@@ -415,7 +416,10 @@ def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
 
     stop = StopFlag()
     bar = tqdm(
-        total=cfg.steps, initial=run.start_step, desc="erase", disable=not acc.is_main_process
+        total=cfg.steps,
+        initial=run.start_step,
+        desc="erase",
+        disable=not acc.is_main_process or quiet(),
     )
     log = open(out / TRAIN_LOG, "a") if acc.is_main_process else None
     step = run.start_step

@@ -126,16 +126,23 @@ def open_images(records: list[dict]) -> tuple[list, list[dict], list[dict]]:
 
 def audit_source(name: str, path, detectors: list, settings: AuditSettings) -> dict:
     """Run every detector over one source; returns its rows, summaries and failures."""
+    from tqdm.auto import tqdm
+
+    from loreun.pipelines._meta import quiet
+
     records = read_source(path)
     rows, summaries, failures = [], {}, []
     results: dict[str, list] = {d.name: [] for d in detectors}
     chunk = max(settings.batch_size * 4, 64)  # bounded memory on large prompt sets
+    bar = tqdm(total=len(records), desc=f"audit {name}", disable=quiet())
     for i in range(0, len(records), chunk):
         images, good, bad = open_images(records[i : i + chunk])
         failures += bad
         for det in detectors:
             results[det.name] += det(images, good)
         rows += good
+        bar.update(len(good) + len(bad))
+    bar.close()
     for det in detectors:
         summaries[det.name] = det.summarize(results[det.name], rows)
     flagged = [

@@ -18,6 +18,7 @@ import torch
 from loreun.prompts.reader import MAX_SIZE
 
 from ._files import FolderLock, atomic_write_bytes, atomic_write_text, check_writable
+from ._meta import quiet
 from .loading import apply_erased_weights, erased_file, file_sha256
 from .models import load_pipeline
 
@@ -181,7 +182,7 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
         "steps": settings.steps,
         "scheduler": settings.scheduler,
     }
-    bar = tqdm(total=len(mine), desc="generate", disable=not state.is_main_process)
+    bar = tqdm(total=len(mine), desc="generate", disable=not state.is_main_process or quiet())
     with open(part, "a", encoding="utf-8") as manifest:
         for batch in batches(mine, settings.batch_size):
             for job, image in zip(batch, run_batch(pipe, batch, settings.steps)):

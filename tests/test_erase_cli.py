@@ -243,3 +243,19 @@ def test_config_choice_lists_match_the_slots():
         assert weighting.build_weighting(name, 2).name == name
     with pytest.raises(ValueError, match="choose one of uniform, loreun"):
         weighting.build_weighting("other", 2)
+
+
+def test_quiet_prints_only_the_result(tiny_pipeline_dir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    argv = erase_args(tiny_pipeline_dir, tmp_path / "o", "--weighting", "loreun", "-q")
+    res = subprocess.run(
+        [sys.executable, "-m", "loreun.cli", *argv], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().startswith("erased weights:") and len(res.stdout.splitlines()) == 1
+    assert res.stderr.strip() == ""
+
+
+def test_threads_must_be_positive(tmp_path, capsys):
+    assert main(erase_args(tmp_path / "m", tmp_path / "o", "--threads", "0")) == 2
+    assert "--threads: must be >= 1" in _err(capsys)[-1]
