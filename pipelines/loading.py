@@ -30,12 +30,7 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     Returns:
         "sha256:<hex>"
     """
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu", torch.float16).contiguous()
-        h.update(f"{name}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.int16).numpy().tobytes())
-    return "sha256:" + h.hexdigest()
+    return _hash_tensors(tensors, torch.float16, torch.int16)
 
 
 def content_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -44,11 +39,16 @@ def content_hash(tensors: dict[str, torch.Tensor]) -> str:
     Unlike ``fingerprint`` nothing is rounded: two tensors swapped, or one flipped byte,
     change it.
     """
+    return _hash_tensors(tensors, torch.float32, torch.int32)
+
+
+def _hash_tensors(tensors: dict[str, torch.Tensor], dtype, bits) -> str:
+    """sha256 over names, shapes and the raw bytes of the values cast to ``dtype``."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        t = tensors[name].detach().to("cpu", dtype).contiguous()
         h.update(f"{name}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.int32).numpy().tobytes())
+        h.update(t.view(bits).numpy().tobytes())
     return "sha256:" + h.hexdigest()
 
 

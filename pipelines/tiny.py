@@ -11,6 +11,21 @@ from pathlib import Path
 import torch
 
 
+def _tiny_unet(sample_size: int) -> dict:
+    """The UNet settings both tiny families share: two blocks, cross-attention in the lower."""
+    return dict(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+
+
 def make_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: str = "epsilon"):
     """Build a tiny ``StableDiffusionPipeline`` (32x32 images, 4x8x8 latents by default).
 
@@ -28,18 +43,7 @@ def make_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: str
 
     torch.manual_seed(seed)
     tokenizer, vocab, _ = build_tokenizer(max_length=16)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
+    unet = UNet2DConditionModel(**_tiny_unet(sample_size), cross_attention_dim=16)
     vae = AutoencoderKL(
         block_out_channels=(8, 8, 16),
         in_channels=3,
@@ -101,20 +105,12 @@ def make_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8):
     torch.manual_seed(seed)
     hidden, time_dim = 16, 4
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=2,
+        **_tiny_unet(sample_size),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + hidden,
         cross_attention_dim=2 * hidden,  # both encoders' hidden states, concatenated
-        norm_num_groups=4,
     )
     tokenizer, vocab, _ = build_tokenizer(max_length=16)
     config = CLIPTextConfig(

@@ -30,16 +30,10 @@ def build_unet(name: str):
         from loreun.pipelines.tiny import make_tiny_pipeline
 
         return make_tiny_pipeline().unet, (4, 8, 8), 16, 16
+    from preset_sizes import ARCHITECTURES  # this folder's own script
+
     # Stable Diffusion 1.4's UNet configuration, random weights (860M parameters).
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
+    unet = UNet2DConditionModel(**ARCHITECTURES["SD 1.x"])
     return unet, (4, 64, 64), 77, 768
 
 
