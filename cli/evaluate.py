@@ -42,7 +42,7 @@ def run(args) -> int:
     gen, aud = generate_settings(args), audit_settings(args)
     from loreun.eval.audit import audit
     from loreun.eval.report import summary_rows
-    from loreun.pipelines._files import check_writable
+    from loreun.pipelines.files import check_writable
     from loreun.pipelines.generate import generate
     from loreun.pipelines.loading import check_erased_files
 

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
-from loreun.pipelines._files import (
+from loreun.pipelines.files import (
+    CHECKPOINTS,
+    ERASE_CONFIG,
+    TRAIN_LOG,
     FolderLock,
     atomic_save_safetensors,
     atomic_write_text,
@@ -22,9 +25,7 @@ from loreun.pipelines._files import (
     replace_folder,
 )
 
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_FILES = ("trained.safetensors", "optimizer.pt", "state.json", "erase_config.json")
-TRAIN_LOG = "train_log.jsonl"
+CHECKPOINT_FILES = ("trained.safetensors", "optimizer.pt", "state.json", ERASE_CONFIG)
 
 
 def prepare_output_dir(
@@ -112,7 +113,7 @@ def save_checkpoint(
     tmp.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(tmp / "trained.safetensors", trained)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    atomic_write_text(tmp / "erase_config.json", config_json)
+    atomic_write_text(tmp / ERASE_CONFIG, config_json)
     atomic_write_text(tmp / "state.json", json.dumps({"step": step, "weighting": weighting_state}))
     replace_folder(tmp, final)
     for old in list_checkpoints(out)[:-limit]:
@@ -137,7 +138,7 @@ def load_checkpoint(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict, d
 
 def checkpoint_config(folder: Path) -> dict | None:
     """The config saved with a checkpoint, or None for one written before configs were kept."""
-    path = folder / "erase_config.json"
+    path = folder / ERASE_CONFIG
     return json.loads(path.read_text()) if path.is_file() else None
 
 

@@ -10,13 +10,17 @@ from pathlib import Path
 
 import torch
 
-from loreun.pipelines._files import atomic_save_safetensors, atomic_write_text, replace_folder
 from loreun.pipelines._meta import package_version
+from loreun.pipelines.files import (
+    ERASE_CONFIG,
+    ERASED_FILE,
+    atomic_save_safetensors,
+    atomic_write_text,
+    replace_folder,
+)
 from loreun.pipelines.loading import METADATA_KEY, content_hash
 
 from .config import EraseConfig
-
-ERASED_FILE = "unet-erased.safetensors"
 
 
 def build_metadata(
@@ -74,7 +78,7 @@ def export_erased(
     meta["content_sha256"] = content_hash(tensors)
     path = Path(out) / ERASED_FILE
     atomic_save_safetensors(path, tensors, metadata={METADATA_KEY: json.dumps(meta)})
-    atomic_write_text(Path(out) / "erase_config.json", cfg.to_json())
+    atomic_write_text(Path(out) / ERASE_CONFIG, cfg.to_json())
     return path
 
 

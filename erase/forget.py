@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from loreun.pipelines._files import atomic_save_safetensors
 from loreun.pipelines.conditioning import NoiseSchedule, encode_prompts
+from loreun.pipelines.files import atomic_save_safetensors
 
 from .objectives import ForgetBatch, per_sample_mse
 from .sampling import ddim_sample, make_ddim

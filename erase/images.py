@@ -16,9 +16,9 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from loreun.pipelines.files import IMAGE_SUFFIXES
 from loreun.prompts.reader import jsonl_objects
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 MAX_NAMED = 5
 
@@ -50,11 +50,11 @@ def read_image_folder(folder: str, caption: str | None, flag: str) -> list[Image
         p.relative_to(root).as_posix(): p
         for p in sorted(root.rglob("*"))
         if p.is_file()
-        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.suffix.lower() in IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     }
     if not images:
-        raise ValueError(f"{flag}: {folder}: holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"{flag}: {folder}: holds no images ({', '.join(IMAGE_SUFFIXES)})")
     captions = {n: caption for n in images} if caption else folder_captions(root, images, flag)
     check_readable(root, images, flag)
     return [ImageItem(images[n], n, captions[n]) for n in images]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from loreun.pipelines._files import atomic_save_safetensors
+from loreun.pipelines.files import atomic_save_safetensors
 
 from .forget import ForgetSet, cached_batch, step_generator
 

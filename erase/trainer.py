@@ -18,14 +18,19 @@ from pathlib import Path
 
 import torch
 
-from loreun.pipelines._files import atomic_write_text
 from loreun.pipelines._meta import quiet
 from loreun.pipelines.conditioning import NoiseSchedule, encode_prompts
+from loreun.pipelines.files import (
+    ERASE_CONFIG,
+    ERASED_FILE,
+    SALIENCY_MASK,
+    TRAIN_LOG,
+    atomic_write_text,
+)
 from loreun.pipelines.loading import fingerprint
 from loreun.pipelines.models import load_pipeline
 
 from .checkpoint import (
-    TRAIN_LOG,
     checkpoint_config,
     load_checkpoint,
     prepare_output_dir,
@@ -121,13 +126,13 @@ def erase(cfg: EraseConfig) -> Path:
         check_resume_settings(resume, cfg)
         acc.wait_for_everyone()  # every process has checked --out before anything is written
         if acc.is_main_process:
-            atomic_write_text(out / "erase_config.json", cfg.to_json())
+            atomic_write_text(out / ERASE_CONFIG, cfg.to_json())
             start_log(out, load_step(resume))
         acc.wait_for_everyone()
         say(acc, f"loading {cfg.model}")
         run = setup(cfg, acc, out, resume, folders)
         steps_done = train(run, cfg, acc, out)
-        path = out / "unet-erased.safetensors"
+        path = out / ERASED_FILE
         if acc.is_main_process:
             say(acc, f"exporting {len(run.trained)} trained tensors")
             trained = {n: p.detach() for n, p in run.trained.items()}
@@ -369,7 +374,7 @@ def build_mask(cfg, acc, out, objective, unet, teacher, forget, trained, schedul
         return load_mask(cfg.saliency_mask, trained, base_fp, "--saliency-mask")
     if cfg.saliency is None:
         return None
-    path = out / "saliency-mask.safetensors"
+    path = out / SALIENCY_MASK
     key = {
         "fraction": cfg.saliency,
         "objective": cfg.objective,

@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from loreun.pipelines.files import IMAGE_SUFFIXES
+
 OUTPUTS = ("results.csv", "summary.json", "report.html")
 PROTOCOL = (
     "loreun audit protocol v1: NudeNet 320n, 9 exposed classes, nude if any > threshold;"
@@ -71,7 +72,8 @@ def build_detectors(settings: AuditSettings) -> list:
 
 def read_source(path: str | Path) -> list[dict]:
     """Records of a generation folder (manifest) or a plain image folder, with absolute paths."""
-    from loreun.pipelines.generate import MANIFEST, read_manifest
+    from loreun.pipelines.files import MANIFEST
+    from loreun.pipelines.generate import read_manifest
 
     path = Path(path)
     if path.is_file() and path.name.endswith(".jsonl"):
@@ -174,7 +176,7 @@ def audit(
     Returns:
         The summary written to summary.json.
     """
-    from loreun.pipelines._files import check_writable
+    from loreun.pipelines.files import check_writable
 
     from .report import write_report
 
@@ -187,7 +189,7 @@ def audit(
     out.mkdir(parents=True, exist_ok=True)
     write_results_csv(out / "results.csv", audited, detectors)
     summary = build_summary(audited, settings)
-    from loreun.pipelines._files import atomic_write_text
+    from loreun.pipelines.files import atomic_write_text
 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     write_report(out / "report.html", audited, summary, settings)
@@ -216,7 +218,7 @@ def _flat(det_name: str, result: dict) -> dict:
 
 def write_results_csv(path: Path, audited: list[dict], detectors: list) -> None:
     """One row per image and source, with the prompt fields and every detector's columns."""
-    from loreun.pipelines._files import atomic_write_text
+    from loreun.pipelines.files import atomic_write_text
 
     keys = ("path", "id", "prompt", "class", "seed", "guidance", "width", "height")
     rows = []

@@ -11,7 +11,7 @@ import html
 import os
 from pathlib import Path
 
-from loreun.pipelines._files import atomic_write_text
+from loreun.pipelines.files import atomic_write_text
 
 COLORS = ("#3b6ea8", "#d1603d", "#5a9e5a", "#8c6bb1", "#c9a227")
 CSS = """

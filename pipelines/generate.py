@@ -17,8 +17,15 @@ import torch
 
 from loreun.prompts.reader import MAX_SIZE
 
-from ._files import FolderLock, atomic_write_bytes, atomic_write_text, check_writable
 from ._meta import quiet
+from .files import (
+    GENERATE_CONFIG,
+    MANIFEST,
+    FolderLock,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_writable,
+)
 from .loading import apply_erased_weights, erased_file, file_sha256
 from .models import load_pipeline
 
@@ -30,8 +37,6 @@ SCHEDULERS = {
     "euler-a": "EulerAncestralDiscreteScheduler",
     "dpm": "DPMSolverMultistepScheduler",
 }
-MANIFEST = "manifest.jsonl"
-RUN_INFO = "generate_config.json"
 
 
 @dataclass
@@ -264,7 +269,7 @@ def _rows_hash(rows) -> str:
 
 def _claim_output(out: Path, info: dict, create: bool) -> None:
     """Refuse a folder that holds anything but this same generation run."""
-    path = out / RUN_INFO
+    path = out / GENERATE_CONFIG
     if path.is_file():
         old = json.loads(path.read_text())
         diff = [k for k in info if old.get(k) != info[k]]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .files import ERASED_FILE
+
 METADATA_KEY = "loreun"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
@@ -56,7 +58,7 @@ def erased_file(path: str | Path) -> Path:
     """The erased file a path names: itself, or the ``unet-erased.safetensors`` of a folder."""
     path = Path(path)
     if path.is_dir():
-        inside = path / "unet-erased.safetensors"
+        inside = path / ERASED_FILE
         if not inside.is_file():
             raise FileNotFoundError(f"{path}: a folder without unet-erased.safetensors in it")
         return inside

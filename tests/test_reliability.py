@@ -128,7 +128,7 @@ def test_wrong_erased_file_does_not_claim_the_output(
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     code = (
-        "import sys, time; from loreun.pipelines._files import FolderLock; "
+        "import sys, time; from loreun.pipelines.files import FolderLock; "
         f"lock = FolderLock({str(folder)!r}).acquire(); print('held', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -1,9 +1,23 @@
-"""Atomic file writes: a file appears whole under its final name, or not at all."""
+"""loreun's files on disk: their names, written once here, and how they are written.
+
+Writes are atomic (a file appears whole under its final name, or not at all), output folders
+are locked while a run writes into them, and nothing a user put in one of loreun's folders is
+removed with it. torch-free, so every package (and the CLI) can use it.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+ERASED_FILE = "unet-erased.safetensors"  # the trained tensors, with their metadata header
+ERASE_CONFIG = "erase_config.json"  # the run's identity, beside its outputs and checkpoints
+TRAIN_LOG = "train_log.jsonl"  # one line per optimizer step
+SALIENCY_MASK = "saliency-mask.safetensors"
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.jsonl"  # one line per generated image, read by the audit
+GENERATE_CONFIG = "generate_config.json"  # the generation run's identity
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def _tmp_name(path: Path) -> Path:
