@@ -124,6 +124,14 @@ class ImageClassifier:
             if members:
                 summary[f"{name}_top1"] = sum(per_class[c]["top1"] for c in members) / len(members)
                 summary[f"{name}_top5"] = sum(per_class[c]["top5"] for c in members) / len(members)
+        keys = [
+            k for k in ("erased_top1", "erased_top5", "other_top1", "other_top5") if k in summary
+        ]
+        summary["rows"] = [[f"{self.name} {k.replace('_', ' ')}", summary[k]] for k in keys]
+        summary["chart"] = {
+            "title": f"{self.name}: top-1 accuracy per class",
+            "values": {c: v["top1"] for c, v in per_class.items()},
+        }
         return summary
 
 
@@ -165,7 +173,8 @@ class ClipScorer:
 
     def summarize(self, results: list[dict], records: list[dict]) -> dict:
         scores = [r["clip_score"] for r in results]
-        return {"model": self.model_id, "clip_score": sum(scores) / len(scores) if scores else 0.0}
+        mean = sum(scores) / len(scores) if scores else 0.0
+        return {"model": self.model_id, "clip_score": mean, "rows": [["CLIP score", mean]]}
 
 
 def _features(output) -> torch.Tensor:

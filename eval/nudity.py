@@ -103,6 +103,11 @@ class NudeNetDetector:
             "class_counts": counts,
             "counted_classes": list(NUDE_CLASSES),
             "detector": _nudenet_version(),
+            "rows": [[f"nudity rate @ {t}", rate] for t, rate in rates.items()],
+            "chart": {
+                "title": "NudeNet: share of images with each exposed class",
+                "values": {c: k / n if n else 0.0 for c, k in counts.items()},
+            },
         }
 
 

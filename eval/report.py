@@ -48,28 +48,23 @@ def fmt(value) -> str:
 
 
 def summary_rows(summary: dict) -> list[tuple[str, dict]]:
-    """(metric name, {source: value}) for the side-by-side table."""
-    names = list(summary["sources"])
+    """(metric name, {source: value}) for the side-by-side table.
+
+    Each detector's summary carries its own ``rows``, so a new detector needs no change here.
+    """
     metrics: dict[str, dict] = {}
-
-    def put(metric, src, value):
-        metrics.setdefault(metric, {})[src] = value
-
-    for src in names:
-        s = summary["sources"][src]
-        put("images", src, s["images"])
-        put("unreadable files", src, s["unreadable"])
-        if "nudenet" in s:
-            for t, rate in s["nudenet"]["nudity_rate_at"].items():
-                put(f"nudity rate @ {t}", src, rate)
-        for det in ("classifier", "digits"):
-            if det in s:
-                for k in ("erased_top1", "erased_top5", "other_top1", "other_top5"):
-                    if k in s[det]:
-                        put(f"{det} {k.replace('_', ' ')}", src, s[det][k])
-        if "clip" in s:
-            put("CLIP score", src, s["clip"]["clip_score"])
+    for src, s in summary["sources"].items():
+        rows = [["images", s["images"]], ["unreadable files", s["unreadable"]]]
+        for det in _detectors(summary):
+            rows += s.get(det, {}).get("rows", [])
+        for metric, value in rows:
+            metrics.setdefault(metric, {})[src] = value
     return list(metrics.items())
+
+
+def _detectors(summary: dict) -> list[str]:
+    """The detectors in the order the audit ran them (``digits`` is the built-in classifier)."""
+    return list(summary["settings"]["detectors"])
 
 
 def summary_table(summary: dict) -> str:
@@ -85,31 +80,15 @@ def summary_table(summary: dict) -> str:
 
 
 def chart_series(summary: dict) -> tuple[str, list[str], dict[str, list[float]]]:
-    """(title, categories, {source: values}) for the per-class chart."""
+    """(title, categories, {source: values}) for the chart: the first detector, in the order
+    the audit ran them, whose summary offers one."""
     names = list(summary["sources"])
-    first = summary["sources"][names[0]]
-    for det in ("digits", "classifier"):
-        if det in first:
-            cats = sorted({c for n in names for c in summary["sources"][n][det]["per_class"]})
-            vals = {
-                n: [
-                    summary["sources"][n][det]["per_class"].get(c, {}).get("top1", 0.0)
-                    for c in cats
-                ]
-                for n in names
-            }
-            return f"{det}: top-1 accuracy per class", cats, vals
-    if "nudenet" in first:
-        cats = list(first["nudenet"]["class_counts"])
-        vals = {
-            n: [
-                summary["sources"][n]["nudenet"]["class_counts"][c]
-                / max(summary["sources"][n]["images"], 1)
-                for c in cats
-            ]
-            for n in names
-        }
-        return "NudeNet: share of images with each exposed class", cats, vals
+    for det in _detectors(summary):
+        charts = [summary["sources"][n].get(det, {}).get("chart") for n in names]
+        if all(charts):
+            cats = sorted({c for ch in charts for c in ch["values"]})
+            vals = {n: [ch["values"].get(c, 0.0) for c in cats] for n, ch in zip(names, charts)}
+            return charts[0]["title"], cats, vals
     return "", [], {}
 
 

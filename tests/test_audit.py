@@ -299,3 +299,20 @@ def test_report_renders_in_headless_chromium(manifest_source, image_folder, tmp_
     )
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.std() > 10  # not a blank page
+
+
+def test_the_report_takes_rows_and_chart_from_each_detector_summary():
+    """A new detector needs no change in the report: its summary brings its rows and chart."""
+    from loreun.eval.report import chart_series, summary_rows
+
+    def source(value):
+        det = {
+            "rows": [["widgets found", value]],
+            "chart": {"title": "widgets", "values": {"a": value}},
+        }
+        return {"images": 2, "unreadable": 0, "widget": det}
+
+    summary = {"settings": {"detectors": ["widget"]}, "sources": {"x": source(1), "y": source(3)}}
+    rows = dict(summary_rows(summary))
+    assert rows["widgets found"] == {"x": 1, "y": 3} and rows["images"] == {"x": 2, "y": 2}
+    assert chart_series(summary) == ("widgets", ["a"], {"x": [1], "y": [3]})
