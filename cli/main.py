@@ -53,8 +53,12 @@ def add_common_flags(p) -> None:
     )
 
 
-def apply_common_flags(args) -> None:
-    """Set verbosity and threads before a subcommand imports the heavy libraries' work."""
+def apply_common_flags(args) -> int | None:
+    """Set verbosity and threads before a subcommand runs.
+
+    Returns:
+        torch's thread count before, when it was changed, so an in-process caller gets it back.
+    """
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads: must be >= 1, got {args.threads}")
     if args.quiet:
@@ -74,18 +78,22 @@ def apply_common_flags(args) -> None:
     threads = args.threads
     if threads is None and (args.command == "demo" or getattr(args, "model", None) == "digits"):
         threads = 1  # measured: 37 ms per digits UNet forward with 1 thread, 938 ms with 2 busy
-    if threads is not None:
-        import torch
+    if threads is None:
+        return None
+    import torch
 
-        torch.set_num_threads(threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return previous
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous_threads = None
     try:
-        apply_common_flags(args)
+        previous_threads = apply_common_flags(args)
         return int(args.run(args) or 0)
     except USER_ERRORS as e:
         if os.environ.get("LOREUN_DEBUG"):
@@ -101,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"loreun {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous_threads is not None:
+            import torch
+
+            torch.set_num_threads(previous_threads)
 
 
 def entry() -> None:

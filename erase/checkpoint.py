@@ -25,6 +25,8 @@ from loreun.pipelines.files import (
     replace_folder,
 )
 
+from .config import EraseConfig, changed_settings
+
 CHECKPOINT_FILES = ("trained.safetensors", "optimizer.pt", "state.json", ERASE_CONFIG)
 
 
@@ -157,3 +159,106 @@ def start_log(out: Path, resume_step: int | None) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line torn by a kill
     atomic_write_text(path, "".join(kept))
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the trained state became NaN or inf; nothing was exported, and every
+    checkpoint kept is finite."""
+
+
+def check_resume_settings(resume: Path | None, cfg: EraseConfig) -> None:
+    """Refuse a resume whose settings differ from the ones that made its checkpoint."""
+    saved = checkpoint_config(resume) if resume is not None else None
+    if saved is None:
+        return
+    changed = changed_settings(saved, cfg)
+    if changed:
+        raise ValueError(
+            f"--resume: {resume} was made with other settings ({', '.join(changed)} differ); "
+            "resume with the same ones, or start a new run with --overwrite or another --out"
+        )
+
+
+def load_step(resume: Path | None) -> int | None:
+    return json.loads((resume / "state.json").read_text())["step"] if resume else None
+
+
+def check_finite_state(trained: dict[str, torch.Tensor], optimizer, step: int, cfg) -> None:
+    """Raise TrainingDiverged if a trained tensor or the optimizer state holds NaN or inf.
+
+    A finite loss can still give a non-finite update; checking the state itself, before it is
+    saved, keeps every checkpoint on disk a good one, so ``--resume latest`` never picks a bad
+    one.
+    """
+    tensors = list(trained.items())
+    if optimizer is not None:
+        for i, st in enumerate(optimizer.state_dict()["state"].values()):
+            tensors += [(f"optimizer state {i}.{k}", v) for k, v in st.items() if v.ndim > 0]
+    bad = next((n for n, t in tensors if not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise TrainingDiverged(
+            f"{bad} became NaN or inf by step {step}; nothing was saved for this step. "
+            f"{recovery_hint(cfg)}"
+        )
+
+
+def recovery_hint(cfg) -> str:
+    """What to do after a divergence, naming the last good checkpoint if there is one."""
+    found = list_checkpoints(cfg.out)
+    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was kept"
+    return (
+        f"{kept.capitalize()}; lower --lr (or set --max-grad-norm) and start again with "
+        "--overwrite, which reuses the cached samples"
+    )
+
+
+def restore_checkpoint(run, folder: Path | None) -> None:
+    """Put a checkpoint's trained tensors, optimizer and weighting state into a trainer ``Run``."""
+    if folder is None:
+        return
+    step, tensors, optim_state, weighting_state = load_checkpoint(folder)
+    missing = sorted(set(run.trained) - set(tensors))
+    if missing:
+        raise ValueError(
+            f"--resume: {folder} was made with other settings (e.g. another "
+            f"--method); it lacks {missing[0]}"
+        )
+    with torch.no_grad():
+        for name, p in run.trained.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+    run.optimizer.load_state_dict(optim_state)
+    run.weighting.load_state_dict(weighting_state)
+    run.start_step = step
+
+
+def check_finite_loss(loss: torch.Tensor, step: int, acc, cfg: EraseConfig) -> None:
+    """Stop every process together when any process's loss is NaN or inf."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        raise TrainingDiverged(
+            f"loss became {loss.item()} at step {step + 1}; stopped without exporting. "
+            f"{recovery_hint(cfg)}"
+        )
+
+
+def save_run_checkpoint(run, cfg: EraseConfig, acc, out: Path, step: int) -> Path:
+    """Save a checkpoint from the main process, after checking that the state is finite; every
+    process waits for it."""
+    path = out / CHECKPOINTS / f"checkpoint-{step}"
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        trained = {n: p.detach() for n, p in run.trained.items()}
+        check_finite_state(trained, run.optimizer, step, cfg)
+        save_checkpoint(
+            out,
+            step,
+            trained,
+            run.optimizer,
+            run.weighting.state_dict(),
+            cfg.checkpoints_total_limit,
+            cfg.to_json(),
+        )
+    acc.wait_for_everyone()
+    return path

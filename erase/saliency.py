@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-from loreun.pipelines.files import atomic_save_safetensors
+from loreun.pipelines.files import SALIENCY_MASK, atomic_save_safetensors
+from loreun.pipelines.runtime import say
 
 from .forget import ForgetSet, cached_batch, step_generator
+from .sampling import unet_eps
 
 
 def forget_gradient(
@@ -137,3 +139,31 @@ def restore_masked(trained: dict, mask: dict, base: dict) -> None:
     for name, p in trained.items():
         m = mask[name].to(p.device)
         p.copy_(torch.where(m, p, base[name].to(p.device, p.dtype)))
+
+
+def build_mask(cfg, acc, out, objective, unet, teacher, forget, trained, schedule, base_fp):
+    """The saliency mask: loaded from --saliency-mask, reused from OUT, or computed and saved."""
+    if cfg.saliency_mask:
+        return load_mask(cfg.saliency_mask, trained, base_fp, "--saliency-mask")
+    if cfg.saliency is None:
+        return None
+    path = out / SALIENCY_MASK
+    key = {
+        "fraction": cfg.saliency,
+        "objective": cfg.objective,
+        "method": cfg.method,
+        "base_fingerprint": base_fp,
+        "seed": cfg.seed,
+    }
+    with acc.main_process_first():
+        if mask_key(path) == key:  # a resumed run keeps its mask
+            return load_mask(path, trained, base_fp, "--resume")
+        say(acc, f"saliency: the forget gradient of {len(forget)} items")
+        with acc.autocast():
+            grads = forget_gradient(
+                objective, unet_eps(unet), teacher, forget, trained, schedule, cfg.seed, acc.device
+            )
+        mask = top_fraction_mask({n: g.abs() for n, g in grads.items()}, cfg.saliency)
+        if acc.is_main_process:
+            save_mask(path, mask, key)
+        return mask

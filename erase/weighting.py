@@ -312,3 +312,23 @@ def build_weighting(name: str, num_items: int, **settings):
     if name not in table:
         raise ValueError(f"unknown weighting {name!r}; choose one of {', '.join(table)}")
     return table[name]()
+
+
+def weighting_stats(weighting, num_items: int) -> dict[str, float]:
+    """ESS of the weights in force, absolute and as a fraction of the items they span, and the
+    dynamic memory's rank correlation with its fill (how far it has moved)."""
+    weights = weighting.all_weights()
+    n = len(weights) if weights is not None else num_items
+    ess = effective_sample_size(weights) if weights is not None else float(n)
+    stats = {"ess": ess, "ess_fraction": ess / n}
+    drift = weighting.drift()
+    if drift is not None:
+        stats["memory_rank_corr"] = drift
+    return stats
+
+
+def can_differ(cfg) -> bool:
+    """Whether LoReUn's weights can differ from 1: not at tau = inf without a target ESS."""
+    import math
+
+    return cfg.target_ess is not None or not math.isinf(cfg.temperature)

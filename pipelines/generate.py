@@ -9,7 +9,6 @@ which the audit reads; file names are never parsed.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from .files import (
 )
 from .loading import apply_erased_weights, erased_file, file_sha256
 from .models import load_pipeline
+from .runtime import multi_cpu_launch
 
 SCHEDULERS = {
     "default": None,
@@ -139,7 +139,7 @@ def generate(
 
     settings = settings or GenerateSettings()
     rows = prompts if isinstance(prompts, list) else load_prompts(prompts)
-    state = PartialState(cpu=_multi_cpu())
+    state = PartialState(cpu=multi_cpu_launch())
     out = Path(out)
     erased = erased_file(erased) if erased else None
     erased_hash = file_sha256(erased) if erased else None
@@ -199,11 +199,6 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
     if state.is_main_process:
         merge_manifest(out)  # one manifest in prompt-file order, however the work was split
     state.wait_for_everyone()
-
-
-def _multi_cpu() -> bool:
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("PMI_SIZE", "1")))
-    return world > 1 and not torch.cuda.is_available()
 
 
 def _prepare_pipeline(model, model_config, torch_dtype, erased, settings, device):

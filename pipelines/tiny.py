@@ -26,6 +26,24 @@ def _tiny_unet(sample_size: int) -> dict:
     )
 
 
+def _tiny_text_config(vocab_size: int, hidden: int = 16):
+    """A two-layer CLIP text encoder config for loreun's offline 16-token tokenizer."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=hidden,
+    )
+
+
 def make_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: str = "epsilon"):
     """Build a tiny ``StableDiffusionPipeline`` (32x32 images, 4x8x8 latents by default).
 
@@ -36,7 +54,7 @@ def make_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: str
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     from ._digits_data import build_tokenizer
     from .digits import sd1_ddim_scheduler
@@ -55,19 +73,7 @@ def make_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: str
         sample_size=sample_size * 4,
         layers_per_block=1,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_text_config(len(vocab)))
     scheduler = sd1_ddim_scheduler()
     scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
     return StableDiffusionPipeline(
@@ -97,7 +103,7 @@ def make_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8):
     The shape of diffusers' own SDXL ``get_dummy_components``, with loreun's offline tokenizer.
     """
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from ._digits_data import build_tokenizer
 
@@ -113,18 +119,7 @@ def make_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8):
         cross_attention_dim=2 * hidden,  # both encoders' hidden states, concatenated
     )
     tokenizer, vocab, _ = build_tokenizer(max_length=16)
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        projection_dim=hidden,
-    )
+    config = _tiny_text_config(len(vocab), hidden)
     return StableDiffusionXLPipeline(
         vae=base.vae,
         text_encoder=CLIPTextModel(config),

@@ -4,7 +4,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def external_prompts_dir() -> Path:
+    """The team's shared prompt files sit in ``shared/`` beside the checkout.
+
+    A clone made elsewhere (``git clone . /tmp/x``) finds them beside the repository it was
+    cloned from, or at ``$LOREUN_SHARED_DIR``.
+    """
+    candidates = [ROOT.parent / "shared"]
+    if os.environ.get("LOREUN_SHARED_DIR"):
+        candidates.insert(0, Path(os.environ["LOREUN_SHARED_DIR"]))
+    origin = subprocess.run(
+        ["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if origin and Path(origin).is_dir():
+        candidates.append(Path(origin).resolve().parent / "shared")
+    found = [c / "prompts-external" for c in candidates if (c / "prompts-external").is_dir()]
+    return found[0] if found else candidates[0] / "prompts-external"
 
 
 @pytest.fixture(scope="session")

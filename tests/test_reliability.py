@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from loreun.cli.main import main
 
-from .conftest import erase_args
+from .conftest import erase_args, external_prompts_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +197,7 @@ def test_prompt_file_sizes_and_encodings(tiny_pipeline_dir, tmp_path, capsys):
     latin.write_bytes("prompt\ncaf\xe9 au lait\n".encode("latin-1"))
     code = main(gen + ["--prompts", str(latin), "--out", str(tmp_path / "g2")])
     _one_line(capsys, code, f"{latin}: not UTF-8 text")
-    i2p = ROOT.parent / "shared" / "prompts-external" / "unlearndiffatk_nudity_142.csv"
+    i2p = external_prompts_dir() / "unlearndiffatk_nudity_142.csv"
     rows = i2p.read_text(encoding="utf-8").splitlines()
     few = tmp_path / "i2p-3.csv"  # three real I2P rows, 512 px each
     few.write_text("\n".join(rows[:4]) + "\n", encoding="utf-8")
@@ -226,7 +226,7 @@ def _run_and_kill(argv: list[str], marker: Path, timeout: float = 120) -> None:
 @pytest.mark.slow
 def test_kill_9_mid_erase_resumes_to_the_same_weights(tiny_pipeline_dir, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    common = ["--steps", "40", "--checkpoint-every", "5"]
+    common = ["--steps", "40", "--checkpoint-every", "5", "--threads", "1"]  # same float order
     assert main(erase_args(tiny_pipeline_dir, straight, *common)) == 0
     _run_and_kill(erase_args(tiny_pipeline_dir, killed, *common), killed / "checkpoints")
     (killed / "checkpoints" / ".checkpoint-99.tmp-12345").mkdir(parents=True, exist_ok=True)
@@ -247,7 +247,7 @@ def test_kill_9_mid_generate_resumes_to_the_same_images(tiny_pipeline_dir, tmp_p
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(24)))
     gen = ["generate", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts)]
-    gen += ["--steps", "4", "--batch-size", "2"]
+    gen += ["--steps", "4", "--batch-size", "2", "--threads", "1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(gen + ["--out", str(straight)]) == 0
     _run_and_kill(gen + ["--out", str(killed)], killed / "images" / "000004-0.png")
