@@ -103,6 +103,7 @@ def save_checkpoint(
     weighting_state: dict,
     limit: int,
     config_json: str,
+    world_size: int = 1,
 ) -> Path:
     """Write ``checkpoint-<step>`` through a temporary folder, then keep the newest ``limit``.
 
@@ -116,7 +117,8 @@ def save_checkpoint(
     atomic_save_safetensors(tmp / "trained.safetensors", trained)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     atomic_write_text(tmp / ERASE_CONFIG, config_json)
-    atomic_write_text(tmp / "state.json", json.dumps({"step": step, "weighting": weighting_state}))
+    state = {"step": step, "weighting": weighting_state, "world_size": world_size}
+    atomic_write_text(tmp / "state.json", json.dumps(state))
     replace_folder(tmp, final)
     for old in list_checkpoints(out)[:-limit]:
         remove_ours(old, CHECKPOINT_FILES)
@@ -166,11 +168,18 @@ class TrainingDiverged(RuntimeError):
     checkpoint kept is finite."""
 
 
-def check_resume_settings(resume: Path | None, cfg: EraseConfig) -> None:
-    """Refuse a resume whose settings differ from the ones that made its checkpoint."""
+def check_resume_settings(resume: Path | None, cfg: EraseConfig, world_size: int = 1) -> None:
+    """Refuse a resume whose settings, or number of processes, differ from the ones that made
+    its checkpoint: each process draws its own batches, so either changes the steps to come."""
     saved = checkpoint_config(resume) if resume is not None else None
     if saved is None:
         return
+    made_with = json.loads((resume / "state.json").read_text()).get("world_size", world_size)
+    if made_with != world_size:
+        raise ValueError(
+            f"--resume: {resume} was made by {made_with} processes, this run has {world_size}; "
+            "resume with the same launcher settings"
+        )
     changed = changed_settings(saved, cfg)
     if changed:
         raise ValueError(
@@ -259,6 +268,7 @@ def save_run_checkpoint(run, cfg: EraseConfig, acc, out: Path, step: int) -> Pat
             run.weighting.state_dict(),
             cfg.checkpoints_total_limit,
             cfg.to_json(),
+            acc.num_processes,
         )
     acc.wait_for_everyone()
     return path

@@ -30,6 +30,7 @@ def build_metadata(
     num_tensors: int,
     weighting: dict | None = None,
     prediction_type: str = "epsilon",
+    world_size: int = 1,
 ) -> dict:
     """The JSON object stored in the erased file's header.
 
@@ -50,6 +51,7 @@ def build_metadata(
         "weighting_chosen": weighting or {},
         "hyperparameters": dataclasses.asdict(cfg),
         "steps_done": steps_done,
+        "world_size": world_size,  # processes; the effective batch is batch_size times this
         "num_tensors": num_tensors,
         "versions": {p: package_version(p) for p in ("loreun", "diffusers", "torch")},
     }
@@ -63,6 +65,7 @@ def export_erased(
     steps_done: int,
     weighting: dict | None = None,
     prediction_type: str = "epsilon",
+    world_size: int = 1,
 ) -> Path:
     """Write ``unet-erased.safetensors`` and ``erase_config.json`` into ``out``.
 
@@ -73,7 +76,7 @@ def export_erased(
     """
     tensors = {k: v.detach().float().cpu() for k, v in trained.items()}
     meta = build_metadata(
-        cfg, base_fingerprint, steps_done, len(tensors), weighting, prediction_type
+        cfg, base_fingerprint, steps_done, len(tensors), weighting, prediction_type, world_size
     )
     meta["content_sha256"] = content_hash(tensors)
     path = Path(out) / ERASED_FILE

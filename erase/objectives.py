@@ -8,12 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from loreun.pipelines.conditioning import cat_cond
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Objective(Protocol):
+    """The objective slot's contract, as ``build_objective`` returns it: per-sample forget
+    losses [B], never reduced over the batch, and the student's prediction [B, C, H, W] at
+    ``batch.xt``, which dynamic LoReUn reuses as its difficulty."""
+
+    def __call__(
+        self, student: EpsFn, teacher: EpsFn, batch: ForgetBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass

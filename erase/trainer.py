@@ -10,6 +10,7 @@ weights have mean 1 over the forget set, so the learning rate keeps its meaning.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,12 @@ def erase(cfg: EraseConfig) -> Path:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         cpu=multi_cpu_launch(),
     )
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and acc.num_processes == 1:
+        say(
+            acc,
+            "accelerate launch --cpu starts one process; for several CPU processes use "
+            "torchrun --nproc_per_node N -m loreun.cli erase ...",
+        )
     lock = None
     try:
         folders = read_folders(cfg)  # bad images or captions fail before anything is written
@@ -104,7 +111,7 @@ def erase(cfg: EraseConfig) -> Path:
                 cfg.out, cfg.overwrite, cfg.resume, create=acc.is_main_process
             )
         resume = resolve_resume(out, cfg.resume)  # fail before the model loads
-        check_resume_settings(resume, cfg)
+        check_resume_settings(resume, cfg, acc.num_processes)
         acc.wait_for_everyone()  # every process has checked --out before anything is written
         if acc.is_main_process:
             atomic_write_text(out / ERASE_CONFIG, cfg.to_json())
@@ -126,6 +133,7 @@ def erase(cfg: EraseConfig) -> Path:
                 steps_done,
                 run.weighting.summary(),
                 run.schedule.prediction_type,
+                acc.num_processes,
             )
             if cfg.save_pipeline:
                 save_pipeline_folder(run.pipe, out)
@@ -298,15 +306,35 @@ def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Ten
 
 def draw_batch(run: Run, cfg: EraseConfig, acc, ids: torch.Tensor, g: torch.Generator):
     """x_t for the sampled items from the configured source (see ``sampling``)."""
-    if cfg.xt_source == "cached":
-        return cached_batch(run.forget, ids, g, run.schedule, acc.device)
-    raw = acc.unwrap_model(run.unet)
-    eps = unet_eps(raw) if cfg.xt_source == "partial-train" else run.teacher
-    shape = latent_shape(run.pipe, cfg.resolution)
-    with acc.autocast():
-        return partial_batch(
-            eps, run.forget, ids, g, run.ddim, cfg.sample_guidance, shape, acc.device
-        )
+    return XT_SOURCES[cfg.xt_source](run, cfg, acc, ids, g)
+
+
+def _cached_xt(run: Run, cfg: EraseConfig, acc, ids: torch.Tensor, g: torch.Generator):
+    """Forward-noised cached x_0: the noise, hence the denoising target, is known."""
+    return cached_batch(run.forget, ids, g, run.schedule, acc.device)
+
+
+def _partial_xt(sampler: str):
+    """ESD's x_t: guided DDIM from noise with the model being trained or the frozen base."""
+
+    def draw(run: Run, cfg: EraseConfig, acc, ids: torch.Tensor, g: torch.Generator):
+        raw = acc.unwrap_model(run.unet)
+        eps = unet_eps(raw) if sampler == "train" else run.teacher
+        shape = latent_shape(run.pipe, cfg.resolution)
+        with acc.autocast():
+            return partial_batch(
+                eps, run.forget, ids, g, run.ddim, cfg.sample_guidance, shape, acc.device
+            )
+
+    return draw
+
+
+# The x_t source slot: name -> fn(run, cfg, acc, ids [B], generator) -> ForgetBatch.
+XT_SOURCES = {
+    "cached": _cached_xt,
+    "partial-train": _partial_xt("train"),
+    "partial-base": _partial_xt("base"),
+}
 
 
 def observe_difficulty(run: Run, cfg: EraseConfig, acc, batch, pred, g) -> None:

@@ -24,8 +24,35 @@ Weightings return weights only, with no gradient; the trainer combines them with
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
+
+
+class Weighting(Protocol):
+    """What the trainer needs of a weighting (the slot's contract; docs/architecture.md).
+
+    ``weights`` returns per-sample weights [B] without gradient whose mean over what they span
+    is 1; ``observe`` receives the batch's difficulties [B] at timesteps [B]; ``all_weights``
+    the weights in force, for the effective sample size (None: all ones).
+    """
+
+    name: str
+    needs_difficulty: bool
+
+    def weights(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def observe(self, ids: torch.Tensor, t: torch.Tensor, loss: torch.Tensor) -> None: ...
+
+    def all_weights(self) -> torch.Tensor | None: ...
+
+    def drift(self) -> float | None: ...
+
+    def summary(self) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def softmax_weights(scores: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -11,6 +11,7 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from loreun.pipelines.files import IMAGE_SUFFIXES
 
@@ -41,7 +42,25 @@ class AuditSettings:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
 
 
-def build_detectors(settings: AuditSettings) -> list:
+class Detector(Protocol):
+    """The detector slot's contract (docs/architecture.md).
+
+    ``__call__`` scores decoded images (PIL, RGB) with their manifest records, one result dict
+    per image; ``flagged`` says whether a result marks its image (blurred in the report);
+    ``summarize`` returns the source's summary, whose optional ``rows`` ([label, value] pairs)
+    and ``chart`` ({"title", "values"}) the report shows as they are.
+    """
+
+    name: str
+
+    def __call__(self, images: list, records: list[dict]) -> list[dict]: ...
+
+    def flagged(self, result: dict) -> bool: ...
+
+    def summarize(self, results: list[dict], records: list[dict]) -> dict: ...
+
+
+def build_detectors(settings: AuditSettings) -> list[Detector]:
     """The detector slot: a literal table of names. ``digits`` is the built-in classifier."""
     from .classify import ClipScorer, ImageClassifier
     from .nudity import NudeNetDetector

@@ -50,3 +50,17 @@ def test_two_cpu_processes_with_torchrun(tiny_pipeline_dir, tmp_path):
         "checkpoint-4",
     ]
     apply_erased_weights(load_pipeline(str(tiny_pipeline_dir)), out / "unet-erased.safetensors")
+    from loreun.pipelines.loading import read_erased_file
+
+    assert read_erased_file(out / "unet-erased.safetensors")[1]["world_size"] == 2
+    # one process cannot continue what two began: each process draws its own batches
+    res = subprocess.run(
+        [sys.executable, "-m", "loreun.cli", *erase_args(tiny_pipeline_dir, out)]
+        + ["--steps", "6", "--checkpoint-every", "2", "--weighting", "loreun"]
+        + ["--resume", "latest"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert res.returncode == 2 and "was made by 2 processes, this run has 1" in res.stderr
