@@ -10,6 +10,8 @@ import typing
 
 from loreun.erase.config import EraseConfig, flag_name
 
+from ._settings_file import read_settings_file
+
 
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(
@@ -126,24 +128,24 @@ def config_from_args(args) -> EraseConfig:
 
 
 def _read_yaml(path: str) -> dict:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"--config-file: {path}: no such file") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"--config-file: {path}: not valid YAML ({e.__class__.__name__})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"--config-file: {path}: must hold a mapping of settings")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    known = {f.name for f in dataclasses.fields(EraseConfig)}
-    unknown = sorted(set(data) - known)
+    """Settings for EraseConfig from a file: keys are the flags' names (``concept``, ``config``)
+    or the config's field names (``concepts``, ``model_config``), with dashes or underscores,
+    and values are typed by the dataclass."""
+    data = read_settings_file(path)
+    fields = dataclasses.fields(EraseConfig)
+    names = {f.name: f.name for f in fields}
+    names.update({flag_name(f)[2:].replace("-", "_"): f.name for f in fields})
+    unknown = sorted(set(data) - set(names))
     if unknown:
         raise ValueError(f"--config-file: {path}: unknown settings: {', '.join(unknown)}")
+    same = [k for k in data if names[k] != k and names[k] in data]
+    if same:
+        raise ValueError(f"--config-file: {path}: {same[0]} and {names[same[0]]} are one setting")
     hints = typing.get_type_hints(EraseConfig)
-    return {k: _coerce(v, hints[k], f"--config-file: {path}: {k}") for k, v in data.items()}
+    return {
+        names[k]: _coerce(v, hints[names[k]], f"--config-file: {path}: {k}")
+        for k, v in data.items()
+    }
 
 
 def _coerce(value, hint, where: str):

@@ -12,6 +12,7 @@ from . import demo as demo_cmd
 from . import erase as erase_cmd
 from . import evaluate as evaluate_cmd
 from . import generate as generate_cmd
+from ._settings_file import apply_settings_file, find_config_file
 
 SUBCOMMANDS = {
     "erase": erase_cmd,
@@ -37,6 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_file(parser, argv: list[str]) -> None:
+    """Apply a subcommand's ``--config-file`` before parsing, so that the flags it gives need
+    not be on the command line (erase reads its own, through its config dataclass)."""
+    command = next((a for a in argv if a in SUBCOMMANDS), None)
+    path = find_config_file(argv)
+    if command and path and command != "erase":
+        sub = next(a for a in parser._actions if a.dest == "command")
+        apply_settings_file(sub.choices[command], path)
+
+
 def add_common_flags(p) -> None:
     """Flags every subcommand takes: how loud it is, and how many CPU threads torch uses."""
     p.add_argument(
@@ -45,6 +56,12 @@ def add_common_flags(p) -> None:
     p.add_argument(
         "-v", "--verbose", action="store_true", help="also show diffusers' and transformers' info"
     )
+    if not any("--config-file" in a.option_strings for a in p._actions):
+        p.add_argument(
+            "--config-file",
+            metavar="YAML",
+            help="read settings from a YAML file with the flags' names; flags given win",
+        )
     p.add_argument(
         "--threads",
         type=int,
@@ -90,6 +107,12 @@ def apply_common_flags(args) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process; returns the exit code."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        settings_file(parser, argv)
+    except USER_ERRORS as e:
+        print(f"loreun: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     previous_threads = None
     try:

@@ -80,9 +80,12 @@ def test_non_empty_output_is_refused_and_overwrite_keeps_foreign_files(
 
 def test_yaml_config_file_with_flag_override(tiny_pipeline_dir, tmp_path, capsys):
     cfg = tmp_path / "erase.yaml"
-    cfg.write_text(f"model: {tiny_pipeline_dir}\nconcept: []\nconcepts: [a cat]\n")
+    cfg.write_text(f"model: {tiny_pipeline_dir}\nconcepts: [a cat]\nconcepz: [a dog]\n")
     assert main(["erase", "--config-file", str(cfg), "--out", str(tmp_path / "o")]) == 2
-    assert f"--config-file: {cfg}: unknown settings: concept" in _err(capsys)[0]
+    assert f"--config-file: {cfg}: unknown settings: concepz" in _err(capsys)[0]
+    cfg.write_text(f"model: {tiny_pipeline_dir}\nconcept: [a cat]\nconcepts: [a dog]\n")
+    assert main(["erase", "--config-file", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "concept and concepts are one setting" in _err(capsys)[0]
     cfg.write_text(
         f"model: {tiny_pipeline_dir}\nconcepts: [a cat]\nsteps: 2\nsample-steps: 2\nmethod: esd-u\n"
     )
@@ -260,3 +263,31 @@ def test_quiet_prints_only_the_result(tiny_pipeline_dir, tmp_path):
 def test_threads_must_be_positive(tmp_path, capsys):
     assert main(erase_args(tmp_path / "m", tmp_path / "o", "--threads", "0")) == 2
     assert "--threads: must be >= 1" in _err(capsys)[-1]
+
+
+def test_every_subcommand_reads_settings_from_a_file(tiny_pipeline_dir, tmp_path, capsys):
+    """The flags' own names, dashes or underscores; flags on the command line win."""
+    settings = tmp_path / "gen.yaml"
+    settings.write_text(
+        f"model: {tiny_pipeline_dir}\nprompts: neutral\nsteps: 2\nsamples-per-prompt: 1\n"
+        "guidance: 1e0\n"
+    )
+    out = tmp_path / "gen"
+    assert (
+        main(["generate", "--config-file", str(settings), "--out", str(out), "--steps", "3"]) == 0
+    )
+    recs = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert recs[0]["steps"] == 3 and len(recs) == 20
+    audit = tmp_path / "audit.yaml"
+    audit.write_text(f"images: [{out}]\ndetector: [digits]\ngrid_limit: 4\n")
+    assert main(["audit", "--config-file", str(audit), "--out", str(tmp_path / "a")]) == 0
+    audit.write_text("detectr: [digits]\n")
+    code = main(["audit", "--config-file", str(audit), "--out", str(tmp_path / "b")])
+    assert code == 2 and "unknown settings: detectr" in _err(capsys)[-1]
+
+
+def test_erase_settings_file_takes_the_flag_names(tiny_pipeline_dir, tmp_path):
+    cfg = tmp_path / "erase.yaml"
+    cfg.write_text(f"model: {tiny_pipeline_dir}\nconcept: [a cat]\nsteps: 1\nsample-steps: 2\n")
+    assert main(["erase", "--config-file", str(cfg), "--out", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "erase_config.json").read_text())["concepts"] == ["a cat"]
