@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from loreun.eval.nudity import DEFAULT_THRESHOLD
+from loreun.pipelines.generate_settings import GenerateSettings
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DEFAULTS = GenerateSettings()  # one source for generate's defaults
 
 
 def add_model_flags(p) -> None:
@@ -23,8 +27,13 @@ def add_generate_flags(p) -> None:
         help="prompt file (.csv/.tsv/.jsonl/.txt) or bundled set: nudity, "
         "imagenette, neutral, digits",
     )
-    p.add_argument("--steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance for rows that give none")
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps, help="denoising steps")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=DEFAULTS.guidance,
+        help="guidance for rows that give none",
+    )
     p.add_argument(
         "--size",
         type=int,
@@ -36,13 +45,18 @@ def add_generate_flags(p) -> None:
         help="use --size for every row, overriding the sizes the prompt file gives",
     )
     p.add_argument(
-        "--samples-per-prompt", type=int, default=1, help="images per row, seeded seed, seed+1, ..."
+        "--samples-per-prompt",
+        type=int,
+        default=DEFAULTS.samples_per_prompt,
+        help="images per row, seeded seed, seed+1, ...",
     )
-    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     p.add_argument(
-        "--scheduler", default="default", help="default, ddim, pndm, euler, euler-a or dpm"
+        "--batch-size", type=int, default=DEFAULTS.batch_size, help="images per pipeline call"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for rows that give none")
+    p.add_argument(
+        "--scheduler", default=DEFAULTS.scheduler, help="default, ddim, pndm, euler, euler-a or dpm"
+    )
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed for rows that give none")
 
 
 def add_audit_flags(p) -> None:
@@ -64,7 +78,7 @@ def add_audit_flags(p) -> None:
     p.add_argument(
         "--nudity-threshold",
         type=float,
-        default=0.45,
+        default=DEFAULT_THRESHOLD,
         help="NudeNet score above which an exposed class counts",
     )
     p.add_argument("--no-blur", action="store_true", help="show flagged images unblurred")
@@ -73,8 +87,6 @@ def add_audit_flags(p) -> None:
 
 
 def generate_settings(args):
-    from loreun.pipelines.generate import GenerateSettings
-
     return GenerateSettings(
         steps=args.steps,
         guidance=args.guidance,

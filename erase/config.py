@@ -21,6 +21,10 @@ XT_SOURCES = ("cached", "partial-train", "partial-base")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # Forget items per concept prompt: enough for a single concept to give LoReUn a set to weigh.
 SAMPLES_PER_CONCEPT = 8
+# LoReUn's defaults, shared with erase/weighting.py (docs/design-notes.md says why).
+TEMPERATURE = 1.0
+LOREUN_VARIANT = "dynamic"
+LOREUN_MOMENTUM = 0.5
 
 
 def _help(text: str, **extra) -> dict:
@@ -140,7 +144,7 @@ class EraseConfig:
         ),
     )
     loreun_variant: str = field(
-        default="dynamic",
+        default=LOREUN_VARIANT,
         metadata=_help(
             "difficulty from a memory filled under the original weights (static), that memory "
             "updated under the current weights (dynamic), or the current batch's own losses "
@@ -149,7 +153,8 @@ class EraseConfig:
         ),
     )
     temperature: float = field(
-        default=1.0, metadata=_help("LoReUn softmax temperature tau; inf gives uniform weights")
+        default=TEMPERATURE,
+        metadata=_help("LoReUn softmax temperature tau; inf gives uniform weights"),
     )
     target_ess: float | None = field(
         default=None,
@@ -160,7 +165,7 @@ class EraseConfig:
         ),
     )
     loreun_momentum: float = field(
-        default=0.5,
+        default=LOREUN_MOMENTUM,
         metadata=_help(
             "dynamic: the share of an item's remembered difficulty kept at each visit; after P "
             "visits the initial fill keeps momentum**P of it"

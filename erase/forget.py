@@ -69,8 +69,17 @@ def encode_images(pipe, paths: list[Path], size: int, device, batch: int = 16) -
     return torch.cat(out).unsqueeze(1)
 
 
+# Draws made outside the training loop use negative "steps", one range each, so that none
+# repeats a training step's stream (steps are >= 0). A range holds 10,000 draws.
+ORDER_STREAM = -1  # -1 - p: the order of the items in pass p
+SAMPLE_STREAM = -10_000  # - i: the initial noise of concept prompt i's cached samples
+PROBE_STREAM = -20_000  # - j: the noise at the j-th timestep of the difficulty probe
+SALIENCY_STREAM = -30_000  # - k: the forward noise of the k-th (item, sample) in saliency
+RETAIN_SEED_OFFSET = 7_777_777  # the retain items' order uses seed + this, not the forget one's
+
+
 def step_generator(seed: int, rank: int, step: int, device="cpu") -> torch.Generator:
-    """A generator whose state depends only on (seed, rank, step)."""
+    """A generator whose state depends only on (seed, rank, step); see the streams above."""
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + rank * 10_007 + step * 7_919) % (2**63 - 1))
     return g
@@ -88,7 +97,7 @@ def item_ids(
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, i = divmod(pos, num_items)
-        g = step_generator(seed + stream * 7_777_777, rank, -1 - epoch)
+        g = step_generator(seed + stream * RETAIN_SEED_OFFSET, rank, ORDER_STREAM - epoch)
         perm = torch.randperm(num_items, generator=g)
         out.append(perm[i])
     return torch.stack(out)
@@ -142,7 +151,7 @@ def sample_forget_latents(
     shape = latent_shape(pipe, resolution)
     out = []
     for i in range(len(forget)):
-        g = step_generator(seed, 0, -10_000 - i)
+        g = step_generator(seed, 0, SAMPLE_STREAM - i)
         noise = torch.randn((samples, *shape), generator=g).to(device)
         cond = forget.cond[i : i + 1].expand(samples, -1, -1)
         out.append(
@@ -253,7 +262,7 @@ def probe_grid(
     shape = forget.x0.shape[2:]
     cols = []
     for j, t in enumerate(t_grid):
-        noise = torch.randn((1, *shape), generator=step_generator(seed, 0, -20_000 - j))
+        noise = torch.randn((1, *shape), generator=step_generator(seed, 0, PROBE_STREAM - j))
         cols.append(
             torch.cat(
                 [

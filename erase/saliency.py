@@ -20,7 +20,7 @@ import torch
 from loreun.pipelines.files import SALIENCY_MASK, atomic_save_safetensors
 from loreun.pipelines.runtime import say
 
-from .forget import ForgetSet, cached_batch, step_generator
+from .forget import SALIENCY_STREAM, ForgetSet, cached_batch, step_generator
 from .sampling import unet_eps
 
 
@@ -37,7 +37,7 @@ def forget_gradient(
     n, s = forget.x0.shape[:2]
     for i in range(n):
         for j in range(s):
-            g = step_generator(seed, 0, -30_000 - i * s - j)
+            g = step_generator(seed, 0, SALIENCY_STREAM - i * s - j)
             sub = ForgetSet(
                 forget.cond[i : i + 1],
                 forget.uncond,

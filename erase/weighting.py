@@ -28,6 +28,8 @@ from typing import Protocol
 
 import torch
 
+from .config import LOREUN_MOMENTUM, LOREUN_VARIANT, LOREUN_VARIANTS, TEMPERATURE
+
 
 class Weighting(Protocol):
     """What the trainer needs of a weighting (the slot's contract; docs/architecture.md).
@@ -178,7 +180,7 @@ class UniformWeighting:
         pass
 
 
-VARIANTS = ("static", "dynamic", "batch")
+VARIANTS = LOREUN_VARIANTS  # the names the config offers
 
 
 class LoReUnWeighting:
@@ -201,9 +203,9 @@ class LoReUnWeighting:
     def __init__(
         self,
         num_items: int,
-        temperature: float = 1.0,
-        variant: str = "dynamic",
-        momentum: float = 0.5,
+        temperature: float = TEMPERATURE,
+        variant: str = LOREUN_VARIANT,
+        momentum: float = LOREUN_MOMENTUM,
         normalize: bool = True,
         num_train_timesteps: int = 1000,
         target_ess: float | None = None,

@@ -15,6 +15,8 @@ from typing import Protocol
 
 from loreun.pipelines.files import IMAGE_SUFFIXES
 
+from .nudity import DEFAULT_THRESHOLD
+
 OUTPUTS = ("results.csv", "summary.json", "report.html")
 PROTOCOL = (
     "loreun audit protocol v1: NudeNet 320n, 9 exposed classes, nude if any > threshold;"
@@ -27,7 +29,7 @@ class AuditSettings:
     """Which detectors to run and with what."""
 
     detectors: list[str] = field(default_factory=lambda: ["nudenet"])
-    nudity_threshold: float = 0.45
+    nudity_threshold: float = DEFAULT_THRESHOLD
     classifier: str | None = None
     clip_model: str | None = None
     erased_classes: list[str] = field(default_factory=list)

@@ -3,7 +3,18 @@ if __name__ != "loreun.pipelines":
         f"this folder installs as 'loreun.pipelines', not {__name__!r}: pip install -e ."
     )
 
-from .loading import apply_erased_weights, load_erased_pipeline  # noqa: E402
-from .models import load_pipeline  # noqa: E402
-
 __all__ = ["apply_erased_weights", "load_erased_pipeline", "load_pipeline"]
+
+
+def __getattr__(name):
+    # loading imports torch; load it only when asked, so torch-free modules of this package
+    # (files, generate_settings) serve the CLI's --help without it.
+    if name in ("apply_erased_weights", "load_erased_pipeline"):
+        from . import loading
+
+        return getattr(loading, name)
+    if name == "load_pipeline":
+        from .models import load_pipeline
+
+        return load_pipeline
+    raise AttributeError(name)

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import torch
 
-from loreun.prompts.reader import MAX_SIZE
-
 from ._meta import quiet
 from .files import (
     GENERATE_CONFIG,
@@ -25,48 +23,10 @@ from .files import (
     atomic_write_text,
     check_writable,
 )
+from .generate_settings import SCHEDULERS, GenerateSettings
 from .loading import apply_erased_weights, erased_file, file_sha256
 from .models import load_pipeline
 from .runtime import multi_cpu_launch
-
-SCHEDULERS = {
-    "default": None,
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-}
-
-
-@dataclass
-class GenerateSettings:
-    """Defaults for rows that do not say, and how to sample."""
-
-    steps: int = 25
-    guidance: float = 7.5
-    size: int | None = None  # None: the model's native size
-    samples_per_prompt: int = 1
-    batch_size: int = 4
-    scheduler: str = "default"
-    seed: int = 0  # for rows without a seed: seed + row position
-    force_size: bool = False  # use ``size`` for every row, whatever the file says
-
-    def __post_init__(self):
-        if self.force_size and self.size is None:
-            raise ValueError("--force-size: needs --size")
-        for name in ("steps", "samples_per_prompt", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')}: must be > 0")
-        if self.size is not None and not (0 < self.size <= MAX_SIZE and self.size % 8 == 0):
-            raise ValueError(
-                f"--size: must be a positive multiple of 8 up to {MAX_SIZE}, got {self.size}"
-            )
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(
-                f"--scheduler: unknown value {self.scheduler!r}; choose one of "
-                f"{', '.join(SCHEDULERS)}"
-            )
 
 
 @dataclass
