@@ -272,3 +272,24 @@ def save_run_checkpoint(run, cfg: EraseConfig, acc, out: Path, step: int) -> Pat
         )
     acc.wait_for_everyone()
     return path
+
+
+def start_run(cfg: EraseConfig, acc) -> tuple[Path, FolderLock | None, Path | None]:
+    """Claim and lock ``--out``, find the checkpoint to resume, check its settings, and write
+    the config and a fresh (or cut back) log: everything that can fail before the model loads.
+
+    Returns:
+        (the output folder, its lock on the main process, the checkpoint to resume or None)
+    """
+    with acc.main_process_first():  # one process creates and locks, the others check
+        out, lock = prepare_output_dir(
+            cfg.out, cfg.overwrite, cfg.resume, create=acc.is_main_process
+        )
+    resume = resolve_resume(out, cfg.resume)
+    check_resume_settings(resume, cfg, acc.num_processes)
+    acc.wait_for_everyone()  # every process has checked --out before anything is written
+    if acc.is_main_process:
+        atomic_write_text(out / ERASE_CONFIG, cfg.to_json())
+        start_log(out, load_step(resume))
+    acc.wait_for_everyone()
+    return out, lock, resume

@@ -19,7 +19,7 @@ import torch
 
 from loreun.pipelines._meta import quiet
 from loreun.pipelines.conditioning import NoiseSchedule
-from loreun.pipelines.files import ERASE_CONFIG, ERASED_FILE, TRAIN_LOG, atomic_write_text
+from loreun.pipelines.files import ERASED_FILE, TRAIN_LOG
 from loreun.pipelines.loading import fingerprint
 from loreun.pipelines.models import load_pipeline
 from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, say
@@ -28,13 +28,9 @@ from .checkpoint import (
     TrainingDiverged,
     check_finite_loss,
     check_finite_state,
-    check_resume_settings,
-    load_step,
-    prepare_output_dir,
-    resolve_resume,
     restore_checkpoint,
     save_run_checkpoint,
-    start_log,
+    start_run,
 )
 from .config import EraseConfig
 from .export import export_erased, save_pipeline_folder
@@ -106,43 +102,33 @@ def erase(cfg: EraseConfig) -> Path:
     lock = None
     try:
         folders = read_folders(cfg)  # bad images or captions fail before anything is written
-        with acc.main_process_first():  # one process creates and locks, the others check
-            out, lock = prepare_output_dir(
-                cfg.out, cfg.overwrite, cfg.resume, create=acc.is_main_process
-            )
-        resume = resolve_resume(out, cfg.resume)  # fail before the model loads
-        check_resume_settings(resume, cfg, acc.num_processes)
-        acc.wait_for_everyone()  # every process has checked --out before anything is written
-        if acc.is_main_process:
-            atomic_write_text(out / ERASE_CONFIG, cfg.to_json())
-            start_log(out, load_step(resume))
-        acc.wait_for_everyone()
+        out, lock, resume = start_run(cfg, acc)
         say(acc, f"loading {cfg.model}")
         run = setup(cfg, acc, out, resume, folders)
         steps_done = train(run, cfg, acc, out)
-        path = out / ERASED_FILE
-        if acc.is_main_process:
-            say(acc, f"exporting {len(run.trained)} trained tensors")
-            trained = {n: p.detach() for n, p in run.trained.items()}
-            check_finite_state(trained, None, steps_done, cfg)
-            path = export_erased(
-                out,
-                trained,
-                cfg,
-                run.base_fingerprint,
-                steps_done,
-                run.weighting.summary(),
-                run.schedule.prediction_type,
-                acc.num_processes,
-            )
-            if cfg.save_pipeline:
-                save_pipeline_folder(run.pipe, out)
-        acc.wait_for_everyone()
-        return path
+        return export_run(run, cfg, acc, out, steps_done)
     finally:
         if lock is not None:
             lock.release()
         acc.end_training()
+
+
+def export_run(run: Run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
+    """Check and export the trained tensors (and the pipeline folder) from the main process."""
+    path = out / ERASED_FILE
+    if acc.is_main_process:
+        say(acc, f"exporting {len(run.trained)} trained tensors")
+        trained = {n: p.detach() for n, p in run.trained.items()}
+        check_finite_state(trained, None, steps_done, cfg)
+        chosen = run.weighting.summary()
+        kind, world = run.schedule.prediction_type, acc.num_processes
+        path = export_erased(
+            out, trained, cfg, run.base_fingerprint, steps_done, chosen, kind, world
+        )
+        if cfg.save_pipeline:
+            save_pipeline_folder(run.pipe, out)
+    acc.wait_for_everyone()
+    return path
 
 
 def setup(
