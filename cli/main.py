@@ -65,9 +65,19 @@ def add_common_flags(p) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        help="CPU threads for torch (default: torch's own; 1 for the small built-in model, "
-        "whose layers are too small to share)",
+        help="CPU threads for torch (default: torch's own; for the small built-in model 1, "
+        "or 2 when generating in batches)",
     )
+
+
+def builtin_model_threads(args) -> int | None:
+    """Threads for the small built-in model: its layers at batch size 1 are too small to share
+    (a digits UNet forward took 37 ms on one thread and 938 ms on two busy ones), while a batch
+    of 8 images gains from two (docs/benchmarks.md). None: torch's own choice."""
+    if args.command != "demo" and getattr(args, "model", None) != "digits":
+        return None
+    batched = (getattr(args, "batch_size", None) or 1) > 1 and args.command != "erase"
+    return min(2, os.cpu_count() or 1) if batched else 1
 
 
 def apply_common_flags(args) -> int | None:
@@ -92,9 +102,7 @@ def apply_common_flags(args) -> int | None:
             (logging.set_verbosity_error if args.quiet else logging.set_verbosity_info)()
             if args.quiet:
                 logging.disable_progress_bar()
-    threads = args.threads
-    if threads is None and (args.command == "demo" or getattr(args, "model", None) == "digits"):
-        threads = 1  # measured: 37 ms per digits UNet forward with 1 thread, 938 ms with 2 busy
+    threads = args.threads if args.threads is not None else builtin_model_threads(args)
     if threads is None:
         return None
     import torch

@@ -66,12 +66,23 @@ def plan_jobs(rows, settings: GenerateSettings, native: int) -> list[Job]:
     return jobs
 
 
-def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
-    """Group jobs that share guidance and size, then cut into batches, keeping file order."""
+def batches(jobs: list[Job], batch_size: int, mixed_guidance: bool = False) -> list[list[Job]]:
+    """Group jobs that share size (and guidance, unless one batch may mix guidances), then cut
+    into batches, keeping file order."""
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
-        groups.setdefault((job.guidance, job.width, job.height), []).append(job)
+        key = (job.width, job.height) if mixed_guidance else (job.guidance, job.width, job.height)
+        groups.setdefault(key, []).append(job)
     return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
+def mixes_guidance(pipe) -> bool:
+    """Whether loreun's own loop can give each image of a batch its own guidance: SD 1.x/2.x
+    pipelines with classifier-free guidance (one text encoder, no guidance embedding)."""
+    return (
+        getattr(pipe, "text_encoder_2", None) is None
+        and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    )
 
 
 def generate(
@@ -149,7 +160,7 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
     }
     bar = tqdm(total=len(mine), desc="generate", disable=not state.is_main_process or quiet())
     with open(part, "a", encoding="utf-8") as manifest:
-        for batch in batches(mine, settings.batch_size):
+        for batch in batches(mine, settings.batch_size, mixes_guidance(pipe)):
             for job, image in zip(batch, run_batch(pipe, batch, settings.steps)):
                 manifest.write(json.dumps(_save(out, job, image, common)) + "\n")
                 manifest.flush()
@@ -175,11 +186,17 @@ def _prepare_pipeline(model, model_config, torch_dtype, erased, settings, device
 
 
 def run_batch(pipe, jobs: list[Job], steps: int) -> list:
-    """One pipeline call for jobs sharing guidance and size; one generator per image."""
-    first = jobs[0]
+    """Images for jobs of one size; one generator per image, each with its own seed."""
     gens = [torch.Generator("cpu").manual_seed(j.seed) for j in jobs]
-    return pipe(
-        [j.row.prompt for j in jobs],
+    prompts = [j.row.prompt for j in jobs]
+    first = jobs[0]
+    if mixes_guidance(pipe):
+        guidance = torch.tensor([j.guidance for j in jobs])
+        return sample_with_guidances(
+            pipe, prompts, gens, guidance, steps, first.width, first.height
+        )
+    return pipe(  # rows of this batch share their guidance (see ``batches``)
+        prompts,
         generator=gens,
         num_inference_steps=steps,
         guidance_scale=first.guidance,
@@ -187,6 +204,40 @@ def run_batch(pipe, jobs: list[Job], steps: int) -> list:
         height=first.height,
         output_type="pil",
     ).images
+
+
+@torch.inference_mode()
+def sample_with_guidances(
+    pipe, prompts: list[str], generators: list, guidance: torch.Tensor, steps: int, width, height
+) -> list:
+    """The SD pipeline's own denoising loop, with a guidance per image.
+
+    I2P gives almost every row its own guidance, and the pipeline takes one per call, so a
+    prompt file would run at batch size 1. This loop runs the same steps as
+    ``StableDiffusionPipeline.__call__`` (its encoder, latents, scheduler and decoder, driven
+    from outside, nothing patched) with ``guidance`` [B]: an image with guidance <= 1 takes the
+    conditional prediction alone, as the pipeline does when it skips guidance.
+
+    Returns:
+        B PIL images; each matches its row generated alone up to floating-point rounding.
+    """
+    device = pipe._execution_device
+    cond, uncond = pipe.encode_prompt(prompts, device, 1, True)
+    latents = pipe.prepare_latents(
+        len(prompts), pipe.unet.config.in_channels, height, width, cond.dtype, device, generators
+    )
+    pipe.scheduler.set_timesteps(steps, device=device)
+    extra = pipe.prepare_extra_step_kwargs(generators, 0.0)
+    g = guidance.to(device, latents.dtype).view(-1, 1, 1, 1)
+    emb = torch.cat([uncond, cond])
+    for t in pipe.scheduler.timesteps:
+        x = pipe.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        e_u, e_c = pipe.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0].chunk(2)
+        eps = torch.where(g > 1, e_u + g * (e_c - e_u), e_c)
+        latents = pipe.scheduler.step(eps, t, latents, **extra).prev_sample
+    scale = pipe.vae.config.scaling_factor
+    image = pipe.vae.decode(latents / scale, generator=generators[0]).sample
+    return pipe.image_processor.postprocess(image, output_type="pil")
 
 
 def _save(out: Path, job: Job, image, common: dict) -> dict:

@@ -167,3 +167,46 @@ def test_two_processes_give_the_same_images_in_one_manifest(
     assert not list(ddp.glob(".manifest-rank*"))
     assert [r["key"] for r in read_manifest(ddp)] == [r["key"] for r in read_manifest(single)]
     assert _images(ddp) == _images(single)
+
+
+def test_rows_with_their_own_guidance_share_one_batch(tiny_pipeline_dir, tmp_path):
+    """I2P rows each have a guidance; batched together, every image still matches its row
+    generated alone by the plain diffusers pipeline, within one gray level (guidance 1 included,
+    where the pipeline skips guidance)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from loreun.pipelines.generate import Job, batches
+    from loreun.pipelines.models import load_pipeline
+    from loreun.prompts import PromptRow
+
+    guidances, seeds = [1.0, 2.0, 5.5, 9.0], [3, 2**32 - 1, 40, 41]
+    rows = [
+        PromptRow(id=str(i), prompt=p, seed=s, guidance=g)
+        for i, (p, s, g) in enumerate(zip(["a cat", "a dog", "a bird", "a cow"], seeds, guidances))
+    ]
+    jobs = [Job(i, 0, r, r.seed, r.guidance, 32, 32) for i, r in enumerate(rows)]
+    assert len(batches(jobs, 4, mixed_guidance=True)) == 1
+    assert len(batches(jobs, 4, mixed_guidance=False)) == 4
+    out = tmp_path / "g"
+    generate(str(tiny_pipeline_dir), rows, out, settings=GenerateSettings(steps=4, batch_size=4))
+    pipe = load_pipeline(str(tiny_pipeline_dir))
+    pipe.set_progress_bar_config(disable=True)
+    for rec, row in zip(read_manifest(out), rows):
+        alone = pipe(
+            row.prompt,
+            generator=torch.Generator().manual_seed(row.seed),
+            guidance_scale=row.guidance,
+            num_inference_steps=4,
+        ).images[0]
+        ours = Image.open(out / rec["path"])
+        diff = np.abs(np.asarray(alone, dtype=int) - np.asarray(ours, dtype=int)).max()
+        assert rec["guidance"] == row.guidance and diff <= 1
+
+
+def test_sdxl_batches_keep_one_guidance(tmp_path):
+    from loreun.pipelines.generate import mixes_guidance
+    from loreun.pipelines.tiny import make_tiny_pipeline, make_tiny_sdxl_pipeline
+
+    assert mixes_guidance(make_tiny_pipeline()) and not mixes_guidance(make_tiny_sdxl_pipeline())
