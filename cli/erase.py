@@ -80,6 +80,7 @@ GROUPS = {
         "save_pipeline",
         "checkpoint_every",
         "checkpoints_total_limit",
+        "checkpoint_without_optimizer",
         "resume",
         "overwrite",
     ),

@@ -234,6 +234,13 @@ class EraseConfig:
     checkpoints_total_limit: int = field(
         default=2, metadata=_help("keep at most this many checkpoints")
     )
+    checkpoint_without_optimizer: bool = field(
+        default=False,
+        metadata=_help(
+            "leave the optimizer state out of checkpoints (it is twice the trained tensors); "
+            "a resume then restarts the optimizer and no longer continues exactly"
+        ),
+    )
     resume: str | None = field(
         default=None, metadata=_help("resume from 'latest' or a checkpoint folder")
     )
@@ -412,6 +419,7 @@ RESUMABLE_CHANGES = (
     "steps",
     "checkpoint_every",
     "checkpoints_total_limit",
+    "checkpoint_without_optimizer",
     "save_pipeline",
 )
 

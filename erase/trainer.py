@@ -185,7 +185,8 @@ def setup(
         retain=retain,
         mask=mask,
     )
-    restore_checkpoint(run, resume)
+    if not restore_checkpoint(run, resume):
+        say(acc, f"{resume} holds no optimizer state: the optimizer restarts from zero moments")
     return run
 
 

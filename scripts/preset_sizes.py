@@ -5,6 +5,8 @@ The UNets are built on PyTorch's meta device from their published architecture s
 nothing is downloaded or allocated. Memory per trained parameter, fp32: weight 4 bytes +
 gradient 4 + AdamW's two moments 8 + the teacher's frozen copy 4 = 20 bytes, on top of the whole
 UNet's 4 bytes per parameter; activations come on top and depend on resolution and batch size.
+A checkpoint holds the trained tensors and AdamW's two moments, 12 bytes per trained parameter,
+or 4 with ``--checkpoint-without-optimizer``.
 
     python scripts/preset_sizes.py
 """
@@ -48,6 +50,9 @@ ARCHITECTURES = {
 }
 BYTES_PER_TRAINED = 20  # fp32 weight, gradient, two AdamW moments, frozen teacher copy
 BYTES_PER_WEIGHT = 4
+CHECKPOINT_BYTES = (
+    12  # fp32 trained tensor + AdamW's two moments; 4 with --checkpoint-without-optimizer
+)
 
 
 def table() -> str:
@@ -58,8 +63,9 @@ def table() -> str:
 
     lines = [
         "| model | UNet parameters | preset | trained parameters | share | "
-        "training memory (GB, before activations) |",
-        "|---|---|---|---|---|---|",
+        "training memory (GB, before activations) | checkpoint (GB) | "
+        "checkpoint without optimizer (GB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, arch in ARCHITECTURES.items():
         with torch.device("meta"):
@@ -68,9 +74,10 @@ def table() -> str:
         for preset in PRESETS:
             n = sum(p.numel() for p in select_parameters(unet, preset).values())
             gb = (total * BYTES_PER_WEIGHT + n * BYTES_PER_TRAINED) / 1e9
+            ckpt, lean = n * CHECKPOINT_BYTES / 1e9, n * BYTES_PER_WEIGHT / 1e9
             lines.append(
                 f"| {name} | {total / 1e6:.0f} M | {preset} | {n / 1e6:.1f} M | "
-                f"{n / total:.1%} | {gb:.1f} |"
+                f"{n / total:.1%} | {gb:.1f} | {ckpt:.2f} | {lean:.2f} |"
             )
     return "\n".join(lines)
 

@@ -210,6 +210,13 @@ def test_prompt_file_sizes_and_encodings(tiny_pipeline_dir, tmp_path, capsys):
     _one_line(capsys, code, "--force-size: needs --size")
 
 
+def _cli(argv: list[str]) -> int:
+    """Run ``loreun`` in a fresh process; its exit code."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "loreun.cli", *argv]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, timeout=300).returncode
+
+
 def _run_and_kill(argv: list[str], marker: Path, timeout: float = 120) -> None:
     """Start ``loreun`` in a subprocess and kill -9 it once ``marker`` exists."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -225,15 +232,17 @@ def _run_and_kill(argv: list[str], marker: Path, timeout: float = 120) -> None:
 # no repeated log lines.
 @pytest.mark.slow
 def test_kill_9_mid_erase_resumes_to_the_same_weights(tiny_pipeline_dir, tmp_path):
+    # Every part runs in a fresh process with one thread, as a user's would: the test process's
+    # own state (threads, library flags set by other tests) must not enter the comparison.
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    common = ["--steps", "40", "--checkpoint-every", "5", "--threads", "1"]  # same float order
-    assert main(erase_args(tiny_pipeline_dir, straight, *common)) == 0
+    common = ["--steps", "40", "--checkpoint-every", "5", "--threads", "1"]
+    assert _cli(erase_args(tiny_pipeline_dir, straight, *common)) == 0
     _run_and_kill(erase_args(tiny_pipeline_dir, killed, *common), killed / "checkpoints")
     (killed / "checkpoints" / ".checkpoint-99.tmp-12345").mkdir(parents=True, exist_ok=True)
     args = erase_args(tiny_pipeline_dir, killed, *common, "--resume", "latest")
     if not list((killed / "checkpoints").glob("checkpoint-*")):
         args = erase_args(tiny_pipeline_dir, killed, *common, "--overwrite")
-    assert main(args) == 0
+    assert _cli(args) == 0
     a = load_file(str(straight / "unet-erased.safetensors"))
     b = load_file(str(killed / "unet-erased.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -249,10 +258,20 @@ def test_kill_9_mid_generate_resumes_to_the_same_images(tiny_pipeline_dir, tmp_p
     gen = ["generate", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts)]
     gen += ["--steps", "4", "--batch-size", "2", "--threads", "1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert main(gen + ["--out", str(straight)]) == 0
+    assert _cli(gen + ["--out", str(straight)]) == 0  # fresh processes, as for erase above
     _run_and_kill(gen + ["--out", str(killed)], killed / "images" / "000004-0.png")
-    assert main(gen + ["--out", str(killed)]) == 0
+    assert _cli(gen + ["--out", str(killed)]) == 0
     for png in sorted((straight / "images").glob("*.png")):
         assert (killed / "images" / png.name).read_bytes() == png.read_bytes()
     recs = (killed / "manifest.jsonl").read_text().splitlines()
     assert [json.loads(x)["index"] for x in recs] == list(range(24))
+
+
+def test_checkpoints_without_optimizer_state_are_small_and_resume(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "o"
+    args = erase_args(tiny_pipeline_dir, out, "--method", "esd-u", "--checkpoint-every", "2")
+    assert main(args + ["--steps", "2", "--checkpoint-without-optimizer"]) == 0
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    assert not (ckpt / "optimizer.pt").exists() and (ckpt / "trained.safetensors").is_file()
+    assert main(args + ["--steps", "4", "--resume", "latest"]) == 0  # the optimizer restarts
+    assert (out / "checkpoints" / "checkpoint-4" / "optimizer.pt").is_file()
