@@ -344,10 +344,15 @@ class EraseConfig:
             if kind is int and not isinstance(value, int):
                 raise ValueError(f"{flag_name(f)}: expected a whole number, got {value!r}")
 
+    @property
+    def reweights(self) -> bool:
+        """Whether the forget term is reweighted by difficulty (so items need their x_0)."""
+        return self.weighting == "loreun"
+
     def _check_weighting(self) -> None:
         if self.target_ess is not None and not 0 < self.target_ess <= 1:
             raise ValueError(f"--target-ess: must be in (0, 1], got {self.target_ess}")
-        if self.weighting != "loreun":
+        if not self.reweights:
             return
         if self.loreun_variant == "batch" and self.batch_size < 2:
             raise ValueError(

@@ -19,7 +19,9 @@ from loreun.pipelines.files import (
     replace_folder,
 )
 from loreun.pipelines.loading import METADATA_KEY, content_hash
+from loreun.pipelines.runtime import say
 
+from .checkpoint import check_finite_state
 from .config import EraseConfig
 
 
@@ -94,3 +96,21 @@ def save_pipeline_folder(pipe, out: Path) -> Path:
     pipe.save_pretrained(tmp, safe_serialization=True)
     replace_folder(tmp, final)  # a user's files in an earlier OUT/pipeline are kept
     return final
+
+
+def export_run(run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
+    """Check and export the trained tensors (and the pipeline folder) from the main process."""
+    path = out / ERASED_FILE
+    if acc.is_main_process:
+        say(acc, f"exporting {len(run.trained)} trained tensors")
+        trained = {n: p.detach() for n, p in run.trained.items()}
+        check_finite_state(trained, None, steps_done, cfg)
+        chosen = run.weighting.summary()
+        kind, world = run.schedule.prediction_type, acc.num_processes
+        path = export_erased(
+            out, trained, cfg, run.base_fingerprint, steps_done, chosen, kind, world
+        )
+        if cfg.save_pipeline:
+            save_pipeline_folder(run.pipe, out)
+    acc.wait_for_everyone()
+    return path

@@ -42,7 +42,7 @@ def read_folders(cfg: EraseConfig) -> Folders:
     forget = retain = None
     if cfg.forget_images:
         forget = read_image_folder(cfg.forget_images, cfg.forget_caption, "--forget-images")
-        if cfg.weighting == "loreun" and len(forget) < 2:
+        if cfg.reweights and len(forget) < 2:
             raise ValueError(
                 f"--weighting loreun: needs at least 2 forget items, and {cfg.forget_images} "
                 "holds 1 image; add images or use --weighting uniform"
@@ -68,7 +68,7 @@ def build_forget_set(
         uncond=emb[:1],
         anchor=emb[1:2] if anchor_prompt else None,
     )
-    needs_x0 = cfg.xt_source == "cached" or cfg.weighting == "loreun" or cfg.saliency is not None
+    needs_x0 = cfg.xt_source == "cached" or cfg.reweights or cfg.saliency is not None
     if images:
         forget.x0 = cached_image_latents(cfg, pipe, acc, out / "cache" / "forget-images", images)
     elif needs_x0:

@@ -141,7 +141,7 @@ def restore_masked(trained: dict, mask: dict, base: dict) -> None:
         p.copy_(torch.where(m, p, base[name].to(p.device, p.dtype)))
 
 
-def build_mask(cfg, acc, out, objective, unet, teacher, forget, trained, schedule, base_fp):
+def build_mask(cfg, acc, out, *, objective, unet, teacher, forget, trained, schedule, base_fp):
     """The saliency mask: loaded from --saliency-mask, reused from OUT, or computed and saved."""
     if cfg.saliency_mask:
         return load_mask(cfg.saliency_mask, trained, base_fp, "--saliency-mask")

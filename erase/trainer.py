@@ -19,33 +19,30 @@ import torch
 
 from loreun.pipelines._meta import quiet
 from loreun.pipelines.conditioning import NoiseSchedule
-from loreun.pipelines.files import ERASED_FILE, TRAIN_LOG
+from loreun.pipelines.files import TRAIN_LOG
 from loreun.pipelines.loading import fingerprint
 from loreun.pipelines.models import load_pipeline
 from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, say
 
+from .batches import draw_batch, observe_difficulty
 from .checkpoint import (
     TrainingDiverged,
     check_finite_loss,
-    check_finite_state,
     restore_checkpoint,
     save_run_checkpoint,
     start_run,
 )
 from .config import EraseConfig
-from .export import export_erased, save_pipeline_folder
+from .export import export_run
 from .forget import (
     ForgetSet,
     cached_batch,
     item_ids,
-    latent_shape,
-    partial_batch,
-    probe_difficulty,
     probe_grid,
     step_generator,
 )
 from .items import Folders, build_forget_set, build_retain_set, read_folders
-from .objectives import build_objective, denoising_loss, per_sample_mse
+from .objectives import build_objective, denoising_loss
 from .presets import select_parameters
 from .saliency import build_mask, mask_gradients, restore_masked
 from .sampling import FrozenTeacher, make_ddim, unet_eps
@@ -113,24 +110,6 @@ def erase(cfg: EraseConfig) -> Path:
         acc.end_training()
 
 
-def export_run(run: Run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
-    """Check and export the trained tensors (and the pipeline folder) from the main process."""
-    path = out / ERASED_FILE
-    if acc.is_main_process:
-        say(acc, f"exporting {len(run.trained)} trained tensors")
-        trained = {n: p.detach() for n, p in run.trained.items()}
-        check_finite_state(trained, None, steps_done, cfg)
-        chosen = run.weighting.summary()
-        kind, world = run.schedule.prediction_type, acc.num_processes
-        path = export_erased(
-            out, trained, cfg, run.base_fingerprint, steps_done, chosen, kind, world
-        )
-        if cfg.save_pipeline:
-            save_pipeline_folder(run.pipe, out)
-    acc.wait_for_everyone()
-    return path
-
-
 def setup(
     cfg: EraseConfig, acc, out: Path, resume: Path | None = None, folders: Folders | None = None
 ) -> Run:
@@ -150,7 +129,8 @@ def setup(
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     objective = build_objective(cfg.objective, eta=cfg.negative_guidance, ga_bound=cfg.ga_bound)
     base_fp = fingerprint(teacher.base)
-    mask = build_mask(cfg, acc, out, objective, unet, teacher, forget, trained, schedule, base_fp)
+    parts = dict(unet=unet, teacher=teacher, forget=forget, trained=trained, schedule=schedule)
+    mask = build_mask(cfg, acc, out, objective=objective, base_fp=base_fp, **parts)
     weighting = build_weighting(
         cfg.weighting,
         len(forget),
@@ -289,66 +269,3 @@ def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Ten
         loss = loss + cfg.retain_weight * retain_term
         retain_term = retain_term.detach()
     return loss, forget_term, retain_term
-
-
-def draw_batch(run: Run, cfg: EraseConfig, acc, ids: torch.Tensor, g: torch.Generator):
-    """x_t for the sampled items from the configured source (see ``sampling``)."""
-    return XT_SOURCES[cfg.xt_source](run, cfg, acc, ids, g)
-
-
-def _cached_xt(run: Run, cfg: EraseConfig, acc, ids: torch.Tensor, g: torch.Generator):
-    """Forward-noised cached x_0: the noise, hence the denoising target, is known."""
-    return cached_batch(run.forget, ids, g, run.schedule, acc.device)
-
-
-def _partial_xt(sampler: str):
-    """ESD's x_t: guided DDIM from noise with the model being trained or the frozen base."""
-
-    def draw(run: Run, cfg: EraseConfig, acc, ids: torch.Tensor, g: torch.Generator):
-        raw = acc.unwrap_model(run.unet)
-        eps = unet_eps(raw) if sampler == "train" else run.teacher
-        shape = latent_shape(run.pipe, cfg.resolution)
-        with acc.autocast():
-            return partial_batch(
-                eps, run.forget, ids, g, run.ddim, cfg.sample_guidance, shape, acc.device
-            )
-
-    return draw
-
-
-# The x_t source slot: name -> fn(run, cfg, acc, ids [B], generator) -> ForgetBatch.
-XT_SOURCES = {
-    "cached": _cached_xt,
-    "partial-train": _partial_xt("train"),
-    "partial-base": _partial_xt("base"),
-}
-
-
-def observe_difficulty(run: Run, cfg: EraseConfig, acc, batch, pred, g) -> None:
-    """Feed dynamic LoReUn the current difficulty of the batch's items, gathered over processes.
-
-    With a forward-noised source the student's prediction already is the denoising output, so
-    difficulty is free; partial sampling needs one extra no-grad probe on the cached samples.
-    """
-    if not (run.weighting.needs_difficulty and cfg.loreun_variant != "static"):
-        return
-    if batch.target is not None:
-        t, diff = batch.t, per_sample_mse(pred.detach(), batch.target)
-    else:
-        t = torch.randint(0, len(run.schedule), (len(batch.ids),), generator=g)
-        noise = torch.randn((len(batch.ids), *run.forget.x0.shape[2:]), generator=g)
-        with acc.autocast():
-            diff = probe_difficulty(
-                unet_eps(acc.unwrap_model(run.unet)),
-                run.forget,
-                batch.ids,
-                t,
-                noise,
-                run.schedule,
-                acc.device,
-            )
-    ids = batch.ids
-    if acc.num_processes > 1 and cfg.loreun_variant == "dynamic":
-        # every process folds in every process's items, identically
-        ids, t, diff = (acc.gather(x.to(acc.device)).cpu() for x in (ids, t, diff))
-    run.weighting.observe(ids, t, diff)
