@@ -240,7 +240,10 @@ class LoReUnWeighting:
         self.memory = losses.mean(1)
         self.filled = self.memory.clone()
         if self.target_ess is not None:
-            self.temperature = temperature_for_ess(self.memory, self.target_ess)
+            try:
+                self.temperature = temperature_for_ess(self.memory, self.target_ess)
+            except ValueError as e:  # more items tie for easiest than the target allows
+                raise ValueError(f"--target-ess: {e}; choose a larger fraction") from None
         self._weights = None
 
     def observe(self, ids: torch.Tensor, t: torch.Tensor, loss: torch.Tensor) -> None:

@@ -175,3 +175,9 @@ def test_fewer_than_two_items_are_refused():
     with pytest.raises(ValueError, match="at least 2 forget items"):
         build_weighting("loreun", 1)
     assert build_weighting("uniform", 1).weights(torch.tensor([0])).item() == 1.0
+
+
+def test_a_target_below_reach_names_the_flag():
+    w = LoReUnWeighting(4, target_ess=0.1, normalize=False)
+    with pytest.raises(ValueError, match="--target-ess: target ESS 0.1 is below 0.25"):
+        w.fill(torch.tensor([[0.0], [1.0], [2.0], [3.0]]), None)
