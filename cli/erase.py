@@ -36,7 +36,14 @@ def add_parser(sub, name: str) -> None:
 
 # The --help sections, in the order a user meets the decisions; every config field is in one.
 GROUPS = {
-    "model": ("model", "model_config", "resolution", "mixed_precision", "gradient_checkpointing"),
+    "model": ("model", "model_config", "resolution"),
+    "memory": (
+        "mixed_precision",
+        "gradient_checkpointing",
+        "optimizer",
+        "frozen_dtype",
+        "step_in_backward",
+    ),
     "what to forget": (
         "concepts",
         "concepts_file",

@@ -6,6 +6,7 @@ This module imports no torch, so the CLI can build its parser from these fields 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import typing
@@ -19,6 +20,8 @@ LOREUN_VARIANTS = ("static", "dynamic", "batch")
 DIFFICULTY_NORMS = ("timestep", "none")
 XT_SOURCES = ("cached", "partial-train", "partial-base")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")  # erase/optim.py
+FROZEN_DTYPES = ("fp32", "bf16", "fp16")
 # Forget items per concept prompt: enough for a single concept to give LoReUn a set to weigh.
 SAMPLES_PER_CONCEPT = 8
 # LoReUn's defaults, shared with erase/weighting.py (docs/design-notes.md says why).
@@ -209,8 +212,8 @@ class EraseConfig:
     gradient_accumulation_steps: int = field(
         default=1, metadata=_help("micro-batches per optimizer step")
     )
-    lr: float = field(default=1e-5, metadata=_help("learning rate (AdamW)"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    lr: float = field(default=1e-5, metadata=_help("learning rate"))
+    weight_decay: float = field(default=0.0, metadata=_help("decoupled weight decay"))
     max_grad_norm: float | None = field(
         default=None, metadata=_help("clip the gradient norm to this value")
     )
@@ -223,6 +226,29 @@ class EraseConfig:
         metadata=_help(
             "recompute the UNet's activations in the backward pass: less memory (SDXL), "
             "more time, the same result"
+        ),
+    )
+    optimizer: str = field(
+        default="adamw",
+        metadata=_help(
+            "adamw; adafactor (factored second moment, no momentum: almost no state); adamw8bit "
+            "(needs bitsandbytes)",
+            choices=OPTIMIZERS,
+        ),
+    )
+    frozen_dtype: str = field(
+        default="fp32",
+        metadata=_help(
+            "dtype of the teacher's frozen copies of the trained tensors (bf16/fp16 halve them)",
+            choices=FROZEN_DTYPES,
+        ),
+    )
+    step_in_backward: bool = field(
+        default=False,
+        metadata=_help(
+            "update each tensor during the backward pass and free its gradient at once, so all "
+            "gradients never exist together; the same updates, without --max-grad-norm or "
+            "gradient accumulation"
         ),
     )
     checkpoint_every: int = field(
@@ -270,6 +296,26 @@ class EraseConfig:
         self._check_retain()
         self._check_numbers()
         self._check_weighting()
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        """Memory options that cannot combine, refused before the model loads."""
+        if self.step_in_backward:
+            for bad, why in (
+                (self.gradient_accumulation_steps > 1, "--gradient-accumulation-steps above 1"),
+                (self.max_grad_norm is not None, "--max-grad-norm (it needs every gradient)"),
+                (self.mixed_precision == "fp16", "--mixed-precision fp16 (gradient scaling)"),
+            ):
+                if bad:
+                    raise ValueError(f"--step-in-backward: cannot be combined with {why}")
+        masked = self.saliency is not None or self.saliency_mask is not None
+        if self.frozen_dtype != "fp32" and masked and self.weight_decay > 0:
+            raise ValueError(
+                f"--frozen-dtype {self.frozen_dtype}: with a saliency mask and --weight-decay, "
+                "untrained weights would be restored from rounded copies; use fp32 or no decay"
+            )
+        if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("--optimizer adamw8bit: needs bitsandbytes (pip install bitsandbytes)")
 
     def _check_forget(self) -> None:
         if self.forget_images is None:

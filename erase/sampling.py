@@ -12,6 +12,9 @@ Three sources (DESIGN.md section 4):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from functools import partial
+
 import torch
 from torch.func import functional_call
 
@@ -26,20 +29,73 @@ class FrozenTeacher:
     Untrained tensors are shared with the student, so they are already the originals; the trained
     ones are swapped in for the call through ``torch.func.functional_call``.
 
+    With ``dtype`` (``--frozen-dtype bf16``) the copies are kept at half size and each module's
+    own copies are cast back to the student's dtype only while that module runs, so the teacher
+    never holds a full-precision copy of more than one module (its outputs then differ from the
+    original model's by the rounding of the stored weights).
+
     Args:
         unet: the UNet being trained (unwrapped).
         trained: name -> parameter for the tensors that training changes.
+        dtype: dtype of the frozen copies; None keeps the trained tensors' own.
     """
 
-    def __init__(self, unet: torch.nn.Module, trained: dict[str, torch.nn.Parameter]):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        trained: dict[str, torch.nn.Parameter],
+        dtype: torch.dtype | None = None,
+    ):
         self.unet = unet
-        self.base = {n: p.detach().clone() for n, p in trained.items()}
+        self.base = {n: p.detach().to(dtype or p.dtype, copy=True) for n, p in trained.items()}
+        self.exact = all(self.base[n].dtype == p.dtype for n, p in trained.items())
+        self._owners = _owners(unet, trained) if not self.exact else []
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W], [B], [B, L, D] -> [B, C, H, W] predicted noise, without gradient."""
         with torch.no_grad():
-            out = functional_call(self.unet, self.base, (x, t), unet_kwargs(emb), strict=False)
+            if self.exact:
+                out = functional_call(self.unet, self.base, (x, t), unet_kwargs(emb), strict=False)
+            else:
+                with self._cast_per_module():
+                    out = self.unet(x, t, **unet_kwargs(emb))
         return out.sample
+
+    @contextmanager
+    def _cast_per_module(self):
+        """Hooks that swap each owning module's frozen copies in (cast) and its own tensors back."""
+        handles, originals = [], {}
+
+        def swap_in(names, module, args):
+            for local, full in names:
+                originals[(id(module), local)] = module._parameters[local]
+                module._parameters[local] = self.base[full].to(originals[(id(module), local)])
+
+        def swap_out(names, module, args, output):
+            for local, _ in names:
+                module._parameters[local] = originals.pop((id(module), local))
+
+        try:
+            for module, names in self._owners:
+                handles.append(module.register_forward_pre_hook(partial(swap_in, names)))
+                handles.append(module.register_forward_hook(partial(swap_out, names)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for module, names in self._owners:  # after an exception inside a module
+                for local, _ in names:
+                    if (id(module), local) in originals:
+                        module._parameters[local] = originals.pop((id(module), local))
+
+
+def _owners(unet: torch.nn.Module, trained: dict) -> list[tuple[torch.nn.Module, list]]:
+    """[(module, [(its parameter name, full name)])] for every module owning a trained tensor."""
+    owners: dict[str, list] = {}
+    for full in trained:
+        module_name, _, local = full.rpartition(".")
+        owners.setdefault(module_name, []).append((local, full))
+    return [(unet.get_submodule(m), names) for m, names in owners.items()]
 
 
 def unet_eps(unet: torch.nn.Module) -> EpsFn:

@@ -43,12 +43,15 @@ from .forget import (
 )
 from .items import Folders, build_forget_set, build_retain_set, read_folders
 from .objectives import build_objective, denoising_loss
+from .optim import StepInBackward, build_optimizer
 from .presets import select_parameters
 from .saliency import build_mask, mask_gradients, restore_masked
 from .sampling import FrozenTeacher, make_ddim, unet_eps
 from .weighting import build_weighting, can_differ, weighting_stats
 
 __all__ = ["erase", "TrainingDiverged", "TrainingInterrupted"]
+
+TORCH_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingInterrupted(Exception):
@@ -123,12 +126,12 @@ def setup(
     trained = select_parameters(unet, cfg.method)
     for p in trained.values():
         p.requires_grad_(True)
-    teacher = FrozenTeacher(unet, trained)
+    base_fp = fingerprint({n: p.detach() for n, p in trained.items()})
+    teacher = FrozenTeacher(unet, trained, TORCH_DTYPES[cfg.frozen_dtype])
     forget = build_forget_set(cfg, pipe, teacher, acc, out, folders.forget)
     retain = build_retain_set(cfg, pipe, teacher, acc, out, folders.retain, forget.uncond)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     objective = build_objective(cfg.objective, eta=cfg.negative_guidance, ga_bound=cfg.ga_bound)
-    base_fp = fingerprint(teacher.base)
     parts = dict(unet=unet, teacher=teacher, forget=forget, trained=trained, schedule=schedule)
     mask = build_mask(cfg, acc, out, objective=objective, base_fp=base_fp, **parts)
     weighting = build_weighting(
@@ -147,8 +150,7 @@ def setup(
         with acc.autocast():
             grid, t_grid = probe_grid(teacher, forget, schedule, cfg.seed, acc.device)
         weighting.fill(grid, t_grid)
-    optimizer = torch.optim.AdamW(list(trained.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    prepared, optimizer = acc.prepare(unet, optimizer)
+    prepared, optimizer = prepare_optimizer(cfg, acc, unet, trained, mask)
     ddim = make_ddim(pipe.scheduler.config, cfg.sample_steps) if cfg.xt_source != "cached" else None
     run = Run(
         pipe=pipe,
@@ -168,6 +170,26 @@ def setup(
     if not restore_checkpoint(run, resume):
         say(acc, f"{resume} holds no optimizer state: the optimizer restarts from zero moments")
     return run
+
+
+def prepare_optimizer(cfg: EraseConfig, acc, unet, trained: dict, mask: dict | None):
+    """(the UNet as accelerate prepares it, the optimizer over the trained tensors).
+
+    With ``--step-in-backward`` the optimizer is a ``StepInBackward`` that updates during
+    backward; accelerate does not wrap it (it would step and clip it again).
+    """
+
+    def make(params):
+        return build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+
+    if not cfg.step_in_backward:
+        return acc.prepare(unet, make(list(trained.values())))
+    if acc.num_processes > 1:
+        raise ValueError(
+            "--step-in-backward: runs on one process (several would update before the "
+            "gradients are averaged)"
+        )
+    return acc.prepare(unet), StepInBackward(make, trained, mask)
 
 
 def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
@@ -224,14 +246,16 @@ def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> dict[str, float]:
             loss, forget_term, retain_term = micro_batch_loss(run, cfg, acc, k)
             check_finite_loss(loss, step, acc, cfg)
             acc.backward(loss)
-            if acc.sync_gradients:
+            if acc.sync_gradients and not cfg.step_in_backward:  # else the hooks did it
                 if run.mask is not None:
                     mask_gradients(run.trained, run.mask)
                 if cfg.max_grad_norm:
                     acc.clip_grad_norm_(list(run.trained.values()), cfg.max_grad_norm)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-            if acc.sync_gradients and run.mask is not None:
+            if acc.sync_gradients and run.mask is not None and run.teacher.exact:
+                # rounded frozen copies cannot restore; without weight decay (checked in the
+                # config) a weight whose gradient is always zero does not move in the first place
                 restore_masked(run.trained, run.mask, run.teacher.base)
         sums += torch.stack([loss.detach(), forget_term, retain_term]).float()
     if acc.num_processes > 1:  # report the mean over processes, not process 0's alone

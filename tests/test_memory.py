@@ -1,0 +1,199 @@
+"""The low-memory options: each keeps the semantics of the default recipe, tested on tiny models."""
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loreun.cli.main import main
+from loreun.erase.optim import Adafactor, StepInBackward, build_optimizer
+from loreun.erase.presets import select_parameters
+from loreun.erase.sampling import FrozenTeacher
+
+from .conftest import erase_args
+
+
+def _linear_pair(seed=0):
+    torch.manual_seed(seed)
+    a = torch.nn.Linear(6, 4)
+    return a, copy.deepcopy(a)
+
+
+def test_adafactor_equals_transformers_on_matrices_and_vectors():
+    from transformers.optimization import Adafactor as Reference
+
+    ours_m, ref_m = _linear_pair()
+    ours = Adafactor(ours_m.parameters(), lr=1e-2, weight_decay=0.3)
+    ref = Reference(
+        ref_m.parameters(),
+        lr=1e-2,
+        weight_decay=0.3,
+        scale_parameter=False,
+        relative_step=False,
+        warmup_init=False,
+        beta1=None,
+    )
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):  # the decay 1 - step^-0.8 changes every step
+        x = torch.randn(5, 6, generator=g)
+        for m, opt in ((ours_m, ours), (ref_m, ref)):
+            opt.zero_grad()
+            (m(x) ** 3).sum().backward()
+            opt.step()
+    for p, q in zip(ours_m.parameters(), ref_m.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ours_m.weight, _linear_pair()[0].weight)
+
+
+def test_adafactor_factors_a_convolution_over_out_and_fan_in():
+    conv = torch.nn.Conv2d(8, 16, 3)
+    opt = Adafactor([conv.weight], lr=1e-3)
+    conv(torch.randn(1, 8, 5, 5)).sum().backward()
+    opt.step()
+    state = opt.state[conv.weight]
+    assert state["row"].shape == (16,) and state["col"].shape == (8 * 9,)
+    kept = sum(v.numel() for v in state.values())
+    assert kept < 0.1 * conv.weight.numel()
+
+
+def test_adafactor_update_rms_is_clipped_to_lr():
+    w = torch.nn.Parameter(torch.zeros(30, 20))
+    opt = Adafactor([w], lr=1e-3)
+    w.grad = torch.randn(30, 20) * 1e4  # a huge gradient still moves each weight by ~lr
+    opt.step()
+    rms = w.detach().norm() / w.numel() ** 0.5
+    assert rms.item() == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_step_in_backward_gives_the_same_updates(tiny_unet, name):
+    """Two steps with hooks equal two plain optimizer steps, to the bit, with a mask."""
+    other = copy.deepcopy(tiny_unet)
+    runs = []
+    for unet in (tiny_unet, other):
+        trained = select_parameters(unet, "esd-u")
+        unet.requires_grad_(False)
+        for p in trained.values():
+            p.requires_grad_(True)
+        mask = {
+            n: torch.rand(p.shape, generator=torch.Generator().manual_seed(3)) > 0.5
+            for n, p in trained.items()
+        }
+        runs.append((unet, trained, mask))
+
+    def make(params):
+        return build_optimizer(name, params, lr=1e-2, weight_decay=0.0)
+
+    (u1, t1, m1), (u2, t2, m2) = runs
+    hooked = StepInBackward(make, t1, m1)
+    plain = make(list(t2.values()))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x, emb = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 16, generator=g)
+        t = torch.tensor([10, 500])
+        u1(x, t, encoder_hidden_states=emb).sample.square().mean().backward()
+        assert all(p.grad is None for p in t1.values())  # freed inside backward
+        u2(x, t, encoder_hidden_states=emb).sample.square().mean().backward()
+        for n, p in t2.items():
+            p.grad.mul_(m2[n])
+        plain.step()
+        plain.zero_grad()
+    for n in t1:
+        assert torch.equal(t1[n], t2[n]), n
+    hooked.remove()
+
+
+def test_half_precision_teacher_matches_the_original_and_leaves_the_student(tiny_unet):
+    original = copy.deepcopy(tiny_unet)
+    trained = select_parameters(tiny_unet, "esd-u")
+    teacher = FrozenTeacher(tiny_unet, trained, torch.bfloat16)
+    assert not teacher.exact and all(b.dtype == torch.bfloat16 for b in teacher.base.values())
+    with torch.no_grad():
+        for p in trained.values():
+            p.add_(1.0)  # training moved the student far away
+    x, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 16, 16)
+    want = original(x, t, encoder_hidden_states=emb).sample
+    got = teacher(x, t, emb)
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # bf16 rounding of the weights
+    student = tiny_unet(x, t, encoder_hidden_states=emb).sample
+    assert (student - want).abs().max() > 1.0  # the student's own weights are back
+    for name, p in select_parameters(tiny_unet, "esd-u").items():
+        assert p is trained[name]
+
+
+def test_half_precision_teacher_restores_the_student_after_an_error(tiny_unet):
+    trained = select_parameters(tiny_unet, "esd-x")
+    teacher = FrozenTeacher(tiny_unet, trained, torch.float16)
+    with pytest.raises(RuntimeError):
+        teacher(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 16, 99))  # bad dim
+    for name, p in select_parameters(tiny_unet, "esd-x").items():
+        assert p is trained[name] and p.dtype == torch.float32
+
+
+LOW_MEMORY = [
+    "--optimizer",
+    "adafactor",
+    "--frozen-dtype",
+    "bf16",
+    "--step-in-backward",
+    "--gradient-checkpointing",
+]
+
+
+def test_low_memory_recipe_erases_resumes_and_records_its_settings(tiny_pipeline_dir, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ["--method", "esd-u", "--checkpoint-every", "2", *LOW_MEMORY]
+    assert main(erase_args(tiny_pipeline_dir, straight, *common, "--steps", "4")) == 0
+    assert main(erase_args(tiny_pipeline_dir, split, *common, "--steps", "2")) == 0
+    assert (
+        main(erase_args(tiny_pipeline_dir, split, *common, "--steps", "4", "--resume", "latest"))
+        == 0
+    )
+    a = load_file(str(straight / "unet-erased.safetensors"))
+    b = load_file(str(split / "unet-erased.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = json.loads((straight / "erase_config.json").read_text())
+    assert saved["optimizer"] == "adafactor" and saved["frozen_dtype"] == "bf16"
+    assert saved["step_in_backward"] is True
+    base = load_file(str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert sum(int((a[k] != base[k]).sum()) for k in a) > 0.5 * sum(v.numel() for v in a.values())
+
+
+def test_half_precision_copies_with_a_mask_leave_unsalient_weights_exact(
+    tiny_pipeline_dir, tmp_path
+):
+    out = tmp_path / "o"
+    args = erase_args(tiny_pipeline_dir, out, "--method", "esd-x", "--saliency", "0.3", *LOW_MEMORY)
+    assert main(args) == 0
+    mask = load_file(str(out / "saliency-mask.safetensors"))
+    erased = load_file(str(out / "unet-erased.safetensors"))
+    base = load_file(str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    for name, m in mask.items():
+        assert torch.equal(erased[name][~m], base[name][~m]), name
+    assert any((erased[n][m] != base[n][m]).any() for n, m in mask.items())
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--step-in-backward", "--gradient-accumulation-steps", "2"], "--step-in-backward"),
+        (["--step-in-backward", "--max-grad-norm", "1"], "--max-grad-norm"),
+        (
+            ["--frozen-dtype", "bf16", "--saliency", "0.5", "--weight-decay", "0.1"],
+            "--frozen-dtype",
+        ),
+        (["--optimizer", "adamw8bit"], "bitsandbytes"),  # made unimportable below
+        (["--optimizer", "sgd"], "--optimizer"),
+    ],
+)
+def test_memory_options_that_cannot_work_are_one_line_errors(
+    tiny_pipeline_dir, tmp_path, capsys, monkeypatch, extra, needle
+):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    assert main(erase_args(tiny_pipeline_dir, tmp_path / "o", *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "o").exists()
