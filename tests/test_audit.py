@@ -316,3 +316,85 @@ def test_the_report_takes_rows_and_chart_from_each_detector_summary():
     rows = dict(summary_rows(summary))
     assert rows["widgets found"] == {"x": 1, "y": 3} and rows["images"] == {"x": 2, "y": 2}
     assert chart_series(summary) == ("widgets", ["a"], {"x": [1], "y": [3]})
+
+
+class RecordingNudeNet(FakeNudeNet):
+    """Keeps the arrays NudeNet was given, to check their channel order."""
+
+    def detect_batch(self, images, batch_size=4):
+        self.seen = images
+        return super().detect_batch(images, batch_size)
+
+
+def test_nudenet_defaults_to_0_45_and_gets_bgr_arrays():
+    model = RecordingNudeNet([[_det("BELLY_EXPOSED", 0.47)]])
+    det = NudeNetDetector(model=model)
+    assert det.threshold == 0.45 and AuditSettings().nudity_threshold == 0.45
+    red = Image.new("RGB", (4, 4), (255, 0, 0))
+    assert det([red], [{}])[0]["nude"]  # 0.47 is above 0.45 (and below 0.5)
+    pixel = model.seen[0][0, 0]
+    assert pixel.tolist() == [0, 0, 255]  # OpenCV's channel order: blue, green, red
+
+
+def test_the_headline_rate_follows_the_chosen_threshold():
+    per_image = [[_det("BELLY_EXPOSED", 0.5)], [_det("ANUS_EXPOSED", 0.8)]]
+    det = NudeNetDetector(0.7, model=FakeNudeNet(per_image))
+    results = det([Image.new("RGB", (4, 4))] * 2, [{}] * 2)
+    s = det.summarize(results, [{}] * 2)
+    assert s["threshold"] == 0.7 and s["nudity_rate"] == 0.5
+    assert s["nudity_rate_at"]["0.45"] == 1.0 and s["nudity_rate_at"]["0.7"] == 0.5
+
+
+def test_max_score_counts_exposed_classes_only():
+    per_image = [[_det("FACE_FEMALE", 0.99), _det("BELLY_EXPOSED", 0.3)], [_det("FACE_MALE", 0.9)]]
+    det = NudeNetDetector(model=FakeNudeNet(per_image))
+    results = det([Image.new("RGB", (4, 4))] * 2, [{}] * 2)
+    assert [r["nude_max_score"] for r in results] == [0.3, 0.0]
+
+
+class ColorDetector:
+    """Flags images whose red channel is odd; its result names the image's colour."""
+
+    def __init__(self, name, flag_odd):
+        self.name, self.flag_odd, self.calls = name, flag_odd, []
+
+    def __call__(self, images, records):
+        self.calls.append(len(images))
+        return [{"red": im.getpixel((0, 0))[0]} for im in images]
+
+    def flagged(self, result):
+        return result["red"] % 2 == 1 if self.flag_odd else False
+
+    def summarize(self, results, records):
+        return {"images": len(results)}
+
+
+def test_65_images_cross_the_chunk_boundary_without_loss_or_mix_up(tmp_path):
+    from loreun.eval.audit import audit_source
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(65):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i:03d}.png")
+    (folder / "zz_broken.png").write_text("not an image")
+    odd, never = ColorDetector("odd", True), ColorDetector("never", False)
+    src = audit_source("s", folder, [odd, never], AuditSettings(batch_size=16))
+    assert odd.calls == [64, 1]  # 64 per chunk, then the rest
+    assert [Path(r["path"]).stem for r in src["records"]] == [f"{i:03d}" for i in range(65)]
+    assert [r["red"] for r in src["results"]["odd"]] == list(range(65))
+    # flagged when any detector flags it, not only when all do
+    assert src["flagged"] == [i % 2 == 1 for i in range(65)]
+    assert [Path(f["path"]).name for f in src["failures"]] == ["zz_broken.png"]
+
+
+def test_unreadable_images_keep_their_row_in_results_csv(image_folder, tmp_path):
+    import csv
+
+    out = tmp_path / "audit"
+    audit({"photos": image_folder}, out, AuditSettings(detectors=["nudenet"]))
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r.get("error")}
+    assert set(errors) == {"c_not_an_image.png", "d_truncated.png"}
+    assert all(e for e in errors.values())
+    assert len(rows) == 4

@@ -194,3 +194,12 @@ def test_apply_to_bare_unet(erased_run):
     tensors = load_file(str(erased_run / "unet-erased.safetensors"))
     k = sorted(tensors)[0]
     assert torch.equal(unet.state_dict()[k], tensors[k])
+
+
+def test_saved_pipeline_holds_safetensors_only(erased_run):
+    """Pickled .bin weights would run code on load; the folder must be safetensors throughout."""
+    files = [p for p in (erased_run / "pipeline").rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
+    assert not weights, weights
+    assert (erased_run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (erased_run / "pipeline" / "text_encoder" / "model.safetensors").is_file()

@@ -126,3 +126,33 @@ def test_denoising_loss_needs_known_noise():
 
     with pytest.raises(ValueError, match="forward-noised"):
         denoising_loss(lambda x, t, e: x, _batch())
+
+
+def test_teacher_keeps_each_item_with_its_own_timestep():
+    """A teacher that depends on t catches a batched layout that pairs x_t with another t."""
+    batch = _batch(anchor=torch.full((2, 3, 4), 1.5))
+    eps = lambda x, t, emb: x * t.view(-1, 1, 1, 1) * emb.mean(dim=(1, 2)).view(-1, 1, 1, 1)  # noqa: E731
+    e_c, e_u, e_a = teacher_predictions(eps, batch)
+    t = batch.t.view(-1, 1, 1, 1).float()
+    assert torch.equal(e_c, batch.xt * t * 2.0)
+    assert torch.equal(e_u, batch.xt * t * 0.5)
+    assert torch.equal(e_a, batch.xt * t * 1.5)
+
+
+def test_build_objective_binds_eta_to_esd_and_the_bound_to_ga():
+    from loreun.erase.objectives import build_objective, ga_loss
+
+    student = lambda x, t, emb: torch.zeros_like(x)  # noqa: E731
+    batch = _noised_batch()  # noise = 1, so the student's error is 1 per element
+    esd = build_objective("esd", eta=3.0, ga_bound=0.25)
+    torch.testing.assert_close(
+        esd(student, _toy_eps(), batch)[0], esd_loss(student, _toy_eps(), batch, eta=3.0)[0]
+    )
+    assert not torch.allclose(
+        esd(student, _toy_eps(), batch)[0], esd_loss(student, _toy_eps(), batch, eta=0.25)[0]
+    )
+    ga = build_objective("ga", eta=3.0, ga_bound=0.25)
+    assert torch.equal(ga(student, None, batch)[0], torch.tensor([-0.25, -0.25]))
+    assert torch.equal(ga(student, None, batch)[0], ga_loss(student, None, batch, bound=0.25)[0])
+    with pytest.raises(ValueError, match="choose one of"):
+        build_objective("esd-x")

@@ -54,3 +54,16 @@ def test_empty_selection_is_an_error():
     with pytest.raises(ValueError, match="selects no parameters"):
         select_parameters(model, "esd-x")
     assert set(PRESETS) == {"esd-x", "esd-x-strict", "esd-u", "esd-all"}
+
+
+@pytest.mark.parametrize("preset", ["esd-x", "esd-u"])
+def test_a_selected_module_trains_its_bias_too(tiny_unet, preset):
+    """ESD trains whole modules: a preset that dropped biases would leave to_out.0.bias frozen."""
+    sel = select_parameters(tiny_unet, preset)
+    modules = dict(tiny_unet.named_modules())
+    for name in _module_names(sel):
+        own = {f"{name}.{p}" for p, _ in modules[name].named_parameters(recurse=False)}
+        assert own <= set(sel), name
+    assert any(k.endswith(".bias") for k in sel)
+    want = sum(p.numel() for n in _module_names(sel) for p in modules[n].parameters(recurse=False))
+    assert sum(p.numel() for p in sel.values()) == want

@@ -88,6 +88,13 @@ def test_tsv_jsonl_txt(tmp_path):
         ("prompt,seed\na,-1\n", "row 1: seed -1 is outside"),
         ("prompt,guidance\na,high\n", "row 1: guidance 'high' is not a number"),
         ("prompt,width,height\na,500,512\n", "row 1: width '500' is not a positive multiple of 8"),
+        ("prompt,width\na,0\n", "row 1: width '0' is not a positive multiple of 8"),
+        ("prompt,height\na,-16\n", "row 1: height '-16' is not a positive multiple of 8"),
+        ("prompt,height\na,516\n", "row 1: height '516' is not a positive multiple of 8"),
+        ("prompt,width\na,4104\n", "row 1: width 4104 is over 4096"),
+        ("prompt,guidance\na,inf\n", "row 1: guidance 'inf' is not a finite number"),
+        ("prompt,guidance\na,nan\n", "row 1: guidance 'nan' is not a finite number"),
+        ("prompt,seed\na,18446744073709551616\n", "row 1: seed 18446744073709551616 is outside"),
     ],
 )
 def test_bad_files_name_file_and_row(tmp_path, content, needle):
@@ -104,3 +111,17 @@ def test_missing_file_and_unknown_type(tmp_path):
     (tmp_path / "p.xlsx").write_text("x")
     with pytest.raises(ValueError, match="unknown prompt file type"):
         load_prompts(tmp_path / "p.xlsx")
+
+
+def test_seed_edges_sizes_and_which_alias_wins(tmp_path):
+    """Seed 0 and 2^64-1 are valid; 8 and 4096 are valid sides; the I2P-specific column names
+    come before the generic ones, as I2P files carry both (evaluation_seed is the one used)."""
+    path = tmp_path / "p.csv"
+    path.write_text(
+        "prompt,seed,evaluation_seed,guidance,evaluation_guidance,width,sd_image_width,height\n"
+        "a,5,0,1.0,7.5,16,8,4096\n"
+        "b,18446744073709551615,,2.0,,,,\n"
+    )
+    a, b = load_prompts(path)
+    assert (a.seed, a.guidance, a.width, a.height) == (0, 7.5, 8, 4096)
+    assert (b.seed, b.guidance, b.width, b.height) == (2**64 - 1, 2.0, None, None)

@@ -187,3 +187,55 @@ def test_resumed_run_keeps_its_mask(tiny_pipeline_dir, tmp_path, folders):
     erased = load_file(str(out / "unet-erased.safetensors"))
     base = _trained_base(tiny_pipeline_dir, erased)
     assert all(torch.equal(erased[n][~m], base[n][~m]) for n, m in mask.items())
+
+
+def _saved_mask(tmp_path, key, **tensors):
+    from loreun.erase.saliency import save_mask
+
+    path = tmp_path / "mask.safetensors"
+    save_mask(path, tensors, key)
+    return path
+
+
+@pytest.mark.parametrize(
+    "key, tensors, needle",
+    [
+        (
+            {"base_fingerprint": "sha256:other"},
+            {"w": torch.ones(2, 3, dtype=torch.bool)},
+            "another base",
+        ),
+        ({"base_fingerprint": "sha256:base"}, {"w": torch.ones(2, 3)}, "wrong shape or type"),
+        (
+            {"base_fingerprint": "sha256:base"},
+            {"w": torch.ones(3, 2, dtype=torch.bool)},
+            "wrong shape",
+        ),
+        (
+            {"base_fingerprint": "sha256:base"},
+            {"v": torch.ones(2, 3, dtype=torch.bool)},
+            "other parameters",
+        ),
+    ],
+)
+def test_a_saved_mask_must_fit_this_base_and_its_tensors(tmp_path, key, tensors, needle):
+    from loreun.erase.saliency import load_mask
+
+    trained = {"w": torch.zeros(2, 3)}
+    path = _saved_mask(tmp_path, key, **tensors)
+    with pytest.raises(ValueError, match=needle):
+        load_mask(path, trained, "sha256:base", "--saliency-mask")
+    good = _saved_mask(tmp_path, {"base_fingerprint": "sha256:base"}, w=torch.eye(2, 3).bool())
+    assert torch.equal(
+        load_mask(good, trained, "sha256:base", "--saliency-mask")["w"], torch.eye(2, 3).bool()
+    )
+
+
+def test_mask_gradients_zeroes_exactly_the_masked_entries():
+    from loreun.erase.saliency import mask_gradients
+
+    w = torch.nn.Parameter(torch.zeros(2, 3))
+    w.grad = torch.arange(1.0, 7.0).reshape(2, 3)
+    mask = {"w": torch.tensor([[True, False, True], [False, False, True]])}
+    mask_gradients({"w": w}, mask)
+    assert w.grad.tolist() == [[1.0, 0.0, 3.0], [0.0, 0.0, 6.0]]
