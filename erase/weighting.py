@@ -91,12 +91,15 @@ def temperature_for_ess(scores: torch.Tensor, target: float, iters: int = 100) -
         target: ESS / n in (0, 1]; 1 returns ``inf`` (uniform).
 
     Returns:
-        tau > 0, or ``inf`` when the target is 1 or the scores are all equal.
+        tau > 0, or ``inf`` when the target is 1 or the scores are all equal (to 1e-30).
+
+    Raises:
+        ValueError: the target is below what any usable tau reaches (ties with the minimum).
     """
-    scores = scores.detach().double()
+    scores = scores.detach().float().double()  # the precision softmax_weights works in
     n = scores.numel()
     spread = float(scores.max() - scores.min())
-    if target >= 1 or spread == 0:
+    if target >= 1 or spread < 1e-30:  # no difference a float32 softmax could weigh
         return math.inf
     floor = float((scores == scores.min()).sum()) / n
     if target <= floor:
@@ -106,7 +109,11 @@ def temperature_for_ess(scores: torch.Tensor, target: float, iters: int = 100) -
         mid = (lo + hi) / 2
         ess = effective_sample_size(softmax_weights(scores, math.exp(mid))) / n
         lo, hi = (mid, hi) if ess < target else (lo, mid)
-    return math.exp((lo + hi) / 2)
+    tau = math.exp((lo + hi) / 2)
+    reached = effective_sample_size(softmax_weights(scores, tau)) / n
+    if reached > target + 1e-3:  # near-ties with the minimum act as minima at any usable tau
+        raise ValueError(f"target ESS {target} is below {reached:.3g}, reached only as tau -> 0")
+    return tau
 
 
 def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
