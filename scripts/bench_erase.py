@@ -75,7 +75,7 @@ def worker(model: str, preset: str, variant: str, steps: int) -> dict:
             cond=torch.randn(1, seq, dim, generator=g),
             uncond=torch.randn(1, seq, dim, generator=g),
             anchor=None,
-            noise=None,
+            target=None,
             ids=torch.tensor([0]),
         )
         start = time.perf_counter()

@@ -42,6 +42,18 @@ WEIGHTINGS = {
 }
 
 
+# Memory recipes: the default, and the low-memory one documented in docs/benchmarks.md.
+RECIPES = {
+    "default": {},
+    "low-memory": {
+        "optimizer": "adafactor",
+        "frozen_dtype": "bf16",
+        "step_in_backward": True,
+        "gradient_checkpointing": True,
+    },
+}
+
+
 def score(model: str, erased, out: Path, digit: int, samples: int) -> dict:
     """Generate the digits prompt set and return forget/retain top-1 accuracy."""
     from loreun.eval.audit import AuditSettings, audit
@@ -127,6 +139,7 @@ def erase_and_score(run_key: dict, args, root: Path) -> dict:
         target_ess=args.target_ess if k["weighting"] != "uniform" else None,
         **forget_settings(k["digit"], k["objective"], root, args),
         **{"temperature": args.temperature, **WEIGHTINGS[k["weighting"]]},
+        **RECIPES[k.get("recipe", "default")],
     )
     start = time.perf_counter()
     path = erase(cfg)
@@ -137,8 +150,8 @@ def erase_and_score(run_key: dict, args, root: Path) -> dict:
 def planned_runs(args, digits: list[int]) -> list[dict]:
     """ESD over methods x sources without a mask; remap/ga on images, with and without one."""
     runs = []
-    for digit, objective, weighting, seed in itertools.product(
-        digits, args.objectives, args.weightings, args.seeds
+    for digit, objective, weighting, seed, recipe in itertools.product(
+        digits, args.objectives, args.weightings, args.seeds, args.recipes
     ):
         if objective == "esd":
             combos = [(m, src, "none") for m in args.methods for src in args.sources]
@@ -154,6 +167,7 @@ def planned_runs(args, digits: list[int]) -> list[dict]:
                     "source": source,
                     "saliency": saliency,
                     "seed": seed,
+                    **({"recipe": recipe} if recipe != "default" else {}),
                 }
             )
     return runs
@@ -165,7 +179,7 @@ def _ms(rows: list[dict], name: str) -> str:
     return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 
 
-GROUP = ("digit", "objective", "method", "weighting", "source", "saliency")
+GROUP = ("digit", "objective", "method", "weighting", "source", "saliency", "recipe")
 
 
 def table(rows: list[dict], refs: dict) -> str:
@@ -173,13 +187,13 @@ def table(rows: list[dict], refs: dict) -> str:
     for r in rows:
         groups.setdefault(tuple(r[k] for k in GROUP), []).append(r)
     out = [
-        "| digit | objective | method | weighting | x_t source | saliency | forget acc | "
+        "| digit | objective | method | weighting | x_t source | saliency | recipe | forget acc | "
         "retain acc | Avg. Gap | erase s | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for digit, ref in sorted(refs.items()):
         out.append(
-            f"| {digit} | retrain | - | - | - | - | {ref['forget']:.3f} | {ref['retain']:.3f} "
+            f"| {digit} | retrain | - | - | - | - | - | {ref['forget']:.3f} | {ref['retain']:.3f} "
             "| 0 | - | - |"
         )
     for key, rs in sorted(groups.items()):
@@ -211,13 +225,12 @@ def weighting_summary(rows: list[dict]) -> str:
     of the pairs LoReUn made closer to the retrain model, so a reader sees at once whether
     LoReUn narrowed the gap and whether the difference is larger than the seed noise.
     """
-    setting = ("objective", "method", "source", "saliency")
+    setting = ("objective", "method", "source", "saliency", "recipe")
     names = sorted({r["weighting"] for r in rows} - {"uniform"})
     out = [
-        "| objective | method | x_t source | saliency | uniform gap | "
-        + " | ".join(f"{n} gap | {n} - uniform, 95% CI (closer/pairs)" for n in names)
-        + " |",
-        "|---|---|---|---|---|" + "---|---|" * len(names),
+        "| objective | method | x_t source | saliency | recipe | uniform gap |"
+        + "".join(f" {n} gap | {n} - uniform, 95% CI (closer/pairs) |" for n in names),
+        "|---|---|---|---|---|---|" + "---|---|" * len(names),
     ]
     for key in sorted({tuple(r[k] for k in setting) for r in rows}):
         sub = [r for r in rows if tuple(r[k] for k in setting) == key]
@@ -265,6 +278,9 @@ def main() -> int:
     )
     p.add_argument("--retain-weight", type=float, default=1.0)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument(
+        "--recipes", nargs="+", default=["default"], choices=list(RECIPES), help="memory recipes"
+    )
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -294,6 +310,8 @@ def main() -> int:
     for r in done:
         ref = refs[r["digit"]]
         r["gap"] = (abs(r["forget"] - ref["forget"]) + abs(r["retain"] - ref["retain"])) / 2
+    for r in done:  # runs logged before memory recipes existed used the default one
+        r.setdefault("recipe", "default")
     scored = [r for r in done if r["digit"] in refs]
     text = table(scored, refs) + "\n\n" + weighting_summary(scored)
     (root / "results.md").write_text(text + "\n")

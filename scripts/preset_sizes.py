@@ -8,6 +8,12 @@ UNet's 4 bytes per parameter; activations come on top and depend on resolution a
 A checkpoint holds the trained tensors and AdamW's two moments, 12 bytes per trained parameter,
 or 4 with ``--checkpoint-without-optimizer``.
 
+The low-memory recipe (``--optimizer adafactor --frozen-dtype bf16 --step-in-backward
+--gradient-checkpointing``) keeps the UNet's 4 bytes per parameter, a 2-byte frozen copy per
+trained parameter, Adafactor's factored state (a row and a column vector of each tensor's
+``[out, fan_in]`` view) and one gradient at a time (the largest trained tensor's). Its
+checkpoint is the trained tensors plus that small state.
+
     python scripts/preset_sizes.py
 """
 
@@ -55,6 +61,21 @@ CHECKPOINT_BYTES = (
 )
 
 
+def adafactor_numbers(trained: dict) -> int:
+    """Numbers Adafactor keeps for these tensors: out + fan_in per matrix, all of a vector."""
+    return sum(
+        p.shape[0] + p.numel() // p.shape[0] if p.ndim >= 2 else p.numel() for p in trained.values()
+    )
+
+
+def low_memory_bytes(total: int, trained: dict) -> tuple[int, int]:
+    """(training memory before activations, checkpoint size) of the low-memory recipe."""
+    n = sum(p.numel() for p in trained.values())
+    state = 4 * adafactor_numbers(trained)
+    largest_grad = 4 * max(p.numel() for p in trained.values())
+    return total * BYTES_PER_WEIGHT + 2 * n + state + largest_grad, 4 * n + state
+
+
 def table() -> str:
     import torch
     from diffusers import UNet2DConditionModel
@@ -64,20 +85,24 @@ def table() -> str:
     lines = [
         "| model | UNet parameters | preset | trained parameters | share | "
         "training memory (GB, before activations) | checkpoint (GB) | "
-        "checkpoint without optimizer (GB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "checkpoint without optimizer (GB) | low-memory recipe (GB, before activations) | "
+        "its checkpoint (GB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, arch in ARCHITECTURES.items():
         with torch.device("meta"):
             unet = UNet2DConditionModel(**arch)
         total = sum(p.numel() for p in unet.parameters())
         for preset in PRESETS:
-            n = sum(p.numel() for p in select_parameters(unet, preset).values())
+            trained = select_parameters(unet, preset)
+            n = sum(p.numel() for p in trained.values())
             gb = (total * BYTES_PER_WEIGHT + n * BYTES_PER_TRAINED) / 1e9
             ckpt, lean = n * CHECKPOINT_BYTES / 1e9, n * BYTES_PER_WEIGHT / 1e9
+            low, low_ckpt = (b / 1e9 for b in low_memory_bytes(total, trained))
             lines.append(
                 f"| {name} | {total / 1e6:.0f} M | {preset} | {n / 1e6:.1f} M | "
-                f"{n / total:.1%} | {gb:.1f} | {ckpt:.2f} | {lean:.2f} |"
+                f"{n / total:.1%} | {gb:.1f} | {ckpt:.2f} | {lean:.2f} | {low:.1f} | "
+                f"{low_ckpt:.2f} |"
             )
     return "\n".join(lines)
 
