@@ -45,7 +45,7 @@ def test_presets_partition(tiny_unet):
 
 @pytest.mark.parametrize("name", ["xattn", "ESD-X", ""])
 def test_unknown_preset(tiny_unet, name):
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(ValueError, match="choose one of esd-x, esd-x-strict, esd-u, esd-all$"):
         select_parameters(tiny_unet, name)
 
 

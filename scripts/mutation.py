@@ -1,0 +1,146 @@
+"""Mutation testing of loreun's core modules with mutmut 3, against the whole test suite.
+
+mutmut names each mutant after its file's path, and loreun's packages live in top-level folders
+(``erase/``, ``eval/``, ...) that pyproject.toml maps to ``loreun.*``. So the run happens in a
+staging copy, ``.mutation/`` (git-ignored), where the same files sit under ``loreun/``, and
+mutmut's own ``mutants/`` copy there is what the tests import. mutmut runs each mutant against
+the tests that reach the mutated function (it records them in a first, clean run of the whole
+suite), so a mutant is "survived" only when no test in the suite catches it.
+
+    pip install mutmut==3.8.1
+    OMP_NUM_THREADS=1 python scripts/mutation.py                       # every core module (hours)
+    OMP_NUM_THREADS=1 python scripts/mutation.py erase/weighting.py    # one module (minutes)
+    python scripts/mutation.py --report                                # scores of the last run
+
+The score of a module is killed / (killed + survived + no tests), with timeouts counted as
+killed; the report lists each survivor as ``mutmut show`` names it, to read with
+``cd .mutation && mutmut show NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = ROOT / ".mutation"
+PACKAGES = ("cli", "erase", "eval", "pipelines", "prompts")
+# The core: the erase recipe's pieces, loading and export, the prompt reader, the audit.
+CORE = (
+    "erase/weighting.py",
+    "erase/objectives.py",
+    "erase/presets.py",
+    "erase/saliency.py",
+    "erase/export.py",
+    "erase/optim.py",
+    "pipelines/loading.py",
+    "prompts/reader.py",
+    "eval/nudity.py",
+    "eval/audit.py",
+)
+KILLED = {"killed", "timeout"}
+NOT_KILLED = {"survived", "no tests"}
+
+
+def stage(modules: list[str]) -> None:
+    """Copy the tracked files into .mutation/, the packages under loreun/, and configure mutmut."""
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    shutil.rmtree(STAGE, ignore_errors=True)
+    for name in filter(None, tracked):
+        top = name.split("/", 1)[0]
+        dest = STAGE / ("loreun/" + name if top in PACKAGES else name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest)
+    (STAGE / "loreun" / "__init__.py").write_text("")
+    also = sorted({n.split("/", 1)[0] for n in tracked if n and n.split("/", 1)[0] not in PACKAGES})
+    config = "\n".join(
+        [
+            "",
+            "[tool.mutmut]",
+            'source_paths = ["loreun"]',
+            f"only_mutate = {json.dumps(['loreun/' + m for m in modules])}",
+            f"also_copy = {json.dumps(also)}",
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "--ignore=tests/test_packaging.py"]',
+            "",
+        ]
+    )
+    with open(STAGE / "pyproject.toml", "a") as f:
+        f.write(config)
+
+
+def environment() -> dict:
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")
+    )
+    shared = ROOT.parent / "shared"  # the tests' external prompt files (tests/conftest.py)
+    env.setdefault("LOREUN_SHARED_DIR", str(shared))
+    return env
+
+
+def results() -> dict[str, Counter]:
+    """module file -> Counter of mutant statuses, from ``mutmut results --all true``."""
+    out = subprocess.run(
+        ["mutmut", "results", "--all", "true"],
+        cwd=STAGE,
+        capture_output=True,
+        text=True,
+        env=environment(),
+    ).stdout
+    per: dict[str, Counter] = {}
+    survivors: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*(loreun\.[\w.]+?)\.x(?:ǁ\w+ǁ)?\w*__mutmut_\d+: (.+)", line)
+        if not m:
+            continue
+        name, status = line.split(":", 1)[0].strip(), m.group(2).strip()
+        module = m.group(1).removeprefix("loreun.").replace(".", "/") + ".py"
+        per.setdefault(module, Counter())[status] += 1
+        if status in NOT_KILLED:
+            survivors.setdefault(module, []).append(name)
+    return per, survivors
+
+
+def report() -> str:
+    per, survivors = results()
+    lines = ["| module | killed | survived | no tests | score |", "|---|---|---|---|---|"]
+    for module, c in sorted(per.items()):
+        killed = sum(c[s] for s in KILLED)
+        total = killed + sum(c[s] for s in NOT_KILLED)
+        score = killed / total if total else float("nan")
+        lines.append(f"| `{module}` | {killed} | {c['survived']} | {c['no tests']} | {score:.1%} |")
+    for module, names in sorted(survivors.items()):
+        lines.append(f"\n{module}: " + " ".join(names))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("modules", nargs="*", help=f"files to mutate (default: {' '.join(CORE)})")
+    p.add_argument("--report", action="store_true", help="only print the last run's scores")
+    p.add_argument("--max-children", type=int, default=2, help="mutants run in parallel")
+    a = p.parse_args()
+    if not a.report:
+        if shutil.which("mutmut") is None:
+            sys.exit("mutmut is not installed: pip install mutmut==3.8.1")
+        stage(a.modules or list(CORE))
+        subprocess.run(
+            ["mutmut", "run", "--max-children", str(a.max_children)],
+            cwd=STAGE,
+            env=environment(),
+            check=False,
+        )
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
