@@ -64,6 +64,8 @@ GROUPS = {
         "saliency",
         "saliency_mask",
         "xt_source",
+        "lora_rank",
+        "lora_alpha",
     ),
     "weighting": (
         "weighting",

@@ -228,6 +228,17 @@ class EraseConfig:
             "more time, the same result"
         ),
     )
+    lora_rank: int | None = field(
+        default=None,
+        metadata=_help(
+            "train LoRA adapters of this rank on the preset's modules instead of the full tensors; "
+            "also exports pytorch_lora_weights.safetensors and a kohya-format copy"
+        ),
+    )
+    lora_alpha: float | None = field(
+        default=None,
+        metadata=_help("LoRA's alpha (the update is scaled by alpha / rank); default: the rank"),
+    )
     optimizer: str = field(
         default="adamw",
         metadata=_help(
@@ -314,8 +325,25 @@ class EraseConfig:
                 f"--frozen-dtype {self.frozen_dtype}: with a saliency mask and --weight-decay, "
                 "untrained weights would be restored from rounded copies; use fp32 or no decay"
             )
+        self._check_lora()
         if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("--optimizer adamw8bit: needs bitsandbytes (pip install bitsandbytes)")
+
+    def _check_lora(self) -> None:
+        if self.lora_rank is None:
+            if self.lora_alpha is not None:
+                raise ValueError("--lora-alpha: only used with --lora-rank")
+            return
+        if self.lora_rank < 1:
+            raise ValueError(f"--lora-rank: must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha: must be > 0, got {self.lora_alpha}")
+        if self.frozen_dtype != "fp32":
+            raise ValueError(
+                "--frozen-dtype: LoRA keeps no frozen copies (its teacher is the base)"
+            )
+        if importlib.util.find_spec("peft") is None:
+            raise ValueError("--lora-rank: needs peft (pip install peft)")
 
     def _check_forget(self) -> None:
         if self.forget_images is None:

@@ -23,6 +23,7 @@ from loreun.pipelines.runtime import say
 
 from .checkpoint import check_finite_state
 from .config import EraseConfig
+from .lora import merged_tensors, save_lora_files
 
 
 def build_metadata(
@@ -107,10 +108,17 @@ def export_run(run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
         check_finite_state(trained, None, steps_done, cfg)
         chosen = run.weighting.summary()
         kind, world = run.schedule.prediction_type, acc.num_processes
+        unet = run.pipe.unet
+        if cfg.lora_rank:  # the erased file holds the merged tensors; the LoRA files the adapters
+            save_lora_files(unet, out, type(run.pipe))
+            trained = merged_tensors(unet)
         path = export_erased(
             out, trained, cfg, run.base_fingerprint, steps_done, chosen, kind, world
         )
         if cfg.save_pipeline:
+            if cfg.lora_rank:
+                unet.fuse_lora()
+                unet.unload_lora()
             save_pipeline_folder(run.pipe, out)
     acc.wait_for_everyone()
     return path

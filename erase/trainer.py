@@ -42,6 +42,7 @@ from .forget import (
     step_generator,
 )
 from .items import Folders, build_forget_set, build_retain_set, read_folders
+from .lora import AdapterOffTeacher, add_lora
 from .objectives import build_objective, denoising_loss
 from .optim import StepInBackward, build_optimizer
 from .presets import select_parameters
@@ -123,11 +124,7 @@ def setup(
     unet.requires_grad_(False)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    trained = select_parameters(unet, cfg.method)
-    for p in trained.values():
-        p.requires_grad_(True)
-    base_fp = fingerprint({n: p.detach() for n, p in trained.items()})
-    teacher = FrozenTeacher(unet, trained, TORCH_DTYPES[cfg.frozen_dtype])
+    trained, teacher, base_fp = trainable(cfg, unet)
     forget = build_forget_set(cfg, pipe, teacher, acc, out, folders.forget)
     retain = build_retain_set(cfg, pipe, teacher, acc, out, folders.retain, forget.uncond)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
@@ -170,6 +167,23 @@ def setup(
     if not restore_checkpoint(run, resume):
         say(acc, f"{resume} holds no optimizer state: the optimizer restarts from zero moments")
     return run
+
+
+def trainable(cfg: EraseConfig, unet) -> tuple[dict, object, str]:
+    """(name -> trained parameter, the teacher, the base fingerprint of the preset's tensors).
+
+    Full training trains the preset's tensors against frozen copies of them; ``--lora-rank``
+    trains adapters on the same modules against the UNet with its adapters off.
+    """
+    preset = select_parameters(unet, cfg.method)
+    base_fp = fingerprint({n: p.detach() for n, p in preset.items()})
+    if cfg.lora_rank:
+        alpha = cfg.lora_alpha or cfg.lora_rank
+        trained = add_lora(unet, cfg.method, cfg.lora_rank, alpha, cfg.seed)
+        return trained, AdapterOffTeacher(unet, trained), base_fp
+    for p in preset.values():
+        p.requires_grad_(True)
+    return preset, FrozenTeacher(unet, preset, TORCH_DTYPES[cfg.frozen_dtype]), base_fp
 
 
 def prepare_optimizer(cfg: EraseConfig, acc, unet, trained: dict, mask: dict | None):

@@ -1,0 +1,130 @@
+"""LoRA erasure: low-rank adapters on exactly the preset's modules, through peft.
+
+This is how diffusers' own LoRA training scripts add adapters (``unet.add_adapter``), so the
+adapters save and load with diffusers' LoRA API. What changes against full training:
+
+* the trained tensors are the adapters' ``lora_A`` / ``lora_B`` (a few MB instead of the
+  preset's GB), and the objectives, weightings, saliency masks and checkpoints see only them;
+* the teacher is the same UNet with its adapters switched off, so no frozen copy is needed.
+
+The export writes three forms of one erasure: ``unet-erased.safetensors`` with the preset's
+tensors merged (base + B A, what ``loreun generate --erased`` loads), diffusers'
+``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights``, and a kohya-format copy for
+AUTOMATIC1111 and ComfyUI. ``lora_alpha / rank`` is folded into ``lora_B`` in the LoRA files,
+so every loader, whatever scale it assumes for a missing alpha, applies the trained update.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .presets import select_parameters
+
+ADAPTER = "default"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "lora-kohya.safetensors"
+
+
+def preset_modules(unet: torch.nn.Module, method: str) -> list[str]:
+    """Names of the modules whose tensors the preset trains (each owns weight and maybe bias)."""
+    return sorted({name.rsplit(".", 1)[0] for name in select_parameters(unet, method)})
+
+
+def add_lora(
+    unet: torch.nn.Module, method: str, rank: int, alpha: float, seed: int
+) -> dict[str, torch.nn.Parameter]:
+    """Add adapters of ``rank`` to the preset's modules; returns name -> adapter parameter.
+
+    ``lora_B`` starts at zero, so the adapted UNet starts as the base; ``lora_A`` is drawn from
+    ``seed`` so that two runs with the same settings start alike.
+    """
+    from peft import LoraConfig
+
+    modules = preset_modules(unet, method)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=modules
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config, adapter_name=ADAPTER)
+    trained = {n: p for n, p in unet.named_parameters() if ".lora_" in n}
+    for p in trained.values():
+        p.requires_grad_(True)
+    return trained
+
+
+class AdapterOffTeacher:
+    """The original model as the same UNet with its adapters switched off, without gradient.
+
+    ``base`` holds the adapters' initial values, which a saliency mask restores untrained
+    entries to; they are tiny, so the copy is exact.
+    """
+
+    exact = True
+
+    def __init__(self, unet: torch.nn.Module, trained: dict[str, torch.nn.Parameter]):
+        self.unet = unet
+        self.base = {n: p.detach().clone() for n, p in trained.items()}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, emb) -> torch.Tensor:
+        """[B, C, H, W], [B], conditioning -> [B, C, H, W] the base model's prediction."""
+        from loreun.pipelines.conditioning import unet_kwargs
+
+        self.unet.disable_adapters()
+        try:
+            with torch.no_grad():
+                return self.unet(x, t, **unet_kwargs(emb)).sample
+        finally:
+            self.unet.enable_adapters()
+
+
+def merged_tensors(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapted modules' tensors with each adapter's update added: name -> base + B A (scaled).
+
+    Names are the plain UNet's state-dict names, so the result is an ordinary erased file.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        base = module.get_base_layer()
+        with torch.no_grad():
+            out[f"{name}.weight"] = base.weight + module.get_delta_weight(ADAPTER)
+            if base.bias is not None:
+                out[f"{name}.bias"] = base.bias.detach().clone()
+    return out
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft-format adapter tensors, with ``alpha / rank`` folded into each ``lora_B``."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    config = unet.peft_config[ADAPTER]
+    scale = config.lora_alpha / config.r
+    return {
+        k: (v * scale if ".lora_B." in k else v).detach().float().cpu().contiguous()
+        for k, v in state.items()
+    }
+
+
+def save_lora_files(unet: torch.nn.Module, out: Path, pipeline_class) -> list[Path]:
+    """Write diffusers' LoRA file and a kohya-format copy into ``out``; returns their paths."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    state = lora_state_dict(unet)
+    pipeline_class.save_lora_weights(
+        save_directory=str(out),
+        unet_lora_layers=convert_state_dict_to_diffusers(state),
+        weight_name=LORA_FILE,
+        safe_serialization=True,
+    )
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+    kohya = {k: v.contiguous() for k, v in kohya.items()}
+    save_file(kohya, str(out / KOHYA_FILE), metadata={"ss_network_module": "networks.lora"})
+    return [out / LORA_FILE, out / KOHYA_FILE]
