@@ -11,6 +11,7 @@ from . import audit as audit_cmd
 from . import demo as demo_cmd
 from . import erase as erase_cmd
 from . import evaluate as evaluate_cmd
+from . import export as export_cmd
 from . import generate as generate_cmd
 from ._settings_file import apply_settings_file, find_config_file
 
@@ -19,6 +20,7 @@ SUBCOMMANDS = {
     "generate": generate_cmd,
     "audit": audit_cmd,
     "evaluate": evaluate_cmd,
+    "export": export_cmd,
     "demo": demo_cmd,
 }
 

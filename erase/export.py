@@ -18,9 +18,10 @@ from loreun.pipelines.files import (
     atomic_write_text,
     replace_folder,
 )
-from loreun.pipelines.loading import METADATA_KEY, content_hash
+from loreun.pipelines.loading import METADATA_KEY, content_hash, read_erased_file
 from loreun.pipelines.runtime import say
 
+from .card import CARD, model_card, scrub_local_paths
 from .checkpoint import check_finite_state
 from .config import EraseConfig
 from .lora import merged_tensors, save_lora_files
@@ -88,14 +89,17 @@ def export_erased(
     return path
 
 
-def save_pipeline_folder(pipe, out: Path) -> Path:
-    """Save the whole erased pipeline as a diffusers folder, through a temporary name."""
-    final = Path(out) / "pipeline"
-    tmp = Path(out) / f".pipeline.tmp-{os.getpid()}"
+def save_pipeline_folder(pipe, final: Path, meta: dict, audit: dict | None = None) -> Path:
+    """Save the whole erased pipeline as a diffusers folder with its model card, through a
+    temporary name; local paths in the components' configs are dropped (``erase/card.py``)."""
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    replace_folder(tmp, final)  # a user's files in an earlier OUT/pipeline are kept
+    scrub_local_paths(tmp)
+    atomic_write_text(tmp / CARD, model_card(meta, audit))
+    replace_folder(tmp, final)  # a user's files in an earlier folder are kept
     return final
 
 
@@ -119,6 +123,69 @@ def export_run(run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
             if cfg.lora_rank:
                 unet.fuse_lora()
                 unet.unload_lora()
-            save_pipeline_folder(run.pipe, out)
+            save_pipeline_folder(run.pipe, out / "pipeline", read_erased_file(path)[1])
     acc.wait_for_everyone()
     return path
+
+
+def export_shared(
+    run: str | Path,
+    single_file: str | Path | None = None,
+    pipeline: str | Path | None = None,
+    audit: str | Path | None = None,
+    model: str | None = None,
+    model_config: str | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write a finished erasure as a single-file checkpoint and/or a pipeline folder.
+
+    The erased file is checked against its base model as ``generate --erased`` checks it, then
+    merged into it. Existing outputs are refused unless ``overwrite``; nothing is written until
+    every input has been read.
+
+    Returns:
+        The paths written.
+    """
+    from loreun.pipelines.loading import erased_file, load_erased_pipeline
+
+    path = erased_file(run)
+    _, meta = read_erased_file(path)
+    summary = _audit_summary(audit)
+    targets = [Path(p) for p in (single_file, pipeline) if p]
+    for target in targets:
+        if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
+            raise FileExistsError(f"export: {target} exists; pass --overwrite to replace it")
+    if single_file and Path(single_file).suffix != ".safetensors":
+        raise ValueError(f"--single-file: {single_file} must end in .safetensors")
+    pipe = load_erased_pipeline(model or meta["base_model"], path, config=model_config)
+    written = []
+    if single_file:
+        from loreun.pipelines.single_file import to_ldm
+
+        header = {"loreun.erasure": json.dumps(_shareable(meta))}
+        atomic_save_safetensors(Path(single_file), to_ldm(pipe), metadata=header)
+        written.append(Path(single_file))
+    if pipeline:
+        written.append(save_pipeline_folder(pipe, Path(pipeline), meta, summary))
+    return written
+
+
+def _audit_summary(audit: str | Path | None) -> dict | None:
+    if audit is None:
+        return None
+    path = Path(audit)
+    path = path / "summary.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"--audit: {audit}: no summary.json from loreun audit or evaluate")
+    return json.loads(path.read_text())
+
+
+def _shareable(meta: dict) -> dict:
+    """What a shared file says about its erasure: the settings, without local paths."""
+    from .card import model_name
+
+    keep = ("method", "objective", "weighting", "concepts", "steps_done", "base_fingerprint")
+    out = {k: meta.get(k) for k in keep}
+    out["base_model"] = model_name(meta.get("base_model", ""))
+    out["versions"] = meta.get("versions", {})
+    return out

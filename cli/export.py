@@ -1,0 +1,45 @@
+"""``loreun export``: share a finished erasure in the forms people load, without retraining."""
+
+from __future__ import annotations
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(
+        name,
+        help="write a finished erasure as one single-file checkpoint or a pipeline folder",
+        description="Merge an erase run's weights into its base model and write them as a "
+        "single .safetensors in the original Stable Diffusion key layout (AUTOMATIC1111, "
+        "ComfyUI, diffusers' from_single_file) and/or a diffusers folder with a model card. "
+        "LoRA runs (erase --lora-rank) already hold pytorch_lora_weights.safetensors and a "
+        "kohya-format copy.",
+    )
+    p.add_argument(
+        "erase_run", metavar="RUN", help="an erase --out folder, or its unet-erased.safetensors"
+    )
+    p.add_argument("--single-file", metavar="FILE", help="write this .safetensors (SD 1.x)")
+    p.add_argument("--pipeline", metavar="DIR", help="write a diffusers folder with README.md")
+    p.add_argument("--audit", metavar="DIR", help="a loreun evaluate/audit folder for the card")
+    p.add_argument(
+        "--model", help="the base model, when it is no longer where the erase run found it"
+    )
+    p.add_argument("--config", dest="model_config", help="configs folder for a single-file base")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from loreun.erase.export import export_shared
+
+    if not (args.single_file or args.pipeline):
+        raise ValueError("export: give --single-file FILE and/or --pipeline DIR")
+    for path in export_shared(
+        args.erase_run,
+        single_file=args.single_file,
+        pipeline=args.pipeline,
+        audit=args.audit,
+        model=args.model,
+        model_config=args.model_config,
+        overwrite=args.overwrite,
+    ):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,156 @@
+"""Sharing an erasure: single-file checkpoints in the original key layout, pipeline folders with a
+model card and without local paths, LoRA on the built-in digits model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from loreun.cli.main import main
+
+from .conftest import erase_args
+
+
+@pytest.fixture(scope="module")
+def sd1_shaped_dir(tmp_path_factory):
+    """SD 1.x's block layout (four levels, two layers each, attention in the first three) at a
+    tiny width, so every index of the LDM mapping is exercised."""
+    from diffusers import UNet2DConditionModel
+
+    from loreun.pipelines.tiny import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline(seed=0)
+    torch.manual_seed(1)
+    pipe.unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=2,
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    folder = tmp_path_factory.mktemp("sd1") / "sd1-shaped"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def erased_sd1(sd1_shaped_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("erase") / "run"
+    assert main(erase_args(sd1_shaped_dir, out, "--method", "esd-u", "--lr", "1e-2")) == 0
+    return out
+
+
+def _tensors(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_single_file_loads_back_through_diffusers_to_the_same_tensors(
+    erased_sd1, sd1_shaped_dir, tmp_path
+):
+    from diffusers import StableDiffusionPipeline
+
+    from loreun.pipelines import load_erased_pipeline
+
+    path = tmp_path / "erased.safetensors"
+    assert main(["export", str(erased_sd1), "--single-file", str(path)]) == 0
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        header = json.loads(f.metadata()["loreun.erasure"])
+    # the names AUTOMATIC1111 and ComfyUI look for in an SD 1.x checkpoint
+    assert "model.diffusion_model.output_blocks.11.0.skip_connection.weight" in keys
+    assert "model.diffusion_model.input_blocks.9.0.op.weight" in keys  # the third downsampler
+    assert not any(k.startswith("model.diffusion_model.input_blocks.12.") for k in keys)
+    assert "model.diffusion_model.output_blocks.2.1.conv.weight" in keys  # UpBlock2D's upsampler
+    assert "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
+    assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
+    assert header["method"] == "esd-u" and not header["base_model"].startswith("/")
+    loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(sd1_shaped_dir))
+    want = load_erased_pipeline(str(sd1_shaped_dir), erased_sd1)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = _tensors(getattr(want, name)), _tensors(getattr(loaded, name))
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k].reshape(a[k].shape)) for k in a), name
+    base = StableDiffusionPipeline.from_pretrained(sd1_shaped_dir).unet.state_dict()
+    assert any(not torch.equal(base[k], v) for k, v in _tensors(loaded.unet).items())
+
+
+def test_pipeline_folder_has_a_model_card_and_no_local_paths(erased_sd1, tmp_path):
+    out = tmp_path / "shared"
+    audit = tmp_path / "eval"
+    audit.mkdir()
+    summary = {
+        "protocol": "test protocol",
+        "sources": {"erased": {"digits": {"rows": [["erased top-1", 0.125]]}, "images": 8}},
+    }
+    (audit / "summary.json").write_text(json.dumps(summary))
+    assert main(["export", str(erased_sd1), "--pipeline", str(out), "--audit", str(audit)]) == 0
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "library_name: diffusers" in front and "- concept-erasure" in front
+    assert "base_model:" not in front  # a local base is not a hub id
+    assert "| erased | a cat, a dog |" in card and "| trained modules | esd-u |" in card
+    assert "| erased | digits: erased top-1 | 0.125 |" in card
+    assert "Intended use and limits" in card
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in {".json", ".md", ".txt"}:
+            assert str(tmp_path.parent) not in path.read_text(), path
+
+
+def test_export_refuses_what_it_cannot_do(erased_sd1, tmp_path, capsys):
+    target = tmp_path / "x.safetensors"
+    target.write_text("mine")
+    assert main(["export", str(erased_sd1), "--single-file", str(target)]) == 2
+    assert target.read_text() == "mine"  # not overwritten
+    assert main(["export", str(erased_sd1)]) == 2
+    assert main(["export", str(erased_sd1), "--single-file", str(tmp_path / "y.ckpt")]) == 2
+    assert main(["export", str(tmp_path / "nothing"), "--pipeline", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    needles = ["--overwrite", "--single-file FILE and/or --pipeline DIR", ".safetensors", "nothing"]
+    assert all(n in e for n, e in zip(needles, err[-4:], strict=True)), err
+
+
+def test_single_file_refuses_layouts_it_does_not_write(tmp_path):
+    from loreun.pipelines.single_file import to_ldm
+    from loreun.pipelines.tiny import make_tiny_sdxl_pipeline
+
+    with pytest.raises(ValueError, match="SD 1.x layouts"):
+        to_ldm(make_tiny_sdxl_pipeline())
+
+
+@pytest.mark.slow
+def test_digits_lora_erases_and_unloads_bit_for_bit(tmp_path):
+    """The built-in model: an erase with --lora-rank 4 loads with diffusers' LoRA API, draws the
+    erased digit as something else, and unloading gives back the base image exactly."""
+    from diffusers import StableDiffusionPipeline
+
+    from loreun.eval.classify import ImageClassifier
+    from loreun.pipelines.models import BUILTIN_MODELS
+
+    out = tmp_path / "lora"
+    args = ["erase", "--model", "digits", "--concept", "a handwritten 3", "--out", str(out)]
+    args += ["--lora-rank", "4", "--steps", "60", "--batch-size", "8", "--lr", "1e-3", "-q"]
+    assert main(args) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(BUILTIN_MODELS["digits"])
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw():
+        gens = [torch.Generator().manual_seed(100 + i) for i in range(8)]
+        return pipe(["a handwritten 3"] * 8, generator=gens, num_inference_steps=20).images
+
+    clf = ImageClassifier("digits")
+
+    def threes(images):
+        return sum(r["top1_correct"] for r in clf(images, [{"class": "3"}] * len(images)))
+
+    base = draw()
+    pipe.load_lora_weights(str(out))
+    erased = draw()
+    pipe.unload_lora_weights()
+    again = draw()
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base, again))
+    assert threes(base) >= 7 and threes(erased) <= 2, (threes(base), threes(erased))
