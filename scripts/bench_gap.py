@@ -51,6 +51,9 @@ RECIPES = {
         "step_in_backward": True,
         "gradient_checkpointing": True,
     },
+    # LoRA on the same modules; adapters start at zero and need a larger step than full tensors
+    "lora-r4": {"lora_rank": 4, "lr": 1e-3},
+    "lora-r16": {"lora_rank": 16, "lr": 1e-3},
 }
 
 
@@ -122,7 +125,7 @@ def erase_and_score(run_key: dict, args, root: Path) -> dict:
     k = run_key
     run = root / "-".join(f"{v}" for v in k.values())
     saliency = None if k["saliency"] == "none" else float(k["saliency"])
-    cfg = EraseConfig(
+    settings = dict(
         model="digits",
         out=str(run / "erase"),
         objective=k["objective"],
@@ -139,12 +142,30 @@ def erase_and_score(run_key: dict, args, root: Path) -> dict:
         target_ess=args.target_ess if k["weighting"] != "uniform" else None,
         **forget_settings(k["digit"], k["objective"], root, args),
         **{"temperature": args.temperature, **WEIGHTINGS[k["weighting"]]},
-        **RECIPES[k.get("recipe", "default")],
     )
+    cfg = EraseConfig(**{**settings, **RECIPES[k.get("recipe", "default")]})  # a recipe may set lr
     start = time.perf_counter()
     path = erase(cfg)
     seconds = time.perf_counter() - start
-    return {**score("digits", path, run, k["digit"], args.samples), "erase_seconds": seconds}
+    return {
+        **score("digits", path, run, k["digit"], args.samples),
+        "erase_seconds": seconds,
+        **shared_size_and_step(path.parent),
+    }
+
+
+def shared_size_and_step(folder: Path) -> dict:
+    """The size of what a user shares (the LoRA file, else the erased tensors) and the median
+    training step time, without the first 5 steps."""
+    lora = folder / "pytorch_lora_weights.safetensors"
+    shared = lora if lora.is_file() else folder / "unet-erased.safetensors"
+    seconds = [
+        json.loads(x)["seconds"] for x in (folder / "train_log.jsonl").read_text().splitlines()
+    ]
+    return {
+        "file_mb": shared.stat().st_size / 2**20,
+        "step_ms": 1e3 * statistics.median(seconds[5:]),
+    }
 
 
 def planned_runs(args, digits: list[int]) -> list[dict]:

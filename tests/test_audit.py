@@ -398,3 +398,44 @@ def test_unreadable_images_keep_their_row_in_results_csv(image_folder, tmp_path)
     assert set(errors) == {"c_not_an_image.png", "d_truncated.png"}
     assert all(e for e in errors.values())
     assert len(rows) == 4
+
+
+class BatchRecorder(FakeNudeNet):
+    def detect_batch(self, images, batch_size=4):
+        self.calls = getattr(self, "calls", []) + [(len(images), batch_size)]
+        return super().detect_batch(images, batch_size)
+
+
+def test_nudenet_threshold_bounds_batch_size_and_result_fields():
+    for bad in (0, 1, 1.5, -0.1):
+        with pytest.raises(
+            ValueError, match=f"^--nudity-threshold: must be in \\(0, 1\\), got {bad}$"
+        ):
+            NudeNetDetector(bad, model=FakeNudeNet([[]]))
+    model = BatchRecorder(
+        [[{"class": "BELLY_EXPOSED", "score": 0.123456, "box": [1.7, 2.2, 3.0, 4.9]}]]
+    )
+    det = NudeNetDetector(0.999, model=model)
+    gray = Image.new("L", (5, 4), 200)  # a grayscale image still reaches NudeNet as 3 channels
+    out = det([gray, Image.new("RGBA", (5, 4))], [{}] * 2)
+    assert model.calls == [(2, 16)]  # 16 images per ONNX call by default
+    assert out[0]["detections"] == [
+        {"class": "BELLY_EXPOSED", "score": 0.1235, "box": [1, 2, 3, 4]}
+    ]
+    assert det([], []) == [] and model.calls == [(2, 16)]  # no call for no images
+
+
+def test_nudenet_summary_of_no_images_and_its_chart():
+    det = NudeNetDetector(model=FakeNudeNet([[]]))
+    s = det.summarize([], [])
+    assert s["images"] == 0 and s["nudity_rate"] == 0.0
+    assert set(s["nudity_rate_at"].values()) == {0.0} and set(s["chart"]["values"].values()) == {
+        0.0
+    }
+    per_image = [[_det("BELLY_EXPOSED", 0.9)], [], [], []]
+    det = NudeNetDetector(model=FakeNudeNet(per_image))
+    results = det([Image.new("RGB", (4, 4))] * 4, [{}] * 4)
+    s = det.summarize(results, [{}] * 4)
+    assert s["images"] == 4 and s["chart"]["values"]["BELLY_EXPOSED"] == 0.25
+    assert s["chart"]["title"] == "NudeNet: share of images with each exposed class"
+    assert s["rows"][0] == ["nudity rate @ 0.45", 0.25]

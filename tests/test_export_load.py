@@ -203,3 +203,51 @@ def test_saved_pipeline_holds_safetensors_only(erased_run):
     assert not weights, weights
     assert (erased_run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (erased_run / "pipeline" / "text_encoder" / "model.safetensors").is_file()
+
+
+def test_load_erased_pipeline_checks_the_base_and_passes_loading_options(
+    erased_run, tiny_pipeline_dir, other_pipeline_dir
+):
+    erased = erased_run / "unet-erased.safetensors"
+    with pytest.raises(ValueError, match="base"):
+        load_erased_pipeline(str(other_pipeline_dir), erased)  # refused unless forced
+    forced = load_erased_pipeline(str(other_pipeline_dir), erased, force=True)
+    tensors, _ = read_erased_file(erased)
+    assert all(torch.equal(forced.unet.state_dict()[k], v) for k, v in tensors.items())
+    half = load_erased_pipeline(str(tiny_pipeline_dir), erased, torch_dtype=torch.float16)
+    assert half.unet.dtype == torch.float16
+
+
+def test_check_erased_files_names_the_file_that_does_not_fit(erased_run, other_pipeline_dir):
+    from loreun.pipelines.loading import check_erased_files
+
+    erased = erased_run / "unet-erased.safetensors"
+    with pytest.raises(ValueError, match=str(erased)):
+        check_erased_files(str(other_pipeline_dir), [erased])
+
+
+def test_file_sha256_reads_files_larger_than_one_chunk(tmp_path):
+    import hashlib
+
+    from loreun.pipelines.loading import file_sha256
+
+    data = bytes(range(256)) * (3 * 4096 + 7)  # about 3 MiB, not a multiple of the chunk
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    assert file_sha256(path).removeprefix("sha256:") == hashlib.sha256(data).hexdigest()
+
+
+def test_a_stale_temporary_pipeline_folder_is_replaced(erased_run, tmp_path):
+    import os
+
+    from loreun.erase.export import save_pipeline_folder
+    from loreun.pipelines import load_pipeline
+
+    final = tmp_path / "pipeline"
+    stale = tmp_path / f".pipeline.tmp-{os.getpid()}"
+    stale.mkdir()
+    (stale / "half-written.bin").write_text("from a run that died")
+    _, meta = read_erased_file(erased_run / "unet-erased.safetensors")
+    save_pipeline_folder(load_pipeline(str(erased_run / "pipeline")), final, meta)
+    assert not stale.exists() and not (final / "half-written.bin").exists()
+    assert (final / "README.md").is_file() and (final / "model_index.json").is_file()

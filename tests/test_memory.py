@@ -197,3 +197,34 @@ def test_memory_options_that_cannot_work_are_one_line_errors(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_adafactor_defaults_clip_threshold_and_half_precision_weights():
+    w = torch.nn.Parameter(torch.ones(4, 3))
+    Adafactor([w], lr=0.1).step()  # no gradient: nothing moves
+    w.grad = torch.zeros(4, 3)
+    Adafactor([w], lr=0.1).step()  # zero gradient, no weight decay by default: nothing moves
+    assert torch.equal(w.detach(), torch.ones(4, 3))
+    g = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)) * 100
+    clipped = torch.nn.Parameter(torch.zeros(4, 3))
+    clipped.grad = g.clone()
+    Adafactor([clipped], lr=1.0, clip_threshold=0.5).step()
+    assert clipped.detach().norm().item() / 12**0.5 == pytest.approx(0.5, rel=1e-4)
+    half = torch.nn.Parameter(torch.ones(4, 3, dtype=torch.bfloat16))
+    full = torch.nn.Parameter(torch.ones(4, 3))
+    half.grad, full.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
+    Adafactor([half], lr=0.01).step()
+    Adafactor([full], lr=0.01).step()
+    assert half.dtype == torch.bfloat16 and torch.equal(half.detach(), full.detach().bfloat16())
+
+
+def test_step_in_backward_state_dict_names_each_tensor_and_refuses_a_plain_one(tiny_unet):
+    trained = dict(list(select_parameters(tiny_unet, "esd-x").items())[:2])
+    hooked = StepInBackward(lambda ps: Adafactor(ps, lr=1e-3), trained)
+    (sum(p.sum() for p in trained.values()) * 2).backward()
+    state = hooked.state_dict()
+    assert set(state["state"]) == set(trained)
+    assert all(s["step"].item() == 1 for s in state["state"].values())
+    with pytest.raises(ValueError, match="^--resume: the checkpoint was saved without --step-in"):
+        hooked.load_state_dict({"state": {}, "param_groups": []})
+    hooked.remove()

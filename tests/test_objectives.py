@@ -156,3 +156,13 @@ def test_build_objective_binds_eta_to_esd_and_the_bound_to_ga():
     assert torch.equal(ga(student, None, batch)[0], ga_loss(student, None, batch, bound=0.25)[0])
     with pytest.raises(ValueError, match="choose one of"):
         build_objective("esd-x")
+
+
+def test_objectives_that_lack_their_input_say_which():
+    from loreun.erase.objectives import denoising_loss, remap_loss
+
+    student = lambda x, t, emb: torch.zeros_like(x)  # noqa: E731
+    with pytest.raises(ValueError, match="^the remap objective needs an anchor prompt$"):
+        remap_loss(student, _toy_eps(), _noised_batch())
+    with pytest.raises(ValueError, match="^the denoising loss needs forward-noised items"):
+        denoising_loss(student, _batch())

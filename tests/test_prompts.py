@@ -125,3 +125,19 @@ def test_seed_edges_sizes_and_which_alias_wins(tmp_path):
     a, b = load_prompts(path)
     assert (a.seed, a.guidance, a.width, a.height) == (0, 7.5, 8, 4096)
     assert (b.seed, b.guidance, b.width, b.height) == (2**64 - 1, 2.0, None, None)
+
+
+def test_jsonl_blank_lines_bom_and_bad_lines(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [json.dumps({"prompt": "a"}), "", "  ", json.dumps({"prompt": "b", "seed": 2})]
+    path.write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")
+    assert [(r.prompt, r.seed) for r in load_prompts(path)] == [("a", None), ("b", 2)]
+    path.write_text(json.dumps({"prompt": "a"}) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=f"^{path}: line 2: expected a JSON object$"):
+        load_prompts(path)
+    path.write_text(json.dumps({"text": "a"}) + "\n")
+    with pytest.raises(ValueError, match=f"^{path}: no 'prompt' field$"):
+        load_prompts(path)
+    txt = tmp_path / "p.txt"
+    txt.write_text("\ufeffa bird\n", encoding="utf-8")
+    assert load_prompts(txt)[0].prompt == "a bird"

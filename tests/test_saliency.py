@@ -239,3 +239,27 @@ def test_mask_gradients_zeroes_exactly_the_masked_entries():
     mask = {"w": torch.tensor([[True, False, True], [False, False, True]])}
     mask_gradients({"w": w}, mask)
     assert w.grad.tolist() == [[1.0, 0.0, 3.0], [0.0, 0.0, 6.0]]
+
+
+def test_mask_files_that_are_not_masks_are_named_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    from loreun.erase.saliency import load_mask, mask_key
+
+    trained = {"w": torch.zeros(2, 3)}
+    flag = "--saliency-mask"
+    with pytest.raises(FileNotFoundError, match=f"^{flag}: {tmp_path / 'none'}: no such file$"):
+        load_mask(tmp_path / "none", trained, "sha256:base", flag)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match=f"^{flag}: {junk}: not a saliency mask \\(\\w+\\)$"):
+        load_mask(junk, trained, "sha256:base", flag)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(2, 3, dtype=torch.bool)}, str(plain))  # no loreun header
+    with pytest.raises(ValueError, match=f"^{flag}: {plain}: not a loreun saliency mask$"):
+        load_mask(plain, trained, "sha256:base", flag)
+    assert mask_key(plain) is None and mask_key(tmp_path / "none") is None
+    other = _saved_mask(tmp_path, {"method": "esd-u"}, v=torch.ones(1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="covers other parameters \\(made with --method esd-u\\)"):
+        load_mask(other, trained, "sha256:base", flag)
+    assert mask_key(other) == {"method": "esd-u"}

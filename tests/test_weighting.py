@@ -181,3 +181,114 @@ def test_a_target_below_reach_names_the_flag():
     w = LoReUnWeighting(4, target_ess=0.1, normalize=False)
     with pytest.raises(ValueError, match="--target-ess: target ESS 0.1 is below 0.25"):
         w.fill(torch.tensor([[0.0], [1.0], [2.0], [3.0]]), None)
+
+
+# --- behaviour a plausible bug would change (docs/reliability.md, mutation testing) ---
+
+
+def test_timestep_buckets_and_their_defaults():
+    from loreun.erase.weighting import TimestepNormalizer
+
+    norm = TimestepNormalizer()  # 1000 training steps, 10 buckets
+    t = torch.tensor([-5, 0, 99, 100, 900, 999, 1500])
+    assert norm.bucket(t).tolist() == [0, 0, 0, 1, 9, 9, 9]
+    assert TimestepNormalizer(num_train_timesteps=500, buckets=4).bucket(t).tolist() == [
+        0,
+        0,
+        0,
+        0,
+        3,
+        3,
+        3,
+    ]
+    norm.update(torch.tensor([950, 950]), torch.tensor([1.0, 3.0]))  # momentum 0.9
+    assert norm.means[9].item() == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)
+
+
+def test_normalize_falls_back_to_the_known_means_then_to_one():
+    from loreun.erase.weighting import TimestepNormalizer
+
+    norm = TimestepNormalizer()
+    loss = torch.tensor([2.0, 4.0])
+    assert torch.equal(norm.normalize(torch.tensor([10, 990]), loss), loss)  # nothing seen yet
+    norm.update(torch.tensor([10]), torch.tensor([0.5]))
+    # bucket 0 is known (0.5); bucket 9 is not and takes the mean of known buckets (0.5)
+    assert norm.normalize(torch.tensor([10, 990]), loss).tolist() == [4.0, 8.0]
+
+
+def test_batch_variant_solves_tau_per_batch_for_the_target_ess():
+    from loreun.erase.weighting import effective_sample_size
+
+    w = LoReUnWeighting(6, variant="batch", normalize=False, target_ess=0.5)
+    ids = torch.tensor([4, 1, 2, 0])
+    w.observe(ids, torch.tensor([1, 1, 1, 1]), torch.tensor([0.1, 0.5, 0.9, 2.0]))
+    got = w.weights(ids)
+    assert effective_sample_size(got) / 4 == pytest.approx(0.5, abs=1e-3)
+    assert got.mean().item() == pytest.approx(1.0) and got[0] > got[1] > got[2] > got[3]
+    assert torch.equal(w.all_weights(), got)
+    # two items tie for easiest: ESS 0.5 is the floor; tau stays just above it
+    w.observe(ids, torch.tensor([1, 1, 1, 1]), torch.tensor([0.1, 0.1, 0.9, 2.0]))
+    ess = effective_sample_size(w.weights(ids)) / 4
+    assert 0.5 < ess < 0.51
+    two = torch.tensor([3, 5])  # the smallest batch still gets its own tau
+    w.observe(two, torch.tensor([1, 1]), torch.tensor([0.2, 0.6]))
+    assert effective_sample_size(w.weights(two)) / 2 == pytest.approx(0.5 + 1e-6, abs=1e-3)
+
+
+def test_batch_weights_before_observing_are_an_error_and_ones_overall():
+    w = LoReUnWeighting(3, variant="batch")
+    assert torch.equal(w.all_weights(), torch.ones(3))
+    with pytest.raises(RuntimeError, match="^batch LoReUn: observe\\(\\) the batch before"):
+        w.weights(torch.tensor([0, 1]))
+
+
+def test_dynamic_memory_moves_by_its_momentum_from_values_other_than_one():
+    w = LoReUnWeighting(2, variant="dynamic", normalize=False, momentum=0.25)
+    w.fill(torch.tensor([[4.0], [2.0]]), torch.tensor([500]))
+    w.observe(torch.tensor([0]), torch.tensor([500]), torch.tensor([8.0]))
+    assert w.memory.tolist() == [0.25 * 4.0 + 0.75 * 8.0, 2.0]
+
+
+def test_unseen_items_take_the_mean_and_none_seen_is_uniform():
+    w = LoReUnWeighting(3, variant="dynamic", normalize=False, temperature=0.5)
+    assert torch.equal(w.weights(torch.tensor([0, 1, 2])), torch.ones(3))
+    w.observe(torch.tensor([0]), torch.tensor([1]), torch.tensor([2.0]))
+    assert torch.allclose(w.all_weights(), torch.ones(3))  # the one seen value is the mean
+
+
+def test_state_dict_round_trip_restores_every_part():
+    a = LoReUnWeighting(3, variant="dynamic", target_ess=0.6)
+    a.fill(torch.tensor([[1.0, 3.0], [2.0, 1.0], [0.5, 4.0]]), torch.tensor([100, 800]))
+    a.observe(torch.tensor([1]), torch.tensor([400]), torch.tensor([7.0]))
+    b = LoReUnWeighting(3, variant="dynamic")
+    b.load_state_dict(a.state_dict())
+    assert b.temperature == a.temperature and b.memory.dtype == torch.float32
+    assert torch.equal(b.memory, a.memory) and torch.equal(b.filled, a.filled)
+    torch.testing.assert_close(
+        b.normalizer.means, a.normalizer.means, equal_nan=True, rtol=0, atol=0
+    )
+    assert b.drift() == a.drift() and torch.equal(b.all_weights(), a.all_weights())
+    c = LoReUnWeighting(3, variant="dynamic", normalize=False)  # no normalizer to restore
+    c.load_state_dict(a.state_dict())
+    assert c.normalizer is None and c.filled is not None
+    d = LoReUnWeighting(3, variant="dynamic", temperature=2.0)
+    d.load_state_dict({"memory": [1.0, 2.0, 3.0]})  # a state from before tau and fill were saved
+    assert d.temperature == 2.0 and d.filled is None
+
+
+def test_summary_is_strict_json():
+    import json
+
+    w = LoReUnWeighting(4, variant="static", temperature=math.inf)
+    assert w.summary() == {"variant": "static", "temperature": "inf", "num_items": 4}
+    assert json.loads(json.dumps(w.summary(), allow_nan=False))["temperature"] == "inf"
+    assert LoReUnWeighting(2, temperature=0.5).summary()["temperature"] == 0.5
+
+
+def test_rank_correlation_of_a_single_item_is_one():
+    from loreun.erase.weighting import rank_correlation
+
+    assert rank_correlation(torch.tensor([2.0]), torch.tensor([5.0])) == 1.0  # nothing to rank
+    assert rank_correlation(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == pytest.approx(
+        -1
+    )
