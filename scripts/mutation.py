@@ -7,7 +7,7 @@ mutmut's own ``mutants/`` copy there is what the tests import. mutmut runs each 
 the tests that reach the mutated function (it records them in a first, clean run of the whole
 suite), so a mutant is "survived" only when no test in the suite catches it.
 
-    pip install mutmut==3.8.1
+    pip install -e ".[dev,mutation]"
     OMP_NUM_THREADS=1 python scripts/mutation.py                       # every core module (hours)
     OMP_NUM_THREADS=1 python scripts/mutation.py erase/weighting.py    # one module (minutes)
     python scripts/mutation.py --report                                # scores of the last run
@@ -40,12 +40,39 @@ CORE = (
     "erase/saliency.py",
     "erase/export.py",
     "erase/optim.py",
+    "erase/lora.py",
     "pipelines/loading.py",
+    "pipelines/single_file.py",
     "prompts/reader.py",
     "eval/nudity.py",
     "eval/audit.py",
 )
+EQUIVALENT = Path(__file__).with_name("mutation_equivalent.txt")
 KILLED = {"killed", "timeout"}
+# mutmut credits the functions a test reaches to that test, at its teardown. A module-scoped
+# fixture (an erase run shared by a file's tests) runs inside the first test that uses it, so
+# without this plugin every later test of the file would look unrelated to that code, and a
+# mutant there would be run against one test only.
+FIXTURE_PLUGIN = '''"""Credit what a shared fixture reaches to every test that uses it."""
+import pytest
+from mutmut.state import state
+
+_reached = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    before = set(state()._stats)
+    yield
+    if fixturedef.scope != "function":
+        _reached.setdefault(fixturedef.argname, set()).update(set(state()._stats) - before)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_setup(item):
+    for name in item.fixturenames:
+        state()._stats.update(_reached.get(name, ()))
+'''
 NOT_KILLED = {"survived", "no tests"}
 
 
@@ -61,7 +88,9 @@ def stage(modules: list[str]) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, dest)
     (STAGE / "loreun" / "__init__.py").write_text("")
+    (STAGE / "mutation_fixture_hits.py").write_text(FIXTURE_PLUGIN)
     also = sorted({n.split("/", 1)[0] for n in tracked if n and n.split("/", 1)[0] not in PACKAGES})
+    also.append("mutation_fixture_hits.py")
     config = "\n".join(
         [
             "",
@@ -71,7 +100,8 @@ def stage(modules: list[str]) -> None:
             f"also_copy = {json.dumps(also)}",
             # the packaging tests check the repository's own layout, which staging changes
             "pytest_add_cli_args = "
-            '["-p", "no:cacheprovider", "-q", "--ignore=tests/test_packaging.py"]',
+            '["-p", "no:cacheprovider", "-q", "--ignore=tests/test_packaging.py", '
+            '"-p", "mutation_fixture_hits"]',
             "",
         ]
     )
@@ -111,16 +141,34 @@ def results() -> dict[str, Counter]:
     return per, survivors
 
 
+def equivalent() -> dict[str, str]:
+    """Survivors shown equivalent (no input can tell them apart), name -> the reason."""
+    if not EQUIVALENT.is_file():
+        return {}
+    lines = [ln.split(None, 1) for ln in EQUIVALENT.read_text().splitlines()]
+    return {ln[0]: ln[1] if len(ln) > 1 else "" for ln in lines if ln and not ln[0].startswith("#")}
+
+
 def report() -> str:
+    """Per module: killed, survived, shown equivalent, and the score over the rest."""
     per, survivors = results()
-    lines = ["| module | killed | survived | no tests | score |", "|---|---|---|---|---|"]
+    same = equivalent()
+    lines = [
+        "| module | mutants | killed | survived | equivalent | score |",
+        "|---|---|---|---|---|---|",
+    ]
     for module, c in sorted(per.items()):
         killed = sum(c[s] for s in KILLED)
-        total = killed + sum(c[s] for s in NOT_KILLED)
-        score = killed / total if total else float("nan")
-        lines.append(f"| `{module}` | {killed} | {c['survived']} | {c['no tests']} | {score:.1%} |")
+        eq = sum(1 for n in survivors.get(module, []) if n in same)
+        alive = sum(c[s] for s in NOT_KILLED) - eq
+        score = killed / (killed + alive) if killed + alive else float("nan")
+        lines.append(
+            f"| `{module}` | {sum(c.values())} | {killed} | {alive} | {eq} | {score:.1%} |"
+        )
     for module, names in sorted(survivors.items()):
-        lines.append(f"\n{module}: " + " ".join(names))
+        left = [n for n in names if n not in same]
+        if left:
+            lines.append(f"\n{module}: " + " ".join(left))
     return "\n".join(lines)
 
 
@@ -132,7 +180,7 @@ def main() -> int:
     a = p.parse_args()
     if not a.report:
         if shutil.which("mutmut") is None:
-            sys.exit("mutmut is not installed: pip install mutmut==3.8.1")
+            sys.exit('mutmut is not installed: pip install -e ".[dev,mutation]"')
         stage(a.modules or list(CORE))
         subprocess.run(
             ["mutmut", "run", "--max-children", str(a.max_children)],

@@ -228,3 +228,15 @@ def test_step_in_backward_state_dict_names_each_tensor_and_refuses_a_plain_one(t
     with pytest.raises(ValueError, match="^--resume: the checkpoint was saved without --step-in"):
         hooked.load_state_dict({"state": {}, "param_groups": []})
     hooked.remove()
+
+
+def test_optimizer_state_lives_on_the_parameters_device_and_unstepped_state_is_empty():
+    w = torch.nn.Parameter(torch.zeros(3, 2, device="meta"))
+    w.grad = torch.ones(3, 2, device="meta")
+    opt = Adafactor([w], lr=0.1)
+    opt.step()
+    assert opt.state[w]["row"].device.type == "meta" and opt.state[w]["col"].device.type == "meta"
+    p = torch.nn.Parameter(torch.zeros(2))
+    hooked = StepInBackward(lambda ps: Adafactor(ps, lr=0.1), {"p": p})
+    assert hooked.state_dict()["state"] == {"p": {}}  # checked for finiteness: an empty dict
+    hooked.remove()

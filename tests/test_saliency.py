@@ -263,3 +263,14 @@ def test_mask_files_that_are_not_masks_are_named_errors(tmp_path):
     with pytest.raises(ValueError, match="covers other parameters \\(made with --method esd-u\\)"):
         load_mask(other, trained, "sha256:base", flag)
     assert mask_key(other) == {"method": "esd-u"}
+
+
+def test_the_same_seed_computes_the_same_mask(tiny_pipeline_dir, tmp_path, folders):
+    forget, _ = folders
+    masks = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        args = ["--forget-images", forget, "--objective", "ga", "--steps", "1", "--saliency", "0.3"]
+        assert main(erase_cli(tiny_pipeline_dir, out, *args)) == 0
+        masks.append(load_file(str(out / "saliency-mask.safetensors")))
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])

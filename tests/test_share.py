@@ -154,3 +154,17 @@ def test_digits_lora_erases_and_unloads_bit_for_bit(tmp_path):
     again = draw()
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base, again))
     assert threes(base) >= 7 and threes(erased) <= 2, (threes(base), threes(erased))
+
+
+def test_a_single_file_base_is_checked_through_its_config_folder(
+    erased_sd1, sd1_shaped_dir, tmp_path
+):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from loreun.pipelines.loading import check_erased_files
+    from loreun.pipelines.single_file import to_ldm
+
+    base_file = tmp_path / "base.safetensors"
+    save_file(to_ldm(StableDiffusionPipeline.from_pretrained(sd1_shaped_dir)), str(base_file))
+    check_erased_files(str(base_file), [erased_sd1], model_config=str(sd1_shaped_dir))

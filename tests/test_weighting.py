@@ -292,3 +292,16 @@ def test_rank_correlation_of_a_single_item_is_one():
     assert rank_correlation(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == pytest.approx(
         -1
     )
+
+
+def test_a_target_that_near_ties_put_out_of_reach_is_refused_by_name():
+    from loreun.erase.weighting import temperature_for_ess
+
+    scores = torch.tensor([0.0, 1.0, 1e-9])  # two items all but tied for easiest
+    with pytest.raises(ValueError, match="^target ESS 0.5 is below 0.66[67], reached only as tau"):
+        temperature_for_ess(scores, 0.5)
+    with pytest.raises(ValueError, match="^target ESS 0.3 is below 0.333, reached only as tau"):
+        temperature_for_ess(torch.tensor([0.0, 1.0, 2.0]), 0.3)
+    with pytest.raises(ValueError, match="^unknown LoReUn variant 'x'; choose one of"):
+        LoReUnWeighting(3, variant="x")
+    assert LoReUnWeighting(2).normalizer.num_train_timesteps == 1000
