@@ -118,6 +118,12 @@ def vae_key(key: str, num_up_blocks: int) -> str:
     raise KeyError(f"no LDM name for VAE key {key!r}")
 
 
+def text_key(key: str) -> str:
+    """CLIP text-encoder key -> LDM key (without prefix): always under ``text_model.``, which
+    transformers 5 leaves out of the state dict and earlier versions keep."""
+    return key if key.startswith("text_model.") else "text_model." + key
+
+
 def to_ldm(pipe) -> dict[str, torch.Tensor]:
     """The pipeline's UNet, VAE and text encoder as one LDM-layout state dict (contiguous)."""
     from diffusers import StableDiffusionPipeline
@@ -140,6 +146,5 @@ def to_ldm(pipe) -> dict[str, torch.Tensor]:
             v = v[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
         out[VAE_PREFIX + ldm] = v
     for k, v in pipe.text_encoder.state_dict().items():
-        # transformers 5 names CLIP's tensors without the text_model. level that LDM files keep
-        out[TEXT_PREFIX + (k if k.startswith("text_model.") else "text_model." + k)] = v
+        out[TEXT_PREFIX + text_key(k)] = v
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}

@@ -49,29 +49,40 @@ CORE = (
 )
 EQUIVALENT = Path(__file__).with_name("mutation_equivalent.txt")
 KILLED = {"killed", "timeout"}
-# mutmut credits the functions a test reaches to that test, at its teardown. A module-scoped
-# fixture (an erase run shared by a file's tests) runs inside the first test that uses it, so
-# without this plugin every later test of the file would look unrelated to that code, and a
-# mutant there would be run against one test only.
-FIXTURE_PLUGIN = '''"""Credit what a shared fixture reaches to every test that uses it."""
+# mutmut credits the functions a test reaches to that test, at its teardown, and times only the
+# test's call. A module-scoped fixture (an erase run shared by a file's tests) runs inside the
+# first test that uses it, so without this plugin every later test of the file would look
+# unrelated to that code (a mutant there would meet one test only), and look instant.
+FIXTURE_PLUGIN = '''"""Credit a shared fixture's reach and cost to every test using it."""
+import time
+
 import pytest
 from mutmut.state import state
 
-_reached = {}
+_reached, _cost = {}, {}
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_fixture_setup(fixturedef, request):
-    before = set(state()._stats)
+    before, start = set(state()._stats), time.perf_counter()
     yield
     if fixturedef.scope != "function":
         _reached.setdefault(fixturedef.argname, set()).update(set(state()._stats) - before)
+        _cost[fixturedef.argname] = time.perf_counter() - start
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_setup(item):
     for name in item.fixturenames:
         state()._stats.update(_reached.get(name, ()))
+
+
+def pytest_runtest_makereport(item, call):
+    # mutmut runs a mutant's tests fastest first and times only the test call; a test whose
+    # shared fixture must be rebuilt in the mutant's process is not fast
+    if call.when == "setup":
+        cost = sum(_cost.get(name, 0.0) for name in item.fixturenames)
+        state().duration_by_test[item.nodeid] += call.duration + cost
 '''
 NOT_KILLED = {"survived", "no tests"}
 
@@ -154,8 +165,8 @@ def report() -> str:
     per, survivors = results()
     same = equivalent()
     lines = [
-        "| module | mutants | killed | survived | equivalent | score |",
-        "|---|---|---|---|---|---|",
+        "| module | mutants | killed | survived | equivalent | not run | score |",
+        "|---|---|---|---|---|---|---|",
     ]
     for module, c in sorted(per.items()):
         killed = sum(c[s] for s in KILLED)
@@ -163,7 +174,8 @@ def report() -> str:
         alive = sum(c[s] for s in NOT_KILLED) - eq
         score = killed / (killed + alive) if killed + alive else float("nan")
         lines.append(
-            f"| `{module}` | {sum(c.values())} | {killed} | {alive} | {eq} | {score:.1%} |"
+            f"| `{module}` | {sum(c.values())} | {killed} | {alive} | {eq} | "
+            f"{c['not checked']} | {score:.1%} |"
         )
     for module, names in sorted(survivors.items()):
         left = [n for n in names if n not in same]

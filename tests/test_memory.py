@@ -213,8 +213,9 @@ def test_adafactor_defaults_clip_threshold_and_half_precision_weights():
     half = torch.nn.Parameter(torch.ones(4, 3, dtype=torch.bfloat16))
     full = torch.nn.Parameter(torch.ones(4, 3))
     half.grad, full.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
-    Adafactor([half], lr=0.01).step()
-    Adafactor([full], lr=0.01).step()
+    Adafactor([half], lr=0.01, weight_decay=0.5).step()
+    Adafactor([full], lr=0.01, weight_decay=0.5).step()
+    # computed in fp32 and rounded once, as a fp32 master step would be
     assert half.dtype == torch.bfloat16 and torch.equal(half.detach(), full.detach().bfloat16())
 
 

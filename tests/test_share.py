@@ -118,7 +118,7 @@ def test_single_file_refuses_layouts_it_does_not_write(tmp_path):
     from loreun.pipelines.single_file import to_ldm
     from loreun.pipelines.tiny import make_tiny_sdxl_pipeline
 
-    with pytest.raises(ValueError, match="SD 1.x layouts"):
+    with pytest.raises(ValueError, match="SD 1.x layouts; StableDiffusionXLPipeline is not one"):
         to_ldm(make_tiny_sdxl_pipeline())
 
 
@@ -168,3 +168,41 @@ def test_a_single_file_base_is_checked_through_its_config_folder(
     base_file = tmp_path / "base.safetensors"
     save_file(to_ldm(StableDiffusionPipeline.from_pretrained(sd1_shaped_dir)), str(base_file))
     check_erased_files(str(base_file), [erased_sd1], model_config=str(sd1_shaped_dir))
+
+
+def test_ldm_names_that_diffusers_would_also_accept_otherwise(sd1_shaped_dir):
+    """diffusers' single-file reader is lenient where AUTOMATIC1111 is not: an upsampler after
+    attention sits in slot 2, VAE attention projections are 1x1 convolutions."""
+    from diffusers import StableDiffusionPipeline
+
+    from loreun.pipelines.single_file import text_key, to_ldm, unet_key, vae_key
+
+    sd = to_ldm(StableDiffusionPipeline.from_pretrained(sd1_shaped_dir))
+    assert "model.diffusion_model.output_blocks.5.2.conv.weight" in sd  # CrossAttnUpBlock2D
+    assert "model.diffusion_model.output_blocks.2.1.conv.weight" in sd  # UpBlock2D
+    assert sd["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4
+    assert sd["first_stage_model.decoder.mid.attn_1.proj_out.weight"].ndim == 4
+    assert (
+        text_key("embeddings.token_embedding.weight")
+        == "text_model.embeddings.token_embedding.weight"
+    )
+    assert text_key("text_model.final_layer_norm.bias") == "text_model.final_layer_norm.bias"
+    with pytest.raises(KeyError, match="no LDM name for UNet key 'add_embedding.linear_1.weight'"):
+        unet_key("add_embedding.linear_1.weight", 2, [False])
+    with pytest.raises(KeyError, match="no LDM name for 'norms' in input_blocks.1"):
+        unet_key("down_blocks.0.norms.0.weight", 2, [False])
+    with pytest.raises(KeyError, match="no LDM name for VAE key 'encoder.extra.weight'"):
+        vae_key("encoder.extra.weight", 3)
+
+
+def test_single_file_refuses_sd2_shaped_unets(sd1_shaped_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from loreun.pipelines.single_file import to_ldm
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd1_shaped_dir)
+    pipe.unet.register_to_config(use_linear_projection=True)
+    with pytest.raises(
+        ValueError, match="^single-file export writes SD 1.x layouts; this UNet is SD 2.x-shaped$"
+    ):
+        to_ldm(pipe)
