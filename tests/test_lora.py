@@ -57,8 +57,12 @@ def test_lora_loads_in_diffusers_and_unloads_to_the_base_bit_for_bit(lora_run, t
 
 
 def test_the_kohya_copy_is_the_same_adapter(lora_run, tiny_pipeline_dir):
+    from safetensors import safe_open
+
     kohya = load_file(str(lora_run / KOHYA_FILE))
     assert all(k.startswith("lora_unet_") for k in kohya)
+    with safe_open(str(lora_run / KOHYA_FILE), framework="pt") as f:
+        assert f.metadata() == {"ss_network_module": "networks.lora"}  # what kohya tools read
     downs = [k for k in kohya if k.endswith(".lora_down.weight")]
     assert downs and all(kohya[k.replace(".lora_down.weight", ".alpha")] == 2 for k in downs)
     pipe = _pipe(tiny_pipeline_dir)
@@ -112,3 +116,23 @@ def test_lora_settings_that_cannot_work(tiny_pipeline_dir, tmp_path, capsys, ext
     assert main(erase_args(tiny_pipeline_dir, tmp_path / "o", *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_adapters_start_at_the_base_with_the_given_rank_alpha_and_seed(tiny_pipeline_dir):
+    from loreun.erase.lora import add_lora
+    from loreun.pipelines import load_pipeline
+
+    unets = [load_pipeline(str(tiny_pipeline_dir)).unet for _ in range(3)]
+    x, t, emb = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 16, 16)
+    with torch.no_grad():
+        base = unets[0](x, t, encoder_hidden_states=emb).sample
+    trained = [add_lora(u, "esd-x", 2, 6.0, seed) for u, seed in zip(unets, (0, 0, 1))]
+    config = unets[0].peft_config["default"]
+    assert (config.r, config.lora_alpha) == (2, 6.0)
+    assert all(torch.equal(p, torch.zeros_like(p)) for k, p in trained[0].items() if "lora_B" in k)
+    with torch.no_grad():
+        assert torch.equal(unets[0](x, t, encoder_hidden_states=emb).sample, base)
+    a = {k: p for k, p in trained[0].items() if "lora_A" in k}
+    assert all(torch.equal(a[k], trained[1][k]) for k in a)  # the same seed draws the same A
+    assert not all(torch.equal(a[k], trained[2][k]) for k in a)
+    assert all(".attn2." in k for k in trained[0]) and all(p.requires_grad for p in a.values())

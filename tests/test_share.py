@@ -206,3 +206,45 @@ def test_single_file_refuses_sd2_shaped_unets(sd1_shaped_dir):
         ValueError, match="^single-file export writes SD 1.x layouts; this UNet is SD 2.x-shaped$"
     ):
         to_ldm(pipe)
+
+
+def test_export_from_a_single_file_base_into_an_empty_folder(erased_sd1, sd1_shaped_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from loreun.erase.export import export_shared
+    from loreun.pipelines.loading import read_erased_file
+    from loreun.pipelines.single_file import to_ldm
+
+    base_file = tmp_path / "base.safetensors"
+    save_file(to_ldm(StableDiffusionPipeline.from_pretrained(sd1_shaped_dir)), str(base_file))
+    (tmp_path / "empty").mkdir()
+    summary = tmp_path / "eval" / "summary.json"
+    summary.parent.mkdir()
+    summary.write_text(json.dumps({"sources": {}}))
+    written = export_shared(
+        erased_sd1,
+        single_file=tmp_path / "e.safetensors",
+        pipeline=tmp_path / "empty",
+        audit=summary,  # the summary file itself, not only its folder
+        model=str(base_file),
+        model_config=str(sd1_shaped_dir),
+    )
+    assert written == [tmp_path / "e.safetensors", tmp_path / "empty"]
+    with safe_open(str(written[0]), framework="pt") as f:
+        header = json.loads(f.metadata()["loreun.erasure"])
+    _, meta = read_erased_file(erased_sd1)
+    assert header == {
+        "method": "esd-u",
+        "objective": "esd",
+        "weighting": "uniform",
+        "concepts": ["a cat", "a dog"],
+        "steps_done": 3,
+        "base_fingerprint": meta["base_fingerprint"],
+        "base_model": "sd1-shaped",
+        "versions": meta["versions"],
+    }
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        export_shared(erased_sd1, single_file=written[0])  # no overwrite by default
+    with pytest.raises(FileNotFoundError, match="^--audit: .*: no summary.json from loreun audit"):
+        export_shared(erased_sd1, pipeline=tmp_path / "p2", audit=tmp_path / "nowhere")
