@@ -9,7 +9,9 @@ suite), so a mutant is "survived" only when no test in the suite catches it.
 
     pip install -e ".[dev,mutation]"
     OMP_NUM_THREADS=1 python scripts/mutation.py                       # every core module (hours)
-    OMP_NUM_THREADS=1 python scripts/mutation.py erase/weighting.py    # one module (minutes)
+    OMP_NUM_THREADS=1 python scripts/mutation.py erase/weighting.py    # one module, whole suite
+    OMP_NUM_THREADS=1 python scripts/mutation.py prompts/reader.py \\
+        --tests tests/test_prompts.py tests/test_prompt_fuzz.py       # quick: its own tests
     python scripts/mutation.py --report                                # scores of the last run
 
 The score of a module is killed / (killed + survived + no tests), with timeouts counted as
@@ -87,7 +89,7 @@ def pytest_runtest_makereport(item, call):
 NOT_KILLED = {"survived", "no tests"}
 
 
-def stage(modules: list[str]) -> None:
+def stage(modules: list[str], tests: list[str] | None = None) -> None:
     """Copy the tracked files into .mutation/, the packages under loreun/, and configure mutmut."""
     tracked = subprocess.run(
         ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
@@ -109,6 +111,7 @@ def stage(modules: list[str]) -> None:
             'source_paths = ["loreun"]',
             f"only_mutate = {json.dumps(['loreun/' + m for m in modules])}",
             f"also_copy = {json.dumps(also)}",
+            f"pytest_add_cli_args_test_selection = {json.dumps(tests or ['tests'])}",
             # the packaging tests check the repository's own layout, which staging changes
             "pytest_add_cli_args = "
             '["-p", "no:cacheprovider", "-q", "--ignore=tests/test_packaging.py", '
@@ -189,11 +192,17 @@ def main() -> int:
     p.add_argument("modules", nargs="*", help=f"files to mutate (default: {' '.join(CORE)})")
     p.add_argument("--report", action="store_true", help="only print the last run's scores")
     p.add_argument("--max-children", type=int, default=2, help="mutants run in parallel")
+    p.add_argument(
+        "--tests",
+        nargs="+",
+        metavar="FILE",
+        help="quick mode: only these test files (default: the whole suite)",
+    )
     a = p.parse_args()
     if not a.report:
         if shutil.which("mutmut") is None:
             sys.exit('mutmut is not installed: pip install -e ".[dev,mutation]"')
-        stage(a.modules or list(CORE))
+        stage(a.modules or list(CORE), a.tests)
         subprocess.run(
             ["mutmut", "run", "--max-children", str(a.max_children)],
             cwd=STAGE,

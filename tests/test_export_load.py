@@ -251,3 +251,82 @@ def test_a_stale_temporary_pipeline_folder_is_replaced(erased_run, tmp_path):
     save_pipeline_folder(load_pipeline(str(erased_run / "pipeline")), final, meta)
     assert not stale.exists() and not (final / "half-written.bin").exists()
     assert (final / "README.md").is_file() and (final / "model_index.json").is_file()
+
+
+def _says(exc, message, fn, *args):
+    with pytest.raises(exc) as err:
+        fn(*args)
+    assert str(err.value) == message
+
+
+def test_every_loading_error_names_the_file_and_says_what_to_do(
+    erased_run, tmp_path, other_pipeline_dir
+):
+    """The messages a user reads: each starts with the file and ends with the way out."""
+    from loreun.pipelines import apply_erased_weights
+    from loreun.pipelines.loading import METADATA_KEY, check_compatible, content_hash
+
+    good = erased_run / "unet-erased.safetensors"
+    tensors, meta = read_erased_file(good)
+    pickled = tmp_path / "w.pt"
+    pickled.write_bytes(b"x")
+    _says(
+        ValueError,
+        f"{pickled}: refusing to unpickle a .pt file, which can run code; "
+        "use the unet-erased.safetensors that loreun exports",
+        read_erased_file,
+        pickled,
+    )
+    missing = tmp_path / "no.safetensors"
+    _says(FileNotFoundError, f"{missing}: no such erased-weights file", read_erased_file, missing)
+    name = sorted(tensors)[0]
+    edited = tmp_path / "edited.safetensors"
+    save_file({**tensors, name: tensors[name] + 1}, str(edited), {METADATA_KEY: json.dumps(meta)})
+    _says(
+        ValueError,
+        f"{edited}: its tensors do not match the content hash in its header; "
+        "the file was edited or corrupted after export",
+        read_erased_file,
+        edited,
+    )
+    nan = tmp_path / "nan.safetensors"
+    bad = {**tensors, name: tensors[name] * float("nan")}
+    save_file(
+        bad, str(nan), {METADATA_KEY: json.dumps({**meta, "content_sha256": content_hash(bad)})}
+    )
+    _says(
+        ValueError,
+        f"{nan}: 1 tensors hold NaN or inf values, e.g. {name}; the erasure diverged, "
+        "and these weights would give black or noise images",
+        read_erased_file,
+        nan,
+    )
+    _says(
+        ValueError,
+        f"{good}: was erased from a different base model ({meta['base_model']}); its fingerprint "
+        "does not match this UNet's weights. Load the same base, or pass force=True to apply "
+        "it anyway",
+        apply_erased_weights,
+        load_pipeline(str(other_pipeline_dir)),
+        good,
+    )
+    extra = {f"{c}.weight": torch.zeros(1) for c in "wxyz"}
+    _says(
+        ValueError,
+        "erased file: 4 tensors not in this UNet, e.g. w.weight, x.weight, y.weight",
+        check_compatible,
+        load_pipeline(str(other_pipeline_dir)).unet,
+        extra,
+        meta,
+    )
+
+
+def test_fingerprints_are_sha256_of_the_values():
+    from loreun.pipelines.loading import content_hash
+
+    a = {"w": torch.arange(6.0).reshape(2, 3)}
+    for digest in (fingerprint(a), content_hash(a)):
+        assert digest.startswith("sha256:") and len(digest) == len("sha256:") + 64
+    assert content_hash(a) != content_hash({"w": a["w"].double() + 1e-12})  # exact values
+    assert fingerprint(a) == fingerprint({"w": a["w"].half()})  # rounded to float16 first
+    assert content_hash({"w": a["w"].half()}) == content_hash({"w": a["w"].half().float()})

@@ -166,3 +166,33 @@ def test_objectives_that_lack_their_input_say_which():
         remap_loss(student, _toy_eps(), _noised_batch())
     with pytest.raises(ValueError, match="^the denoising loss needs forward-noised items"):
         denoising_loss(student, _batch())
+
+
+def _t_and_prompt_eps():
+    """A predictor that depends on x, t and the prompt, so a dropped argument shows."""
+    return lambda x, t, emb: x * t.view(-1, 1, 1, 1) * emb.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+
+def test_every_objective_passes_the_student_its_timestep_and_prompt():
+    from loreun.erase.objectives import build_objective, denoising_loss, ga_loss, remap_loss
+
+    batch = _noised_batch(anchor=torch.full((2, 3, 4), 3.0))
+    eps, t = _t_and_prompt_eps(), batch.t.view(-1, 1, 1, 1).float()
+    student_pred = batch.xt * t * 2.0  # under the concept prompt
+    _, pred = esd_loss(eps, eps, batch, eta=1.0)
+    assert torch.equal(pred, student_pred)
+    assert torch.equal(denoising_loss(eps, batch)[1], student_pred)
+    losses, pred = remap_loss(eps, eps, batch)
+    assert torch.equal(pred, student_pred)
+    target = batch.xt * t * 3.0  # the teacher under the anchor, at the item's own t
+    assert torch.allclose(losses, (student_pred - target).pow(2).flatten(1).mean(1))
+    # defaults: eta 1 and bound 1; remap takes no setting
+    assert torch.equal(
+        build_objective("esd")(eps, eps, batch)[0], esd_loss(eps, eps, batch, 1.0)[0]
+    )
+    assert torch.equal(
+        build_objective("ga")(eps, None, batch)[0], ga_loss(eps, None, batch, 1.0)[0]
+    )
+    assert torch.equal(build_objective("remap")(eps, eps, batch)[0], losses)
+    with pytest.raises(ValueError, match="; choose one of esd, remap, ga$"):
+        build_objective("nope")

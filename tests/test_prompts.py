@@ -141,3 +141,30 @@ def test_jsonl_blank_lines_bom_and_bad_lines(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("\ufeffa bird\n", encoding="utf-8")
     assert load_prompts(txt)[0].prompt == "a bird"
+
+
+def test_reader_messages_and_exact_text(tmp_path):
+    """What a user reads when a file cannot be read, and that a prompt's text, an embedded
+    CRLF included, is kept as the file holds it."""
+    from loreun.prompts.reader import BUNDLED
+
+    with pytest.raises(FileNotFoundError) as err:
+        load_prompts(tmp_path / "nope.csv")
+    assert str(err.value).endswith(f"(bundled sets: {', '.join(BUNDLED)})")
+    odd = tmp_path / "p.XLSX"
+    odd.write_text("x")
+    with pytest.raises(
+        ValueError, match=r"unknown prompt file type '\.xlsx'; use \.csv, \.tsv, \.jsonl or \.txt$"
+    ):
+        load_prompts(odd)
+    huge = tmp_path / "huge.csv"
+    huge.write_text("prompt\n" + "a" * 200_000 + "\n")
+    with pytest.raises(ValueError, match=f"^{huge}: not a readable table \\(field larger than"):
+        load_prompts(huge)
+    crlf = tmp_path / "crlf.csv"
+    crlf.write_bytes(b'prompt,seed,width\r\n"line one\r\nline two",7.0,abc\r\n')
+    with pytest.raises(ValueError, match=f"^{crlf}: row 1: width 'abc' is not a number$"):
+        load_prompts(crlf)
+    crlf.write_bytes(b'prompt,seed\r\n"line one\r\nline two",1e3\r\n')
+    row = load_prompts(crlf)[0]
+    assert (row.prompt, row.seed, row.cls) == ("line one\r\nline two", 1000, None)
