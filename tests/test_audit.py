@@ -439,3 +439,159 @@ def test_nudenet_summary_of_no_images_and_its_chart():
     assert s["images"] == 4 and s["chart"]["values"]["BELLY_EXPOSED"] == 0.25
     assert s["chart"]["title"] == "NudeNet: share of images with each exposed class"
     assert s["rows"][0] == ["nudity rate @ 0.45", 0.25]
+
+
+def test_results_csv_has_one_row_per_image_and_per_failure_with_every_column(tmp_path):
+    import csv
+    from types import SimpleNamespace
+
+    from loreun.eval.audit import write_results_csv
+
+    record = {"path": "a.png", "id": "1", "prompt": "p", "class": "c", "seed": 3}
+    record.update(guidance=7.5, width=64, height=32, file="/elsewhere/a.png")
+    result = {"detections": [{"class": "X", "score": 0.5}], "nude_classes": ["A", "B"], "n": 2}
+    audited = [
+        {
+            "name": "erased",
+            "records": [record],
+            "flagged": [True],
+            "results": {"det": [result]},
+            "failures": [{"path": "b.png", "error": "OSError: broken"}],
+        }
+    ]
+    write_results_csv(tmp_path / "r.csv", audited, [SimpleNamespace(name="det")])
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0] == {
+        "source": "erased",
+        **{k: str(v) for k, v in record.items() if k != "file"},
+        "flagged": "True",
+        "det_detections": '[{"class": "X", "score": 0.5}]',
+        "det_nude_classes": "A;B",
+        "det_n": "2",
+        "error": "",
+    }
+    assert (rows[1]["source"], rows[1]["path"], rows[1]["error"]) == (
+        "erased",
+        "b.png",
+        "OSError: broken",
+    )
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        ("=1+1", "'=1+1"),
+        ("+cmd", "'+cmd"),
+        ("-cmd", "'-cmd"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tx", "'\tx"),
+        ("\rx", "'\rx"),
+        ("-0.5", "-0.5"),
+        ("a=b", "a=b"),
+        (5, 5),
+        ("", ""),
+    ],
+)
+def test_spreadsheet_safe_quotes_formulas_only(value, shown):
+    from loreun.eval.audit import spreadsheet_safe
+
+    assert spreadsheet_safe(value) == shown
+
+
+def test_audit_settings_bounds_and_summary_fields(image_folder, tmp_path):
+    assert AuditSettings(grid_limit=1, batch_size=1).grid_limit == 1
+    with pytest.raises(ValueError, match="^--grid-limit: must be >= 1, got 0$"):
+        AuditSettings(grid_limit=0)
+    with pytest.raises(ValueError, match="^batch_size: must be >= 1, got 0$"):
+        AuditSettings(batch_size=0)
+    summary = audit({"photos": image_folder}, tmp_path / "a", AuditSettings(detectors=["nudenet"]))
+    assert set(summary["versions"]) == {"loreun", "nudenet", "transformers", "torch"}
+    src = summary["sources"]["photos"]
+    assert src["path"] == str(image_folder) and src["images"] == 2 and src["unreadable"] == 2
+
+
+def test_detectors_are_built_with_the_audit_settings(tmp_path):
+    from loreun.eval.audit import build_detectors
+    from loreun.pipelines.models import BUILTIN_CLASSIFIERS
+
+    settings = AuditSettings(detectors=["digits", "nudenet"], batch_size=3, erased_classes=["3"])
+    digits, nudenet = build_detectors(settings)
+    assert (digits.name, digits.batch_size, nudenet.batch_size) == ("digits", 3, 3)
+    assert digits.model_id == "digits" and BUILTIN_CLASSIFIERS["digits"].is_dir()
+    clip = _save_tiny_clip(tmp_path / "clip")
+    (scorer,) = build_detectors(
+        AuditSettings(detectors=["clip"], clip_model=str(clip), batch_size=5)
+    )
+    assert scorer.batch_size == 5
+    for detectors, message in (
+        (["classifier"], "--classifier: the classifier detector needs a model folder or id"),
+        (["clip"], "--clip-model: the clip detector needs a CLIP model folder or id"),
+        (["x"], "--detector: unknown detector 'x'; choose from nudenet, classifier, digits, clip"),
+    ):
+        with pytest.raises(ValueError) as err:
+            build_detectors(AuditSettings(detectors=detectors))
+        assert str(err.value) == message
+
+
+def test_sources_manifests_and_image_paths(manifest_source, tmp_path):
+    from loreun.eval.audit import inside, open_images, read_source
+
+    by_file = read_source(manifest_source / "manifest.jsonl")  # the manifest names its folder
+    assert [r["file"] for r in by_file] == [str(manifest_source / r["path"]) for r in by_file]
+    with pytest.raises(FileNotFoundError) as err:
+        read_source(tmp_path / "none")
+    assert str(err.value) == f"--images: {tmp_path / 'none'}: no such folder"
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    Image.new("L", (4, 4)).save(folder / "g.png")
+    (rec,) = read_source(folder)
+    assert rec == {"path": "g.png", "file": str(folder / "g.png"), "prompt": None, "class": None}
+    images, good, bad = open_images([rec, {"path": "x.png", "file": str(folder / "x.png")}])
+    assert images[0].mode == "RGB" and good == [rec]
+    assert bad[0]["path"] == "x.png" and bad[0]["error"].startswith("FileNotFoundError: ")
+    for rel, message in (
+        ("", "where: no image path"),
+        (None, "where: no image path"),
+        (str(folder / "g.png"), f"where: image path {str(folder / 'g.png')!r} is outside {folder}"),
+        ("../g.png", f"where: image path '../g.png' is outside {folder}"),
+    ):
+        with pytest.raises(ValueError) as err:
+            inside(folder, rel, "where")
+        assert str(err.value) == message
+    (manifest_source / "manifest.jsonl").write_text(json.dumps({"path": "../escape.png"}) + "\n")
+    with pytest.raises(ValueError, match=r"manifest.jsonl: record 1: image path"):
+        read_source(manifest_source)
+
+
+def test_failures_add_up_across_chunks_and_big_batches_widen_the_chunk(tmp_path):
+    from loreun.eval.audit import audit_source
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(81):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i:03d}.png")
+    (folder / "000_broken.png").write_text("x")  # sorts into the first chunk
+    (folder / "zzz_broken.png").write_text("x")  # and into the last
+    det = ColorDetector("odd", True)
+    src = audit_source("s", folder, [det], AuditSettings(batch_size=20))  # chunks of 80
+    assert det.calls == [79, 2]
+    assert [Path(f["path"]).name for f in src["failures"]] == ["000_broken.png", "zzz_broken.png"]
+
+
+def test_audit_output_folder_rules(image_folder, tmp_path):
+    out = tmp_path / "a" / "b" / "c"  # parents are made
+    summary = audit({"photos": image_folder}, out, AuditSettings(detectors=["nudenet"]))
+    assert (out / "summary.json").read_text().startswith('{\n  "protocol"')  # indented
+    assert json.loads((out / "summary.json").read_text()) == summary
+    with pytest.raises(FileExistsError) as err:
+        audit({"photos": image_folder}, out)  # not overwritten by default
+    assert str(err.value) == (
+        f"--out: {out} already holds another audit (results.csv); "
+        "choose another folder or pass --overwrite"
+    )
+    a_file = tmp_path / "f"
+    a_file.write_text("mine")
+    with pytest.raises(FileExistsError) as err:
+        audit({"photos": image_folder}, a_file)
+    assert str(err.value) == f"--out: {a_file} is a file" and a_file.read_text() == "mine"
