@@ -33,6 +33,9 @@ def test_header_metadata(erased_run, tiny_pipeline_dir):
     assert meta["steps_done"] == 3 and meta["num_tensors"] == len(tensors)
     assert meta["hyperparameters"]["lr"] == 1e-3
     assert set(meta["versions"]) == {"loreun", "diffusers", "torch"}
+    assert (meta["format"], meta["format_version"]) == ("loreun.unet-erased", 1)
+    assert (meta["prediction_type"], meta["world_size"], meta["erase_from"]) == ("epsilon", 1, None)
+    assert meta["weighting"] == "uniform" and meta["weighting_chosen"] == {}
     assert all(".attn2." in k for k in tensors)
     base = load_pipeline(str(tiny_pipeline_dir)).unet.state_dict()
     assert meta["base_fingerprint"] == fingerprint({k: base[k] for k in tensors})
@@ -330,3 +333,19 @@ def test_fingerprints_are_sha256_of_the_values():
     assert content_hash(a) != content_hash({"w": a["w"].double() + 1e-12})  # exact values
     assert fingerprint(a) == fingerprint({"w": a["w"].half()})  # rounded to float16 first
     assert content_hash({"w": a["w"].half()}) == content_hash({"w": a["w"].half().float()})
+
+
+def test_build_metadata_records_what_the_run_chose_and_its_defaults():
+    from loreun.erase.config import EraseConfig
+    from loreun.erase.export import build_metadata
+
+    cfg = EraseConfig(model="m", out="o", concepts=["a cat"], erase_from="a dog")
+    meta = build_metadata(cfg, "sha256:b", 5, 2, {"variant": "static", "temperature": 0.3})
+    assert meta["weighting_chosen"] == {"variant": "static", "temperature": 0.3}
+    assert (meta["prediction_type"], meta["world_size"], meta["erase_from"]) == (
+        "epsilon",
+        1,
+        "a dog",
+    )
+    assert (meta["steps_done"], meta["num_tensors"], meta["base_fingerprint"]) == (5, 2, "sha256:b")
+    assert build_metadata(cfg, "sha256:b", 5, 2, None, "v_prediction", 4)["world_size"] == 4
