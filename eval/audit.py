@@ -20,7 +20,8 @@ from .nudity import DEFAULT_THRESHOLD
 OUTPUTS = ("results.csv", "summary.json", "report.html")
 PROTOCOL = (
     "loreun audit protocol v1: NudeNet 320n, 9 exposed classes, nude if any > threshold;"
-    " classifier top-1/top-5 by class name; CLIP score 100*max(cos,0)"
+    " classifier top-1/top-5 by class name; CLIP score 100*max(cos,0);"
+    " FID and KID by torchmetrics on the named features against --reference"
 )
 
 
@@ -33,6 +34,8 @@ class AuditSettings:
     classifier: str | None = None
     clip_model: str | None = None
     erased_classes: list[str] = field(default_factory=list)
+    reference: str | None = None
+    fid_features: str = "inception"
     batch_size: int = 16
     blur: bool = True
     grid_limit: int = 48
@@ -77,11 +80,19 @@ def build_detectors(settings: AuditSettings) -> list[Detector]:
             raise ValueError("--clip-model: the clip detector needs a CLIP model folder or id")
         return ClipScorer(settings.clip_model, settings.batch_size)
 
+    def fid():
+        from .fid import FidDetector
+
+        if not settings.reference:
+            raise ValueError("--reference: the fid detector needs a reference image folder")
+        return FidDetector(settings.reference, settings.fid_features, settings.batch_size)
+
     table = {
         "nudenet": lambda: NudeNetDetector(settings.nudity_threshold, settings.batch_size),
         "classifier": lambda: classifier(settings.classifier),
         "digits": lambda: classifier("digits", "digits"),
         "clip": clip,
+        "fid": fid,
     }
     unknown = [d for d in settings.detectors if d not in table]
     if unknown:
@@ -239,8 +250,6 @@ def _flat(det_name: str, result: dict) -> dict:
 
 def write_results_csv(path: Path, audited: list[dict], detectors: list) -> None:
     """One row per image and source, with the prompt fields and every detector's columns."""
-    from loreun.pipelines.files import atomic_write_text
-
     keys = ("path", "id", "prompt", "class", "seed", "guidance", "width", "height")
     rows = []
     for src in audited:
@@ -255,6 +264,13 @@ def write_results_csv(path: Path, audited: list[dict], detectors: list) -> None:
             rows.append(row)
         for fail in src["failures"]:
             rows.append({"source": src["name"], "path": fail["path"], "error": fail["error"]})
+    write_csv(path, rows)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows of dicts as CSV, columns in first-seen order, text made spreadsheet-safe."""
+    from loreun.pipelines.files import atomic_write_text
+
     fields: list[str] = []
     for row in rows:
         fields += [k for k in row if k not in fields]

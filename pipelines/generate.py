@@ -206,7 +206,6 @@ def run_batch(pipe, jobs: list[Job], steps: int) -> list:
     ).images
 
 
-@torch.inference_mode()
 def sample_with_guidances(
     pipe, prompts: list[str], generators: list, guidance: torch.Tensor, steps: int, width, height
 ) -> list:
@@ -221,10 +220,31 @@ def sample_with_guidances(
     Returns:
         B PIL images; each matches its row generated alone up to floating-point rounding.
     """
+    latents = sample_latents(pipe, prompts, generators, guidance, steps, width, height)
+    return decode_latents(pipe, latents, generators)
+
+
+@torch.inference_mode()
+def sample_latents(
+    pipe,
+    prompts,
+    generators: list,
+    guidance: torch.Tensor,
+    steps: int,
+    width,
+    height,
+    prompt_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sample_with_guidances``' loop up to the final latents [B, C, h, w].
+
+    ``prompt_embeds`` [B, L, D] replaces ``prompts`` (then None) when the conditioning is not a
+    plain string: the attack's prompts are token ids that need not survive a decode and
+    re-encode. The unconditional side is the empty prompt either way, as in the pipeline.
+    """
     device = pipe._execution_device
-    cond, uncond = pipe.encode_prompt(prompts, device, 1, True)
+    cond, uncond = pipe.encode_prompt(prompts, device, 1, True, prompt_embeds=prompt_embeds)
     latents = pipe.prepare_latents(
-        len(prompts), pipe.unet.config.in_channels, height, width, cond.dtype, device, generators
+        len(cond), pipe.unet.config.in_channels, height, width, cond.dtype, device, generators
     )
     pipe.scheduler.set_timesteps(steps, device=device)
     extra = pipe.prepare_extra_step_kwargs(generators, 0.0)
@@ -235,6 +255,12 @@ def sample_with_guidances(
         e_u, e_c = pipe.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0].chunk(2)
         eps = torch.where(g > 1, e_u + g * (e_c - e_u), e_c)
         latents = pipe.scheduler.step(eps, t, latents, **extra).prev_sample
+    return latents
+
+
+@torch.inference_mode()
+def decode_latents(pipe, latents: torch.Tensor, generators: list) -> list:
+    """PIL images of final latents [B, C, h, w], through the pipeline's VAE and processor."""
     scale = pipe.vae.config.scaling_factor
     image = pipe.vae.decode(latents / scale, generator=generators[0]).sample
     return pipe.image_processor.postprocess(image, output_type="pil")
@@ -273,21 +299,24 @@ def _rows_hash(rows) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _claim_output(out: Path, info: dict, create: bool) -> None:
-    """Refuse a folder that holds anything but this same generation run."""
-    path = out / GENERATE_CONFIG
+def _claim_output(
+    out: Path, info: dict, create: bool, config: str = GENERATE_CONFIG, kind: str = "generation"
+) -> None:
+    """Refuse a folder that holds anything but this same run (its ``config`` file says which);
+    shared by generate and attack, so both resume only their own run."""
+    path = out / config
     if path.is_file():
         old = json.loads(path.read_text())
         diff = [k for k in info if old.get(k) != info[k]]
         if diff:
             raise FileExistsError(
-                f"--out: {out} holds another generation run ({', '.join(diff)}"
+                f"--out: {out} holds another {kind} run ({', '.join(diff)}"
                 " differ); choose another folder"
             )
         return
     if out.is_dir() and any(p.name != FolderLock.NAME for p in out.iterdir()):
         raise FileExistsError(
-            f"--out: {out} is not empty and holds no loreun generation; choose an empty folder"
+            f"--out: {out} is not empty and holds no loreun {kind}; choose an empty folder"
         )
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out: {out} is a file")
