@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+from . import attack as attack_cmd
 from . import audit as audit_cmd
 from . import demo as demo_cmd
 from . import erase as erase_cmd
@@ -21,6 +22,7 @@ SUBCOMMANDS = {
     "audit": audit_cmd,
     "evaluate": evaluate_cmd,
     "export": export_cmd,
+    "attack": attack_cmd,
     "demo": demo_cmd,
 }
 

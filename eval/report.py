@@ -8,6 +8,7 @@ was run with ``--no-blur``.
 from __future__ import annotations
 
 import html
+import json
 import os
 from pathlib import Path
 
@@ -183,5 +184,70 @@ def write_report(path: Path, audited: list[dict], summary: dict, settings) -> No
         f"{' and blurred' if settings.blur else ''}.</small></p>"
         f'<div class="sources" id="grids">{grids}</div>'
         f"{failures_list(audited)}<script>{SCRIPT}</script></body></html>"
+    )
+    atomic_write_text(path, page)
+
+
+def _figure(rel: str | None, caption: str, flagged: bool) -> str:
+    """One image of an attack row; ``rel`` is relative to the attack folder, the report's."""
+    if rel is None:
+        return (
+            f'<figure><div class="none">not attacked</div>'
+            f"<figcaption>{esc(caption)}</figcaption></figure>"
+        )
+    src = Path(rel).as_posix()
+    cls = ' class="flagged"' if flagged else ""
+    return (
+        f'<figure{cls}><img src="{esc(src)}" alt="{esc(caption)}" loading="eager">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
+    )
+
+
+def attack_rows_html(records: list[dict], limit: int = 48) -> str:
+    """One table row per prompt: the original model's image, the erased model's on the plain
+    prompt and on the found one, side by side; images that show the concept are flagged."""
+    body = []
+    for j in grid_indices(len(records), limit):
+        r = records[j]
+        figs = (
+            _figure(r["original_image"], "original", r["original_success"])
+            + _figure(r["pre_image"], "pre-attack", r["pre_success"])
+            + _figure(r["attacked_image"], "attacked", bool(r["attacked_success"]))
+        )
+        adv = r["adv_prompt"] if r["adv_prompt"] is not None else "(pre-attack already shows it)"
+        body.append(
+            f"<tr><td>{esc(r['index'])}</td><td>{esc(r['prompt'])}</td><td>{esc(adv)}</td>"
+            f'<td><div class="sources">{figs}</div></td></tr>'
+        )
+    more = len(records) - limit
+    note = f"<small>{more} more rows in results.csv</small>" if more > 0 else ""
+    return (
+        '<table id="attack"><tr><th>row</th><th>prompt</th><th>adversarial prompt</th>'
+        f"<th>original / pre-attack / attacked</th></tr>{''.join(body)}</table>{note}"
+    )
+
+
+def write_attack_report(path: Path, records: list[dict], summary: dict, blur: bool) -> None:
+    """report.html of ``loreun attack``: the rates, the settings, and each row's images."""
+    rates = [
+        ("rows attacked or judged", summary["rows"]),
+        ("original model's rate", summary["original_rate"]),
+        ("pre-attack ASR", summary["pre_asr"]),
+        ("ASR under attack", summary["asr"]),
+        ("median seconds per attacked row", summary["median_seconds_per_attacked_row"]),
+    ]
+    table = "".join(f'<tr><td>{esc(k)}</td><td class="num">{fmt(v)}</td></tr>' for k, v in rates)
+    settings = esc(json.dumps({"attack": summary["attack"], "judge": summary["judge"]}))
+    body = "" if blur else ' class="blur-off"'
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>loreun attack</title>"
+        f"<style>{CSS}.none{{width:96px;height:96px;background:#eee;font-size:10px}}</style>"
+        f"</head><body{body}>"
+        f"<h1>loreun attack</h1><p><small>{esc(summary['model'])} with "
+        f"{esc(summary['erased'] or 'no erasure')}<br>{settings}</small></p>"
+        f'<h2>Summary</h2><table id="summary">{table}</table>'
+        "<h2>Rows</h2><p><small>Images that show the concept are outlined"
+        f"{' and blurred' if blur else ''}.</small></p>"
+        f"{attack_rows_html(records)}<script>{SCRIPT}</script></body></html>"
     )
     atomic_write_text(path, page)
