@@ -12,6 +12,7 @@ from ._args import (
     generate_settings,
     torch_dtype,
 )
+from .attack import add_attack_flags, attack_settings
 from .audit import print_table
 
 
@@ -35,7 +36,48 @@ def add_parser(sub, name: str) -> None:
     p.add_argument(
         "--out", required=True, help="folder: generations go to OUT/<name>, the report to OUT"
     )
+    p.add_argument(
+        "--attack",
+        action="store_true",
+        help="the leaderboard view: attack each model on --prompts (judged by the one "
+        "--detector) into OUT/attack/<name>, and with --quality-prompts measure FID and CLIP "
+        "score into OUT/quality; the table goes to OUT/leaderboard.html",
+    )
+    p.add_argument(
+        "--quality-prompts",
+        metavar="FILE",
+        help="with --attack: prompt file for FID and CLIP score (e.g. COCO captions)",
+    )
+    add_attack_flags(p)
     p.set_defaults(run=run)
+
+
+def named_runs(args) -> dict:
+    """{"original": None, name: erased file, ...} from the repeated --erased flag."""
+    runs = {"original": None}
+    for value in args.erased:
+        name, sep, path = value.partition("=")
+        runs[name if sep else f"erased-{len(runs)}" if len(args.erased) > 1 else "erased"] = (
+            path if sep else value
+        )
+    return runs
+
+
+def generate_all(args, prompts, out: Path, runs: dict, gen) -> dict:
+    """Generate ``prompts`` with every model into OUT/<name>; returns the audit's sources."""
+    from loreun.pipelines.generate import generate
+
+    for name, erased in runs.items():
+        generate(
+            args.model,
+            prompts,
+            out / name,
+            erased=erased,
+            settings=gen,
+            model_config=args.model_config,
+            torch_dtype=torch_dtype(args.dtype),
+        )
+    return {name: out / name for name in runs}
 
 
 def run(args) -> int:
@@ -43,31 +85,68 @@ def run(args) -> int:
     from loreun.eval.audit import audit
     from loreun.eval.report import summary_rows
     from loreun.pipelines.files import check_writable
-    from loreun.pipelines.generate import generate
     from loreun.pipelines.loading import check_erased_files
 
+    if args.quality_prompts and not args.attack:
+        raise ValueError("--quality-prompts: goes with --attack (the leaderboard view)")
     out = check_writable(Path(args.out))
-    runs = {"original": None}
-    for value in args.erased:
-        name, sep, path = value.partition("=")
-        runs[name if sep else f"erased-{len(runs)}" if len(args.erased) > 1 else "erased"] = (
-            path if sep else value
-        )
+    runs = named_runs(args)
     # Every --erased file is checked against the model before any image is generated.
     check_erased_files(args.model, [e for e in runs.values() if e], args.model_config)
-    sources = {}
-    for name, erased in runs.items():
-        generate(
-            args.model,
-            args.prompts,
-            out / name,
-            erased=erased,
-            settings=gen,
-            model_config=args.model_config,
-            torch_dtype=torch_dtype(args.dtype),
-        )
-        sources[name] = out / name
+    if args.attack:
+        return run_leaderboard(args, out, runs, gen, aud)
+    sources = generate_all(args, args.prompts, out, runs, gen)
+    if "fid" in aud.detectors and not aud.reference:
+        aud.reference = str(out / "original")
     summary = audit(sources, out, aud, overwrite=args.overwrite)
     print_table(summary, summary_rows)
     print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def run_leaderboard(args, out: Path, runs: dict, gen, aud) -> int:
+    """Attack every model on --prompts; FID and CLIP score on --quality-prompts; one table."""
+    from dataclasses import asdict, replace
+
+    from loreun.eval.attack import attack, build_judge
+    from loreun.eval.audit import audit
+    from loreun.eval.leaderboard import format_table, leaderboard_rows, write_leaderboard
+
+    settings = attack_settings(args)
+    build_judge(aud)  # a wrong --detector fails before any work
+    attacks = {
+        name: attack(
+            args.model,
+            args.prompts,
+            out / "attack" / name,
+            erased=erased,
+            settings=settings,
+            generate=gen,
+            audit=aud,
+            model_config=args.model_config,
+            torch_dtype=torch_dtype(args.dtype),
+        )
+        for name, erased in runs.items()
+    }
+    links = {f"attack: {n}": f"attack/{n}/report.html" for n in runs}
+    quality = None
+    if args.quality_prompts:
+        sources = generate_all(args, args.quality_prompts, out / "quality", runs, gen)
+        detectors = ["fid"] + (["clip"] if aud.clip_model else [])
+        reference = aud.reference or str(out / "quality" / "original")
+        qual = replace(aud, detectors=detectors, reference=reference)
+        quality = audit(sources, out / "quality", qual, overwrite=True)
+        links["quality: FID and CLIP score"] = "quality/report.html"
+    rows = leaderboard_rows(attacks, quality)
+    info = {
+        "prompts": str(args.prompts),
+        "quality_prompts": args.quality_prompts,
+        "attack": asdict(settings),
+        "judge": aud.detectors[0],
+        "fid_features": aud.fid_features if quality else None,
+        "fid_reference": (quality or {}).get("settings", {}).get("reference"),
+    }
+    write_leaderboard(out, rows, info, links)
+    print(format_table(rows))
+    print(f"report: {out / 'leaderboard.html'}")
     return 0
