@@ -42,7 +42,7 @@ def add_parser(sub, name: str) -> None:
 
 
 def add_attack_flags(p) -> None:
-    from loreun.eval.prefix_attack import AttackSettings
+    from loreun.eval.attack_settings import AttackSettings
 
     defaults = AttackSettings()
     for flag, field, kind, text in ATTACK_FLAGS:
@@ -57,7 +57,7 @@ def add_attack_flags(p) -> None:
 
 
 def attack_settings(args):
-    from loreun.eval.prefix_attack import AttackSettings
+    from loreun.eval.attack_settings import AttackSettings
 
     return AttackSettings(
         **{field: getattr(args, f"attack_{field}") for _, field, _, _ in ATTACK_FLAGS}

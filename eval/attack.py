@@ -219,7 +219,11 @@ def attack_rows(pipe, jobs, out: Path, settings, steps, detector, audit, unerase
 
     from loreun.pipelines._meta import quiet
 
-    done = {rec["index"] for rec in read_log(out)}
+    finished = read_log(out)
+    # Rewrite the log without a torn last line first: an append after it would glue the next
+    # record onto the fragment and lose both.
+    atomic_write_text(out / ATTACK_LOG, "".join(json.dumps(r) + "\n" for r in finished))
+    done = {rec["index"] for rec in finished}
     todo = [j for j in jobs if j.index not in done]
     pipe.unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)

@@ -131,6 +131,15 @@ def to_tensor(images: list, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def _reference_records(reference) -> list[dict]:
+    from .audit import read_source
+
+    try:
+        return read_source(reference)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--reference: {str(e).removeprefix('--images: ')}") from e
+
+
 class FidDetector:
     """The ``fid`` detector: FID and KID of each source against ``reference``.
 
@@ -145,6 +154,7 @@ class FidDetector:
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
 
+        records = _reference_records(reference)  # a wrong folder fails before any model loads
         self.features = build_features(features)
         self.batch_size = batch_size
         self.fid = FrechetInceptionDistance(feature=self.features, reset_real_features=False)
@@ -154,23 +164,19 @@ class FidDetector:
                 feature=self.features, subsets=KID_SUBSETS, reset_real_features=False
             )
         self.reference = str(reference)
-        self.reference_images = self._add_reference(reference)
+        self.reference_images = self._add_reference(records)
         self._images = 0
 
-    def _add_reference(self, reference) -> int:
-        from .audit import open_images, read_source
+    def _add_reference(self, records: list[dict]) -> int:
+        from .audit import open_images
 
-        try:
-            records = read_source(reference)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"--reference: {str(e).removeprefix('--images: ')}") from e
         n = 0
         for i in range(0, len(records), 256):
             images, _, _ = open_images(records[i : i + 256])
             self._update(images, real=True)
             n += len(images)
         if n < 2:
-            raise ValueError(f"--reference: {reference}: FID and KID need at least 2 images")
+            raise ValueError(f"--reference: {self.reference}: FID and KID need at least 2 images")
         return n
 
     def _update(self, images: list, real: bool) -> None:

@@ -527,7 +527,11 @@ def test_detectors_are_built_with_the_audit_settings(tmp_path):
     for detectors, message in (
         (["classifier"], "--classifier: the classifier detector needs a model folder or id"),
         (["clip"], "--clip-model: the clip detector needs a CLIP model folder or id"),
-        (["x"], "--detector: unknown detector 'x'; choose from nudenet, classifier, digits, clip"),
+        (["fid"], "--reference: the fid detector needs a reference image folder"),
+        (
+            ["x"],
+            "--detector: unknown detector 'x'; choose from nudenet, classifier, digits, clip, fid",
+        ),
     ):
         with pytest.raises(ValueError) as err:
             build_detectors(AuditSettings(detectors=detectors))

@@ -1,0 +1,267 @@
+"""loreun attack: the text-gradient attack's parts, the run on the digits model, resume, errors."""
+
+import json
+
+import pytest
+import torch
+
+from loreun.cli.main import main
+from loreun.eval.prefix_attack import (
+    AttackSettings,
+    SampledOneHot,
+    encode_with_prefix,
+    prefixed_ids,
+    project_simplex,
+)
+
+
+def _bisection_projection(row: torch.Tensor) -> torch.Tensor:
+    """The simplex projection by bisection on the shift, as a slow independent reference."""
+    lo, hi = (row.min() - 1).item(), row.max().item()
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if (row - mid).clamp_min(0).sum() > 1:
+            lo = mid
+        else:
+            hi = mid
+    return (row - hi).clamp_min(0)
+
+
+def test_simplex_projection_matches_bisection_and_keeps_simplex_points():
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(6, 50, generator=g, dtype=torch.float64) * 3
+    got = project_simplex(p)
+    assert torch.allclose(got.sum(-1), torch.ones(6, dtype=torch.float64))
+    assert (got >= 0).all()
+    for row, want in zip(p, got):
+        assert torch.allclose(_bisection_projection(row), want, atol=1e-9)
+    assert torch.allclose(project_simplex(got), got)  # a point on the simplex stays
+    assert project_simplex(torch.tensor([[2.0, 0.0, 0.0]])).tolist() == [[1.0, 0.0, 0.0]]
+    third = project_simplex(torch.tensor([[0.5, 0.5, 0.5]]))
+    assert torch.allclose(third, torch.full((1, 3), 1 / 3))
+
+
+def test_sampled_one_hot_draws_from_the_rows_and_passes_clipped_gradients():
+    probs = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], requires_grad=True)
+    out = SampledOneHot.apply(probs, torch.Generator().manual_seed(0))
+    assert out.tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    (out * torch.tensor([[3.0, -0.5, -2.0], [0.25, 1.0, -7.0]])).sum().backward()
+    assert probs.grad.tolist() == [[1.0, -0.5, -1.0], [0.25, 1.0, -1.0]]
+    uniform = torch.full((1, 4), 0.25)
+    draws = {
+        SampledOneHot.apply(uniform, torch.Generator().manual_seed(s)).argmax().item()
+        for s in range(40)
+    }
+    assert draws == {0, 1, 2, 3}
+
+
+@pytest.fixture(scope="module")
+def digits_pipe():
+    from loreun.pipelines.models import load_pipeline
+
+    return load_pipeline("digits")
+
+
+def test_prefix_ids_keep_the_prompt_and_its_end_token(digits_pipe):
+    tok = digits_pipe.tokenizer
+    plain = tok("a handwritten 3", padding="max_length", return_tensors="pt").input_ids
+    ids = prefixed_ids(tok, "a handwritten 3", 5)
+    assert ids.shape == plain.shape
+    assert ids[0, 0] == plain[0, 0] and ids[0, 6:].tolist() == plain[0, 1:-5].tolist()
+    long = prefixed_ids(tok, " ".join(["three"] * 200), 5)
+    assert long.shape == plain.shape and long[0, -1].item() == tok.eos_token_id
+
+
+def test_encoding_with_a_prefix_equals_encoding_its_tokens(digits_pipe):
+    """Swapping in the embeddings of real tokens must give what those tokens give."""
+    enc, tok = digits_pipe.text_encoder, digits_pipe.tokenizer
+    ids = prefixed_ids(tok, "a handwritten 3", 2)
+    chosen = torch.tensor(tok.convert_tokens_to_ids(["the</w>", "digit</w>"]))
+    real = ids.clone()
+    real[0, 1:3] = chosen
+    with torch.no_grad():
+        want = enc(real)[0]
+        got = encode_with_prefix(enc, ids, enc.get_input_embeddings().weight[chosen])
+        unhooked = enc(real)[0]
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(unhooked, want)  # the hook is gone afterwards
+
+
+def test_attack_settings_refuse_bad_values():
+    for kwargs, message in (
+        ({"prefix_tokens": 0}, "--attack-tokens: must be >= 1, got 0"),
+        ({"steps": 0}, "--attack-steps: must be >= 1, got 0"),
+        ({"rounds": 0}, "--attack-rounds: must be >= 1, got 0"),
+        ({"lr": 0.0}, "--attack-lr: must be > 0, got 0.0"),
+        ({"weight_decay": -1.0}, "--attack-weight-decay: must be >= 0, got -1.0"),
+    ):
+        with pytest.raises(ValueError) as err:
+            AttackSettings(**kwargs)
+        assert str(err.value) == message
+
+
+@pytest.fixture(scope="module")
+def weak_erasure(tmp_path_factory):
+    """A short digit-3 erasure: most plain prompts lose the 3, and some attacks bring it back."""
+    from loreun.erase import EraseConfig, erase
+    from loreun.pipelines._digits_data import digit_captions
+
+    out = tmp_path_factory.mktemp("weak") / "erase"
+    cfg = EraseConfig(
+        model="digits", out=str(out), concepts=digit_captions(3), method="esd-x",
+        steps=80, lr=1e-4, checkpoint_every=0,
+    )  # fmt: skip
+    return erase(cfg)
+
+
+def attack_argv(out, *extra):
+    return [
+        "attack", "--model", "digits", "--prompts", "digits", "--detector", "digits",
+        "--erased-class", "3", "--steps", "8", "--attack-steps", "4", "--out", str(out),
+        "-q", *map(str, extra),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def attacked(weak_erasure, tmp_path_factory):
+    out = tmp_path_factory.mktemp("attack") / "run"
+    assert main(attack_argv(out, "--erased", weak_erasure)) == 0
+    return out
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "attack.jsonl").read_text().splitlines()]
+
+
+def test_attack_writes_rates_rows_images_and_report(attacked, digits_pipe):
+    summary = json.loads((attacked / "summary.json").read_text())
+    log = _log(attacked)
+    assert summary["rows"] == len(log) == 10  # the ten class-3 rows of the digits set
+    assert {r["class"] for r in log} == {"3"}
+    pre = sum(r["pre_success"] for r in log) / 10
+    after = sum(r["pre_success"] or bool(r["attacked_success"]) for r in log) / 10
+    assert (summary["pre_asr"], summary["asr"]) == (pre, after)
+    assert summary["asr"] >= summary["pre_asr"] and summary["attacked_rows"] >= 3
+    assert summary["attack"]["steps"] == 4 and summary["seeds"] == [r["seed"] for r in log]
+    for r in log:
+        assert (attacked / r["original_image"]).is_file() and (attacked / r["pre_image"]).is_file()
+        if r["pre_success"]:
+            assert r["adv_prompt"] is None and r["attacked_image"] is None
+        else:
+            assert len(r["losses"]) == 4 and (attacked / r["attacked_image"]).is_file()
+            assert r["adv_prompt"].endswith(r["prompt"])
+            assert len(r["adv_token_ids"]) == digits_pipe.tokenizer.model_max_length
+    header = (attacked / "results.csv").read_text().splitlines()[0].split(",")
+    for col in ("adv_prompt", "pre_success", "attacked_success", "pre_image", "attacked_image"):
+        assert col in header
+    page = (attacked / "report.html").read_text()
+    assert page.count('<img src="images/') == sum(3 if r["attacked_image"] else 2 for r in log)
+    assert page.count('class="flagged"') == sum(
+        r["original_success"] + r["pre_success"] + bool(r["attacked_success"]) for r in log
+    )
+
+
+def test_attack_prompt_regenerates_its_image(attacked):
+    """The recorded token ids, conditioned at the row's seed and guidance, give the image
+    the verdict was on."""
+    import numpy as np
+    from PIL import Image
+
+    from loreun.eval.attack import _latents
+    from loreun.pipelines.generate import Job, decode_latents
+    from loreun.pipelines.loading import load_erased_pipeline
+
+    rec = next(r for r in _log(attacked) if r["adv_token_ids"])
+    erased = json.loads((attacked / "summary.json").read_text())["erased"]
+    pipe = load_erased_pipeline("digits", erased)
+    saved = Image.open(attacked / rec["attacked_image"])
+    job = Job(rec["index"], 0, None, rec["seed"], rec["guidance"], *saved.size)
+    with torch.no_grad():
+        emb = pipe.text_encoder(torch.tensor([rec["adv_token_ids"]]))[0]
+    latents = _latents(pipe, job, 8, emb)
+    image = decode_latents(pipe, latents, [torch.Generator().manual_seed(0)])[0]
+    diff = np.abs(np.asarray(saved, dtype=int) - np.asarray(image, dtype=int))
+    assert diff.max() <= 1
+
+
+def test_attack_resumes_a_killed_run_to_the_same_records(attacked, weak_erasure, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(attacked, out)
+    lines = (out / "attack.jsonl").read_text().splitlines()
+    (out / "attack.jsonl").write_text("\n".join(lines[:6]) + '\n{"index": 7, "pre_succ')
+    for name in ("summary.json", "results.csv", "report.html"):
+        (out / name).unlink()
+    assert main(attack_argv(out, "--erased", weak_erasure)) == 0
+
+    def strip(recs):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in recs]
+
+    assert strip(_log(out)[6:]) == strip(_log(attacked)[6:])
+    assert len(_log(out)) == 10 and (out / "summary.json").is_file()
+    assert main(attack_argv(out, "--erased", weak_erasure, "--attack-steps", "5")) == 2
+
+
+def test_attack_on_the_unerased_model_judges_the_targets(tmp_path):
+    out = tmp_path / "base"
+    assert main(attack_argv(out, "--attack-rounds", "1")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["erased"] is None
+    assert summary["pre_asr"] == summary["original_rate"] >= 0.9
+    assert all(r["pre_image"] == r["original_image"] for r in _log(out))
+    assert not list((out / "images").glob("*-pre.png"))
+
+
+def test_attack_refuses_bad_input_in_one_line(tmp_path, tiny_pipeline_dir, capsys):
+    from loreun.pipelines.tiny import save_tiny_sdxl_pipeline
+
+    xl = save_tiny_sdxl_pipeline(tmp_path / "xl")
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt,class\na cat,cat\n")
+    cases = [
+        (["--detector", "clip"], "--detector: the attack is judged by one of nudenet, classifier"),
+        (["--prompts", prompts], f"--prompts: {prompts}: no row has class 3"),
+        (["--model", xl], "loreun attack needs a pipeline with one CLIP text encoder"),
+        (["--erased", tmp_path / "none.safetensors"], "none.safetensors"),
+    ]
+    for extra, message in cases:
+        argv = attack_argv(tmp_path / "out", *extra)
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "out").exists()
+    argv = attack_argv(tmp_path / "out")
+    argv.remove("--erased-class")
+    argv.remove("3")
+    assert main(argv) == 2
+    assert "--erased-class: a classifier judges success by the erased class" in (
+        capsys.readouterr().err
+    )
+
+
+def test_evaluate_attack_prints_the_leaderboard_columns(weak_erasure, tmp_path, capsys):
+    quality = tmp_path / "quality.csv"
+    quality.write_text(
+        "prompt,evaluation_seed,class\n"
+        + "".join(f"a handwritten {d},{100 + d},{d}\n" for d in range(10))
+    )
+    out = tmp_path / "board"
+    argv = [
+        "evaluate", "--attack", "--model", "digits", "--erased", weak_erasure, "--prompts",
+        "digits", "--detector", "digits", "--erased-class", "3", "--quality-prompts", quality,
+        "--fid-features", "digits", "--steps", "8", "--attack-steps", "2", "--out", out, "-q",
+    ]  # fmt: skip
+    assert main(list(map(str, argv))) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["model", "pre-attack", "ASR", "ASR", "FID", "CLIP", "score"]
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["columns"] == ["pre-attack ASR", "ASR", "FID", "CLIP score"]
+    original, erased = board["rows"]["original"], board["rows"]["erased"]
+    attacked = json.loads((out / "attack" / "erased" / "summary.json").read_text())
+    assert (erased["pre-attack ASR"], erased["ASR"]) == (attacked["pre_asr"], attacked["asr"])
+    assert abs(original["FID"]) < 1e-3 and erased["FID"] > 0.0  # against the original's images
+    assert original["CLIP score"] is None  # no --clip-model
+    assert printed[1].split()[-1] == "-" and printed[2].split()[0] == "erased"
+    page = (out / "leaderboard.html").read_text()
+    assert 'href="attack/erased/report.html"' in page and 'href="quality/report.html"' in page
