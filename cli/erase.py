@@ -64,6 +64,8 @@ GROUPS = {
         "saliency",
         "saliency_mask",
         "xt_source",
+        "trajectory_pool",
+        "trajectory_cache_mb",
         "lora_rank",
         "lora_alpha",
     ),

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from .forget import cached_batch, latent_shape, partial_batch, probe_difficulty
+from .forget import (
+    cached_batch,
+    latent_shape,
+    partial_batch,
+    probe_difficulty,
+    trajectory_batch,
+)
 from .objectives import per_sample_mse
 from .sampling import unet_eps
 
@@ -39,9 +45,15 @@ def _partial_xt(sampler: str):
     return draw
 
 
+def _trajectory_xt(run, cfg, acc, ids: torch.Tensor, g: torch.Generator):
+    """ESD's x_t (partial sampling with the base) drawn from the sampled trajectory pool."""
+    return trajectory_batch(run.forget, ids, g, run.ddim, acc.device)
+
+
 # The x_t source slot: name -> fn(run, cfg, acc, ids [B], generator) -> ForgetBatch.
 XT_SOURCES = {
     "cached": _cached_xt,
+    "trajectory": _trajectory_xt,
     "partial-train": _partial_xt("train"),
     "partial-base": _partial_xt("base"),
 }

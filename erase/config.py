@@ -18,7 +18,7 @@ OBJECTIVES = ("esd", "remap", "ga")
 WEIGHTINGS = ("uniform", "loreun")
 LOREUN_VARIANTS = ("static", "dynamic", "batch")
 DIFFICULTY_NORMS = ("timestep", "none")
-XT_SOURCES = ("cached", "partial-train", "partial-base")
+XT_SOURCES = ("cached", "trajectory", "partial-train", "partial-base")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")  # erase/optim.py
 FROZEN_DTYPES = ("fp32", "bf16", "fp16")
@@ -185,10 +185,25 @@ class EraseConfig:
     xt_source: str = field(
         default="cached",
         metadata=_help(
-            "where noisy latents come from: forward-noised cached base samples (cached), or "
+            "where noisy latents come from: forward-noised cached base samples (cached), "
+            "latents of a pool of base-model DDIM trajectories sampled once (trajectory), or "
             "partial DDIM sampling with the model being trained (partial-train) or the frozen base "
             "(partial-base)",
             choices=XT_SOURCES,
+        ),
+    )
+    trajectory_pool: int = field(
+        default=16,
+        metadata=_help(
+            "--xt-source trajectory: full DDIM trajectories sampled per concept prompt; each "
+            "step draws one of them and a stop"
+        ),
+    )
+    trajectory_cache_mb: int = field(
+        default=2048,
+        metadata=_help(
+            "--xt-source trajectory: refuse a pool larger than this many MB (it is kept in "
+            "memory and in OUT/cache)"
         ),
     )
     samples_per_concept: int = field(
@@ -461,6 +476,8 @@ class EraseConfig:
             "sample_steps",
             "checkpoints_total_limit",
             "ga_bound",
+            "trajectory_pool",
+            "trajectory_cache_mb",
         )
         for name in positive:
             value = getattr(self, name)

@@ -16,7 +16,7 @@ from loreun.pipelines.conditioning import NoiseSchedule, encode_prompts
 from loreun.pipelines.files import atomic_save_safetensors
 
 from .objectives import ForgetBatch, per_sample_mse
-from .sampling import ddim_sample, make_ddim
+from .sampling import ddim_sample, ddim_trajectory, make_ddim
 
 
 @dataclass
@@ -31,12 +31,17 @@ class ForgetSet:
         uncond: [1, L, D] the empty prompt.
         anchor: [1, L, D] the --erase-from or --anchor prompt, or None.
         x0: [N, S, C, H, W] S latents per item, or None.
+        pool: [Q, P, K, C, H, W] for ``--xt-source trajectory``: P base-model DDIM trajectories
+            of each of the Q concept prompts, every latent a step can stop at, or None.
+        pool_of: [N] the pool row of each item (items of one prompt share its trajectories).
     """
 
     cond: torch.Tensor
     uncond: torch.Tensor
     anchor: torch.Tensor | None
     x0: torch.Tensor | None = None
+    pool: torch.Tensor | None = None
+    pool_of: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.cond)
@@ -75,6 +80,7 @@ ORDER_STREAM = -1  # -1 - p: the order of the items in pass p
 SAMPLE_STREAM = -10_000  # - i: the initial noise of concept prompt i's cached samples
 PROBE_STREAM = -20_000  # - j: the noise at the j-th timestep of the difficulty probe
 SALIENCY_STREAM = -30_000  # - k: the forward noise of the k-th (item, sample) in saliency
+TRAJECTORY_STREAM = -40_000  # - i: the initial noise of concept prompt i's trajectory pool
 RETAIN_SEED_OFFSET = 7_777_777  # the retain items' order uses seed + this, not the forget one's
 
 
@@ -116,6 +122,8 @@ def per_sample_items(items: ForgetSet) -> ForgetSet:
         uncond=items.uncond,
         anchor=items.anchor,
         x0=items.x0.reshape(p * s, 1, *items.x0.shape[2:]),
+        pool=items.pool,
+        pool_of=None if items.pool_of is None else items.pool_of.repeat_interleave(s),
     )
 
 
@@ -160,6 +168,38 @@ def sample_forget_latents(
             ).cpu()
         )
     return torch.stack(out)
+
+
+def sample_trajectory_pool(
+    eps, pipe, forget: ForgetSet, pool: int, steps: int, guidance: float, resolution, seed, device
+) -> torch.Tensor:
+    """``pool`` full guided DDIM trajectories per concept prompt: -> [Q, P, K, C, H, W].
+
+    Partial sampling (ESD) runs DDIM from fresh noise to a random stop at every step; keeping
+    each step's latent of a fixed set of runs gives the same x_t distribution, drawn from a
+    finite pool, for the cost of sampling the pool once.
+    """
+    ddim = make_ddim(pipe.scheduler.config, steps)
+    shape = latent_shape(pipe, resolution)
+    out = []
+    for i in range(len(forget)):
+        g = step_generator(seed, 0, TRAJECTORY_STREAM - i)
+        noise = torch.randn((pool, *shape), generator=g).to(device)
+        cond = forget.cond[i : i + 1].expand(pool, -1, -1)
+        uncond = forget.uncond.expand(pool, -1, -1)
+        out.append(ddim_trajectory(eps, ddim, cond, uncond, noise, guidance))
+    return torch.stack(out)
+
+
+def trajectory_batch(forget: ForgetSet, ids: torch.Tensor, g: torch.Generator, ddim, device):
+    """ESD's x_t from the pool: for each item a trajectory of its prompt and a stop, each
+    drawn uniformly; t is the DDIM timestep of the stop. The target stays unknown, as with
+    partial sampling."""
+    rows = forget.pool_of[ids]
+    pick = torch.randint(0, forget.pool.shape[1], (len(ids),), generator=g)
+    stop = torch.randint(0, forget.pool.shape[2], (len(ids),), generator=g)
+    xt = forget.pool[rows, pick, stop]
+    return _batch(forget, ids, xt, ddim.timesteps.cpu()[stop], None, device)
 
 
 def load_or_sample_cache(path: Path, key: dict, sample_fn) -> torch.Tensor:

@@ -21,10 +21,12 @@ from .forget import (
     ForgetSet,
     encode_captions,
     encode_images,
+    latent_shape,
     load_or_sample_cache,
     per_sample_items,
     pixel_size,
     sample_forget_latents,
+    sample_trajectory_pool,
 )
 from .images import ImageItem, folder_key, read_image_folder
 
@@ -68,6 +70,11 @@ def build_forget_set(
         uncond=emb[:1],
         anchor=emb[1:2] if anchor_prompt else None,
     )
+    if cfg.xt_source == "trajectory":  # before items split per sample: they share the pool
+        forget.pool = cached_trajectories(
+            cfg, pipe, teacher, acc, out / "cache" / "forget", forget, captions
+        )
+        forget.pool_of = torch.arange(len(forget))
     needs_x0 = cfg.xt_source == "cached" or cfg.reweights or cfg.saliency is not None
     if images:
         forget.x0 = cached_image_latents(cfg, pipe, acc, out / "cache" / "forget-images", images)
@@ -143,3 +150,54 @@ def cached_samples(cfg, pipe, teacher, acc, stem: Path, items: ForgetSet, prompt
 
     with acc.main_process_first():  # the main process samples; the others read its cache
         return load_or_sample_cache(stem.with_name(stem.name + "-latents.safetensors"), key, sample)
+
+
+def trajectory_pool_bytes(cfg: EraseConfig, pipe, prompts: int) -> int:
+    """Bytes of the pool: prompts x pool x sample steps float32 latents."""
+    c, h, w = latent_shape(pipe, cfg.resolution)
+    return prompts * cfg.trajectory_pool * cfg.sample_steps * c * h * w * 4
+
+
+def cached_trajectories(cfg, pipe, teacher, acc, stem: Path, items: ForgetSet, prompts):
+    """The trajectory pool [Q, P, K, C, H, W], sampled once with the frozen base and kept
+    under OUT/cache, where a rerun (or --overwrite) finds and reuses it."""
+    size = trajectory_pool_bytes(cfg, pipe, len(prompts))
+    if size > cfg.trajectory_cache_mb * 2**20:
+        raise ValueError(
+            f"--trajectory-pool: {len(prompts)} prompts x {cfg.trajectory_pool} trajectories x "
+            f"{cfg.sample_steps} steps take {size / 2**20:.0f} MB, over --trajectory-cache-mb "
+            f"{cfg.trajectory_cache_mb}; lower --trajectory-pool or --sample-steps, or raise "
+            "--trajectory-cache-mb"
+        )
+    key = {
+        "model": cfg.model,
+        "prompts": prompts,
+        "pool": cfg.trajectory_pool,
+        "steps": cfg.sample_steps,
+        "guidance": cfg.sample_guidance,
+        "resolution": cfg.resolution,
+        "seed": cfg.seed,
+    }
+    path = stem.with_name(stem.name + "-trajectories.safetensors")
+
+    def sample():
+        say(
+            acc,
+            f"sampling {len(prompts)} x {cfg.trajectory_pool} trajectories "
+            f"({cfg.sample_steps} steps each, {size / 2**20:.1f} MB in {path.parent.name}/)",
+        )
+        with acc.autocast():
+            return sample_trajectory_pool(
+                teacher,
+                pipe,
+                items,
+                cfg.trajectory_pool,
+                cfg.sample_steps,
+                cfg.sample_guidance,
+                cfg.resolution,
+                cfg.seed,
+                acc.device,
+            )
+
+    with acc.main_process_first():
+        return load_or_sample_cache(path, key, sample)

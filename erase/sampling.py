@@ -139,7 +139,27 @@ def ddim_sample(
     x = latents * ddim.init_noise_sigma
     emb = cat_cond([cond, uncond])
     for t in ddim.timesteps[:stop]:
-        tt = t.repeat(2 * len(x)).to(x.device)
-        e_c, e_u = eps(torch.cat([x, x]), tt, emb).chunk(2)
-        x = ddim.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+        x = _guided_step(eps, ddim, emb, x, t, guidance)
     return x
+
+
+def _guided_step(eps: EpsFn, ddim, emb, x: torch.Tensor, t, guidance: float) -> torch.Tensor:
+    """One guided DDIM step at timestep ``t``: [B, C, H, W] -> [B, C, H, W]."""
+    tt = t.repeat(2 * len(x)).to(x.device)
+    e_c, e_u = eps(torch.cat([x, x]), tt, emb).chunk(2)
+    return ddim.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+
+
+def ddim_trajectory(
+    eps: EpsFn, ddim, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tensor, guidance
+) -> torch.Tensor:
+    """Every latent ``ddim_sample`` can stop at, from one full run: -> [B, K, C, H, W] with
+    [:, k] the latent at ``ddim.timesteps[k]``, equal to ``ddim_sample(..., stop=k)`` from the
+    same noise. K = len(ddim.timesteps); x_0 itself is never a stop, so it is not kept."""
+    x = latents * ddim.init_noise_sigma
+    emb = cat_cond([cond, uncond])
+    kept = []
+    for t in ddim.timesteps:
+        kept.append(x.cpu())
+        x = _guided_step(eps, ddim, emb, x, t, guidance)
+    return torch.stack(kept, dim=1)
