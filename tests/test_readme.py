@@ -46,6 +46,9 @@ def test_readme_erase_load_and_evaluate(tmp_path):
     assert (tmp_path / "runs/eval-3/report.html").is_file()
     s = json.loads((tmp_path / "runs/eval-3/summary.json").read_text())["sources"]
     assert s["erased"]["digits"]["erased_top1"] < s["original"]["digits"]["erased_top1"]
+    attack = json.loads((tmp_path / "runs/attack-3/summary.json").read_text())
+    assert attack["rows"] == 10 and 0 <= attack["pre_asr"] <= attack["asr"] <= 1
+    assert (tmp_path / "runs/attack-3/report.html").is_file()
 
 
 @pytest.mark.slow
