@@ -18,7 +18,8 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 def scripts(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))  # they import each other as plain modules
     yield lambda name: importlib.import_module(name)
-    for name in ("bench_memory", "bench_erase", "preset_sizes"):
+    names = ("bench_memory", "bench_erase", "preset_sizes", "bench_esd_reference")
+    for name in (*names, "bench_time_to_erase", "bench_attack"):
         sys.modules.pop(name, None)
 
 
@@ -50,3 +51,49 @@ def test_preset_table_has_the_low_memory_columns(scripts):
     memory, checkpoint = sizes.low_memory_bytes(total, trained)
     # the recipe's goal: esd-u on SD 1.4 under 6 GB, before activations and the process itself
     assert 5.0e9 < memory < 5.5e9 and 3.2e9 < checkpoint < 3.4e9
+
+
+def test_esd_reference_adapts_only_the_model_size_and_dtype(scripts, tmp_path):
+    """The edits are checked, so an upstream change fails loudly instead of measuring
+    something else; here on a stand-in file with the three lines the edits look for."""
+    bench = scripts("bench_esd_reference")
+    repo = tmp_path / "esd"
+    repo.mkdir()
+    (repo / "esd_sd.py").write_text(
+        'BASE = "CompVis/stable-diffusion-v1-4"\nheight=width=1024\n'
+        "torch_dtype = torch.bfloat16\nrest = 1\n"
+    )
+    out = bench.adapted_esd(repo, "/models/x", 64, "float32", tmp_path)
+    assert out.read_text() == (
+        'BASE = "/models/x"\nheight=width=64\ntorch_dtype = torch.float32\nrest = 1\n'
+    )
+    (repo / "esd_sd.py").write_text("height=width=512\n")
+    with pytest.raises(SystemExit, match="has no '\"CompVis/stable-diffusion-v1-4\"'"):
+        bench.adapted_esd(repo, "/models/x", 64, "float32", tmp_path)
+    args = bench.loreun_args(3, "esd-x", "a cat", "/m", 64, "bfloat16", tmp_path / "o")
+    assert args[args.index("--xt-source") + 1] == "partial-base" and "--frozen-dtype" in args
+
+
+def test_time_to_erase_table_times_the_first_budget_on_target(scripts, tmp_path):
+    bench = scripts("bench_time_to_erase")
+
+    def run(source, seconds, forgets, retains):
+        trace = [
+            {"steps": 25 * (i + 1), "seconds": s, "forget": f, "retain": r}
+            for i, (s, f, r) in enumerate(zip(seconds, forgets, retains))
+        ]
+        hit = next((t for t in trace if t["forget"] <= 0.05 and t["retain"] >= 0.95), None)
+        return {
+            "method": "esd-x", "source": source, "seed": 0, "setup": 1.0, "trace": trace,
+            "reached": hit is not None, "seconds": hit and hit["seconds"],
+            "steps": hit and hit["steps"], "step_seconds": 0.1,
+        }  # fmt: skip
+
+    rows = [
+        run("partial-base", [10, 20, 40], [0.5, 0.2, 0.0], [1, 1, 1]),
+        run("cached", [2, 4, 6], [0.3, 0.0, 0.0], [1, 0.9, 0.96]),
+    ]
+    bench.write_table(tmp_path, rows, 0.05)
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[2].split("|")[3:9] == [" 1/1 ", " 40.0 ", " 1.00x ", " 40.0 ", " 1.00x ", " 1.00 "]
+    assert table[3].split("|")[3:9] == [" 1/1 ", " 6.0 ", " 0.15x ", " 4.0 ", " 0.10x ", " 0.90 "]
