@@ -38,7 +38,7 @@ def format_table(rows: dict[str, dict]) -> str:
     """The terminal table: one line per model, the leaderboard's columns."""
 
     def cell(v):
-        return "-" if v is None else f"{v:.3f}"
+        return "-" if v is None else f"{0.0 if abs(v) < 5e-4 else v:.3f}"  # no "-0.000"
 
     lines = ["model".ljust(20) + "".join(c.rjust(16) for c in COLUMNS)]
     for name, row in rows.items():
