@@ -155,19 +155,11 @@ def sample_forget_latents(
     device,
 ) -> torch.Tensor:
     """Sample ``samples`` x_0 latents per concept with ``eps``: -> [N, S, C, H, W]."""
-    ddim = make_ddim(pipe.scheduler.config, steps)
-    shape = latent_shape(pipe, resolution)
-    out = []
-    for i in range(len(forget)):
-        g = step_generator(seed, 0, SAMPLE_STREAM - i)
-        noise = torch.randn((samples, *shape), generator=g).to(device)
-        cond = forget.cond[i : i + 1].expand(samples, -1, -1)
-        out.append(
-            ddim_sample(
-                eps, ddim, cond, forget.uncond.expand(samples, -1, -1), noise, guidance
-            ).cpu()
-        )
-    return torch.stack(out)
+
+    def run(ddim, cond, uncond, noise):
+        return ddim_sample(eps, ddim, cond, uncond, noise, guidance)
+
+    return _per_prompt(run, pipe, forget, samples, steps, resolution, seed, SAMPLE_STREAM, device)
 
 
 def sample_trajectory_pool(
@@ -179,15 +171,25 @@ def sample_trajectory_pool(
     each step's latent of a fixed set of runs gives the same x_t distribution, drawn from a
     finite pool, for the cost of sampling the pool once.
     """
+
+    def run(ddim, cond, uncond, noise):
+        return ddim_trajectory(eps, ddim, cond, uncond, noise, guidance)
+
+    return _per_prompt(run, pipe, forget, pool, steps, resolution, seed, TRAJECTORY_STREAM, device)
+
+
+def _per_prompt(run, pipe, forget: ForgetSet, n: int, steps, resolution, seed, stream, device):
+    """``run(ddim, cond [n], uncond [n], noise [n, C, H, W])`` for each prompt i, its noise
+    drawn from stream ``stream - i`` so that each cache is reproducible on its own; the
+    results stacked on the CPU: -> [N, n, ...]."""
     ddim = make_ddim(pipe.scheduler.config, steps)
     shape = latent_shape(pipe, resolution)
     out = []
     for i in range(len(forget)):
-        g = step_generator(seed, 0, TRAJECTORY_STREAM - i)
-        noise = torch.randn((pool, *shape), generator=g).to(device)
-        cond = forget.cond[i : i + 1].expand(pool, -1, -1)
-        uncond = forget.uncond.expand(pool, -1, -1)
-        out.append(ddim_trajectory(eps, ddim, cond, uncond, noise, guidance))
+        g = step_generator(seed, 0, stream - i)
+        noise = torch.randn((n, *shape), generator=g).to(device)
+        cond = forget.cond[i : i + 1].expand(n, -1, -1)
+        out.append(run(ddim, cond, forget.uncond.expand(n, -1, -1), noise).cpu())
     return torch.stack(out)
 
 

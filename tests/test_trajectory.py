@@ -68,7 +68,10 @@ def test_trajectory_batches_draw_items_pool_rows_and_stops():
     assert len(seen) == p * k  # every trajectory and stop gets drawn
 
 
-def test_trajectory_run_resumes_exactly_and_reuses_its_pool(tiny_pipeline_dir, tmp_path, capsys):
+def test_trajectory_run_resumes_exactly_and_reuses_its_pool(
+    tiny_pipeline_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("LOREUN_QUIET", raising=False)  # an earlier in-process `-q` sets it
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = [*TRAJ, "--checkpoint-every", "2", "--batch-size", "2"]
     assert main(erase_args(tiny_pipeline_dir, straight, *common, "--steps", "4")) == 0
