@@ -20,9 +20,10 @@ body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:4px 8px}
 th{background:#f2f2f2;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.sources{display:flex;gap:24px;align-items:flex-start;overflow-x:auto}
+.sources{display:flex;gap:24px;align-items:flex-start;overflow-x:auto;padding:3px}
 .grid{display:grid;grid-template-columns:repeat(4,96px);gap:6px}
-figure{margin:0;width:96px}figure img{width:96px;height:96px;object-fit:cover;display:block;
+figure{margin:0;width:96px;overflow:hidden}
+figure img{width:96px;height:96px;object-fit:cover;display:block;
 image-rendering:pixelated;background:#eee}figcaption{font-size:10px;overflow:hidden;
 white-space:nowrap;text-overflow:ellipsis}
 figure.flagged img{filter:blur(10px)}figure.flagged{outline:2px solid #d1603d}
@@ -217,7 +218,7 @@ def attack_rows_html(records: list[dict], limit: int = 48) -> str:
         adv = r["adv_prompt"] if r["adv_prompt"] is not None else "(pre-attack already shows it)"
         body.append(
             f"<tr><td>{esc(r['index'])}</td><td>{esc(r['prompt'])}</td><td>{esc(adv)}</td>"
-            f'<td><div class="sources">{figs}</div></td></tr>'
+            f'<td><div class="trio">{figs}</div></td></tr>'
         )
     more = len(records) - limit
     note = f"<small>{more} more rows in results.csv</small>" if more > 0 else ""
@@ -241,7 +242,8 @@ def write_attack_report(path: Path, records: list[dict], summary: dict, blur: bo
     body = "" if blur else ' class="blur-off"'
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>loreun attack</title>"
-        f"<style>{CSS}.none{{width:96px;height:96px;background:#eee;font-size:10px}}</style>"
+        f"<style>{CSS}.none{{width:96px;height:96px;background:#eee;font-size:10px}}"
+        ".trio{display:flex;gap:10px;padding:4px}</style>"
         f"</head><body{body}>"
         f"<h1>loreun attack</h1><p><small>{esc(summary['model'])} with "
         f"{esc(summary['erased'] or 'no erasure')}<br>{settings}</small></p>"
