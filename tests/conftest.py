@@ -86,3 +86,19 @@ def erase_args(model, out, *extra):
 def erase_cli(model, out, *extra):
     """argv for an erase whose forget items and settings the test gives, without checkpoints."""
     return _erase_base(model, out) + ["--checkpoint-every", "0", *map(str, extra)]
+
+
+QUIET_ENV = ("LOREUN_QUIET", "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
+
+
+@pytest.fixture(autouse=True)
+def _restore_verbosity_env():
+    """``main([..., "-q"])`` run in-process sets LOREUN_QUIET and the libraries' verbosity in
+    os.environ, as it must for a real process; put them back so no test inherits another's."""
+    before = {k: os.environ.get(k) for k in QUIET_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
