@@ -50,7 +50,7 @@ def attack(
     from loreun.pipelines.files import FolderLock, check_writable
     from loreun.pipelines.generate import _claim_output, _prepare_pipeline, mixes_guidance
     from loreun.pipelines.generate_settings import GenerateSettings
-    from loreun.pipelines.loading import erased_file, file_sha256
+    from loreun.pipelines.loading import copy_into, erased_file, file_sha256
     from loreun.prompts import load_prompts
 
     settings, audit = settings or AttackSettings(), audit or AuditSettings()
@@ -87,7 +87,7 @@ def attack(
         _claim_output(out, info, create=True, config=ATTACK_CONFIG, kind="attack")
         make_targets(pipe, jobs, out, generate.steps)
         if erased is not None:
-            _apply(pipe, erased_tensors)
+            copy_into(pipe.unet, erased_tensors)
         attack_rows(pipe, jobs, out, settings, generate.steps, detector, audit, erased is None)
         records = read_log(out)
         summary = build_summary(records, info, audit)
@@ -146,13 +146,6 @@ def _checked_erased(pipe, erased):
     tensors, meta = read_erased_file(erased)
     check_compatible(pipe.unet, tensors, meta, source=str(erased))
     return tensors
-
-
-def _apply(pipe, tensors: dict) -> None:
-    state = pipe.unet.state_dict()
-    with torch.no_grad():
-        for name, value in tensors.items():
-            state[name].copy_(value.to(device=state[name].device, dtype=state[name].dtype))
 
 
 def _jobs(rows, generate, pipe) -> list:

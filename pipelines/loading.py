@@ -180,6 +180,12 @@ def apply_erased_weights(pipe_or_unet, path: str | Path, force: bool = False):
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     tensors, meta = read_erased_file(path)
     check_compatible(unet, tensors, meta, force=force, source=str(path))
+    copy_into(unet, tensors)
+    return pipe_or_unet
+
+
+def copy_into(unet, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy checked tensors into a UNet's parameters (or buffers) in place, in its dtype."""
     params = dict(unet.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
@@ -187,7 +193,6 @@ def apply_erased_weights(pipe_or_unet, path: str | Path, force: bool = False):
             if target is None:
                 target = unet.state_dict()[name]
             target.copy_(value.to(device=target.device, dtype=target.dtype))
-    return pipe_or_unet
 
 
 def check_erased_files(model: str, paths: list, model_config: str | None = None) -> None:
