@@ -113,7 +113,7 @@ def run_leaderboard(args, out: Path, runs: dict, gen, aud) -> int:
     from loreun.eval.leaderboard import format_table, leaderboard_rows, write_leaderboard
 
     settings = attack_settings(args)
-    build_judge(aud)  # a wrong --detector fails before any work
+    judge = build_judge(aud)  # once for every model; a wrong --detector fails before any work
     attacks = {
         name: attack(
             args.model,
@@ -125,6 +125,7 @@ def run_leaderboard(args, out: Path, runs: dict, gen, aud) -> int:
             audit=aud,
             model_config=args.model_config,
             torch_dtype=torch_dtype(args.dtype),
+            detector=judge,
         )
         for name, erased in runs.items()
     }

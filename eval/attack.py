@@ -44,9 +44,13 @@ def attack(
     audit: AuditSettings | None = None,
     model_config: str | None = None,
     torch_dtype=None,
+    detector=None,
 ) -> dict:
     """Attack every concept row of ``prompts`` on ``model`` with ``erased`` applied (or on the
-    model itself without it); returns the summary written to ``out/summary.json``."""
+    model itself without it); returns the summary written to ``out/summary.json``.
+
+    ``detector``: the judge already built from ``audit`` (``build_judge``), so a caller
+    attacking several models loads it once."""
     from loreun.pipelines.files import FolderLock, check_writable
     from loreun.pipelines.generate import _claim_output, _prepare_pipeline, mixes_guidance
     from loreun.pipelines.generate_settings import GenerateSettings
@@ -55,7 +59,7 @@ def attack(
 
     settings, audit = settings or AttackSettings(), audit or AuditSettings()
     generate = generate or GenerateSettings()
-    detector = build_judge(audit)
+    detector = detector or build_judge(audit)
     rows = concept_rows(
         load_prompts(prompts) if not isinstance(prompts, list) else prompts,
         detector,
