@@ -12,11 +12,11 @@ Three sources (DESIGN.md section 4):
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from functools import partial
 
 import torch
-from torch.func import functional_call
 
 from loreun.pipelines.conditioning import cat_cond, unet_kwargs
 
@@ -26,8 +26,11 @@ from .objectives import EpsFn
 class FrozenTeacher:
     """The original model without a second UNet: frozen copies of the trained tensors only.
 
-    Untrained tensors are shared with the student, so they are already the originals; the trained
-    ones are swapped in for the call through ``torch.func.functional_call``.
+    Untrained tensors are shared with the student, so they are already the originals. The teacher
+    is a second module tree over the same storage (``shared_copy``): the student's untrained
+    tensors and the frozen copies of its trained ones, so a call is a plain forward. (Swapping the
+    copies in per call with ``torch.func.functional_call`` cost 0.7-1.1 ms a call on the digits
+    model, about 5% of an esd-x step.)
 
     With ``dtype`` (``--frozen-dtype bf16``) the copies are kept at half size and each module's
     own copies are cast back to the student's dtype only while that module runs, so the teacher
@@ -50,12 +53,13 @@ class FrozenTeacher:
         self.base = {n: p.detach().to(dtype or p.dtype, copy=True) for n, p in trained.items()}
         self.exact = all(self.base[n].dtype == p.dtype for n, p in trained.items())
         self._owners = _owners(unet, trained) if not self.exact else []
+        self.module = shared_copy(unet, self.base) if self.exact else None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W], [B], [B, L, D] -> [B, C, H, W] predicted noise, without gradient."""
         with torch.no_grad():
             if self.exact:
-                out = functional_call(self.unet, self.base, (x, t), unet_kwargs(emb), strict=False)
+                out = self.module(x, t, **unet_kwargs(emb))
             else:
                 with self._cast_per_module():
                     out = self.unet(x, t, **unet_kwargs(emb))
@@ -87,6 +91,25 @@ class FrozenTeacher:
                 for local, _ in names:
                     if (id(module), local) in originals:
                         module._parameters[local] = originals.pop((id(module), local))
+
+
+def shared_copy(module: torch.nn.Module, replace: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``module``'s tree that allocates no tensor: every parameter and buffer is the
+    original's own, except the parameters named in ``replace``, which become those tensors
+    (frozen, same storage).
+
+    ``deepcopy`` consults its memo before copying an object, so pre-filling the memo with each
+    tensor's stand-in makes it copy the modules and reuse the tensors.
+    """
+    memo: dict[int, object] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):  # tied tensors: any name
+        if name in replace:
+            memo[id(p)] = torch.nn.Parameter(replace[name], requires_grad=False)
+        else:
+            memo.setdefault(id(p), p)
+    for b in module.buffers():
+        memo[id(b)] = b
+    return copy.deepcopy(module, memo)
 
 
 def _owners(unet: torch.nn.Module, trained: dict) -> list[tuple[torch.nn.Module, list]]:

@@ -241,3 +241,45 @@ def test_optimizer_state_lives_on_the_parameters_device_and_unstepped_state_is_e
     hooked = StepInBackward(lambda ps: Adafactor(ps, lr=0.1), {"p": p})
     assert hooked.state_dict()["state"] == {"p": {}}  # checked for finiteness: an empty dict
     hooked.remove()
+
+
+def test_exact_teacher_is_the_original_and_allocates_no_tensor(tiny_unet):
+    """The teacher's module tree reuses the student's untrained tensors and the frozen copies."""
+    original = copy.deepcopy(tiny_unet)
+    tiny_unet.requires_grad_(False)
+    trained = select_parameters(tiny_unet, "esd-x")
+    for p in trained.values():
+        p.requires_grad_(True)
+    teacher = FrozenTeacher(tiny_unet, trained)
+    owned = {p.data_ptr() for p in tiny_unet.parameters() if not p.requires_grad}
+    owned |= {b.data_ptr() for b in teacher.base.values()}
+    assert all(p.data_ptr() in owned for p in teacher.module.parameters())
+    with torch.no_grad():
+        for p in trained.values():
+            p.add_(1.0)  # training moved the student far away
+    x, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 16, 16)
+    want = original(x, t, encoder_hidden_states=emb).sample
+    assert torch.equal(teacher(x, t, emb), want)
+    student = tiny_unet(x, t, encoder_hidden_states=emb).sample
+    assert (student - want).abs().max() > 1.0 and student.requires_grad
+    for name, p in select_parameters(tiny_unet, "esd-x").items():
+        assert p is trained[name] and p.requires_grad
+
+
+def test_adamw_is_fused_where_it_can_be_and_matches_the_loop():
+    a, b = _linear_pair()
+    fused = build_optimizer("adamw", list(a.parameters()), lr=1e-2, weight_decay=0.1)
+    loop = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.param_groups[0]["fused"]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(5, 6, generator=g)
+        for m, opt in ((a, fused), (b, loop)):
+            opt.zero_grad()
+            (m(x) ** 2).sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(a.weight, _linear_pair()[0].weight)
+    meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
+    assert not build_optimizer("adamw", meta, lr=1e-2, weight_decay=0.0).param_groups[0]["fused"]
