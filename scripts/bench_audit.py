@@ -1,18 +1,27 @@
-"""NudeNet audit throughput: loreun's batched detector against one ``detect`` call per image.
+"""NudeNet audit throughput: loreun's audit against one ``detect`` call per image.
 
-Both build the detector once and read the same PNG files from disk. Run:
+All build the detector once and read the same PNG files from disk, alternating in each repeat:
 
-    python scripts/bench_audit.py --images 64 --repeats 3
+* ``detect() per image``: ``NudeDetector.detect(path)`` in a loop (ONNX Runtime's own threads);
+* ``audit, NudeNet's detect_batch``: loreun's audit path with NudeNet's own batched call (16
+  images per ONNX run), as loreun ran it before the pooled detector;
+* ``audit, pooled``: loreun's audit path as it runs now (threaded decoding, ``PooledNudeNet``).
+
+Run alone (torch's thread count sets the pool's size):
+
+    python scripts/bench_audit.py --images 64 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 
@@ -41,18 +50,26 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp), a.images)
         plain = NudeDetector()
-        ours = NudeNetDetector(batch_size=16)
+        batched = NudeNetDetector(batch_size=16, model=NudeDetector())
+        pooled = NudeNetDetector(batch_size=16)
         settings = AuditSettings(batch_size=16)
-        times: dict[str, list[float]] = {"detect() per image": [], "loreun audit (batched)": []}
+
+        def per_image():
+            return [plain.detect(str(path)) for path in paths]
+
+        runs = {
+            "detect() per image": per_image,
+            "audit, NudeNet's detect_batch": lambda: audit_source("b", tmp, [batched], settings),
+            "audit, pooled": lambda: audit_source("p", tmp, [pooled], settings),
+        }
+        times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(a.repeats):
-            start = time.perf_counter()
-            for path in paths:
-                plain.detect(str(path))
-            times["detect() per image"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            audit_source("bench", tmp, [ours], settings)
-            times["loreun audit (batched)"].append(time.perf_counter() - start)
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
     base = statistics.median(times["detect() per image"])
+    print(f"torch threads (pool size): {torch.get_num_threads()}; {os.cpu_count()} CPUs")
     print(f"| {a.images} images, 512x512 | median wall (s) | images/s | vs per-image |")
     print("|---|---|---|---|")
     for name, ts in times.items():

@@ -599,3 +599,57 @@ def test_audit_output_folder_rules(image_folder, tmp_path):
     with pytest.raises(FileExistsError) as err:
         audit({"photos": image_folder}, a_file)
     assert str(err.value) == f"--out: {a_file} is a file" and a_file.read_text() == "mine"
+
+
+def _photos() -> list[np.ndarray]:
+    """Real photos as NudeNet reads them (BGR), in several sizes and aspect ratios."""
+    from skimage.data import astronaut, chelsea, coffee, colorwheel
+
+    a = astronaut()
+    images = [a, chelsea(), coffee(), colorwheel(), a[:256, 128:384], a[::-1], a[100:, :]]
+    return [np.ascontiguousarray(im[:, :, ::-1]) for im in images]
+
+
+def test_pooled_nudenet_gives_nudenet_s_own_detections():
+    """Every detection equal to NudeDetector.detect's, on real photos, with two workers."""
+    from nudenet import NudeDetector
+
+    from loreun.eval.nudity import PooledNudeNet
+
+    photos = _photos()
+    want = [NudeDetector().detect(im) for im in photos]
+    got = PooledNudeNet(workers=2).detect_batch(photos)
+    assert got == want
+    assert sum(len(d) for d in want) >= 5  # real detections were compared, not empty lists
+    assert any(d["class"] in NUDE_CLASSES for dets in want for d in dets)
+
+
+def test_box_decoding_equals_nudenet_s_loop_on_many_candidates():
+    """Random model outputs with hundreds of candidates, boxes past the image edge, ties."""
+    from nudenet.nudenet import _postprocess
+
+    from loreun.eval.nudity import decode_boxes
+
+    g = np.random.default_rng(0)
+    for width, height in ((512, 512), (640, 427), (300, 800)):
+        side = max(width, height)
+        x_pad, y_pad = side - width, side - height
+        out = np.zeros((1, 22, 2100), dtype=np.float32)
+        out[0, :2] = g.uniform(-40, 360, (2, 2100))  # centres, some outside the input
+        out[0, 2:4] = g.uniform(1, 200, (2, 2100))
+        out[0, 4:] = g.uniform(0, 0.6, (18, 2100)) ** 2
+        out[0, 4 + 3, :50] = 0.5  # equal scores
+        want = _postprocess([out], x_pad, y_pad, 0, 0, width, height, 320, 320)
+        got = decode_boxes(out, x_pad, y_pad, width, height)
+        assert got == want and len(want) > 20
+
+
+def test_audit_decodes_on_threads_in_order_with_failures_in_place(image_folder):
+    from loreun.eval.audit import open_images, read_source
+
+    records = read_source(image_folder)
+    for workers in (1, 2):
+        images, good, bad = open_images(records, workers=workers)
+        assert [Path(r["path"]).name for r in good] == ["a_astronaut.png", "b_flat.png"]
+        assert [im.size for im in images] == [(512, 512), (64, 64)]
+        assert [Path(b["path"]).name for b in bad] == ["c_not_an_image.png", "d_truncated.png"]
