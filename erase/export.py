@@ -120,12 +120,23 @@ def export_run(run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
             out, trained, cfg, run.base_fingerprint, steps_done, chosen, kind, world
         )
         if cfg.save_pipeline:
-            if cfg.lora_rank:
-                unet.fuse_lora()
-                unet.unload_lora()
-            save_pipeline_folder(run.pipe, out / "pipeline", read_erased_file(path)[1])
+            pipe, meta = _erased_pipeline(run, cfg, path), read_erased_file(path)[1]
+            save_pipeline_folder(pipe, out / "pipeline", meta)
     acc.wait_for_everyone()
     return path
+
+
+def _erased_pipeline(run, cfg: EraseConfig, path: Path):
+    """The pipeline to save: the run's own, or, where ``--mixed-precision`` rounded the untrained
+    weights (``trainer.cast_untrained``), the base model reloaded with the erased tensors."""
+    if cfg.mixed_precision != "no":
+        from loreun.pipelines.loading import load_erased_pipeline
+
+        return load_erased_pipeline(cfg.model, path, config=cfg.model_config)
+    if cfg.lora_rank:
+        run.pipe.unet.fuse_lora()
+        run.pipe.unet.unload_lora()
+    return run.pipe
 
 
 def export_shared(

@@ -180,10 +180,34 @@ def trainable(cfg: EraseConfig, unet) -> tuple[dict, object, str]:
     if cfg.lora_rank:
         alpha = cfg.lora_alpha or cfg.lora_rank
         trained = add_lora(unet, cfg.method, cfg.lora_rank, alpha, cfg.seed)
+        cast_untrained(unet, trained, TORCH_DTYPES.get(cfg.mixed_precision))
         return trained, AdapterOffTeacher(unet, trained), base_fp
     for p in preset.values():
         p.requires_grad_(True)
+    cast_untrained(unet, preset, TORCH_DTYPES.get(cfg.mixed_precision))
     return preset, FrozenTeacher(unet, preset, TORCH_DTYPES[cfg.frozen_dtype]), base_fp
+
+
+def cast_untrained(unet: torch.nn.Module, trained: dict, dtype: torch.dtype | None) -> None:
+    """Hold the UNet's untrained floating-point parameters in ``dtype`` (``--mixed-precision``).
+
+    Under autocast every convolution and matmul casts its weight to that dtype on each call, so
+    a full-precision copy of a weight that never trains buys nothing but memory: this is what
+    diffusers' training scripts do with their frozen weights. The trained tensors stay in full
+    precision, so small updates are not rounded away. Buffers keep their dtype.
+
+    Every other tensor is copied out of the checkpoint: diffusers maps a safetensors file into
+    memory and its tensors are views of that one map, so a single tensor left on it keeps every
+    page read so far resident (on SD 1.4, esd-x held 5.0 GB after the cast instead of 2.2 GB).
+    """
+    if dtype is None:
+        return
+    keep = {id(p) for p in trained.values()}
+    for p in unet.parameters():
+        cast = id(p) not in keep and p.is_floating_point() and not p.requires_grad
+        p.data = p.data.to(dtype) if cast else p.data.clone()
+    for b in unet.buffers():
+        b.data = b.data.clone()
 
 
 def prepare_optimizer(cfg: EraseConfig, acc, unet, trained: dict, mask: dict | None):

@@ -283,3 +283,46 @@ def test_adamw_is_fused_where_it_can_be_and_matches_the_loop():
     assert not torch.equal(a.weight, _linear_pair()[0].weight)
     meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
     assert not build_optimizer("adamw", meta, lr=1e-2, weight_decay=0.0).param_groups[0]["fused"]
+
+
+def test_mixed_precision_holds_untrained_weights_in_it_and_trained_in_fp32(tiny_unet):
+    from loreun.erase.trainer import cast_untrained
+
+    original = copy.deepcopy(tiny_unet)
+    tiny_unet.requires_grad_(False)
+    trained = select_parameters(tiny_unet, "esd-x")
+    for p in trained.values():
+        p.requires_grad_(True)
+    cast_untrained(tiny_unet, trained, torch.bfloat16)
+    for name, p in tiny_unet.named_parameters():
+        assert p.dtype == (torch.float32 if name in trained else torch.bfloat16), name
+    assert all(p is trained[n] for n, p in select_parameters(tiny_unet, "esd-x").items())
+    x, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = tiny_unet(x, t, encoder_hidden_states=emb).sample
+        want = original(x, t, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+    got.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained.values())
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "2"]])
+def test_mixed_precision_saves_a_full_precision_pipeline(tiny_pipeline_dir, tmp_path, extra):
+    """The rounded untrained weights never reach the saved folder: it is the base model's own
+    tensors with the erased ones copied in."""
+    import subprocess
+
+    out = tmp_path / "o"
+    args = ["--mixed-precision", "bf16", "--save-pipeline", "-q", *extra]
+    # its own process: accelerate fixes the mixed precision once per process
+    cmd = [sys.executable, "-m", "loreun.cli", *erase_args(tiny_pipeline_dir, out, *args)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    erased = load_file(str(out / "unet-erased.safetensors"))
+    base = load_file(str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    saved = load_file(str(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(saved) == set(base)
+    for name, tensor in saved.items():
+        assert tensor.dtype == base[name].dtype, name
+        assert torch.equal(tensor, erased.get(name, base[name])), name
+    assert any(not torch.equal(erased[n], base[n]) for n in erased)
