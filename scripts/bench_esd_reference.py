@@ -9,10 +9,16 @@ lr 5e-5, batch 1, Adam.
 
 Each measurement is a fresh process; a run of ``--steps A`` and one of ``--steps B`` cancel the
 loading, so step time = (wall_B - wall_A) / (B - A). Peak memory is the B run's max RSS (CPU)
-or ``torch.cuda.max_memory_allocated`` (GPU). ESD and loreun alternate, ``--repeats`` times:
+or ``torch.cuda.max_memory_allocated`` (GPU); the peak while training is the largest resident
+set (sampled every 5 ms) or allocation after the first optimizer step, so that loading, which
+briefly holds a checkpoint twice, does not hide the training loop's own memory. ESD and
+loreun alternate, ``--repeats`` times:
 
     OMP_NUM_THREADS=1 python scripts/bench_esd_reference.py --esd-repo ../erasing \\
         --model digits --steps 2 12 --repeats 3 --out runs/esd-reference
+
+For an SD-1.4-shaped run without downloads, ``scripts/make_sd14_shaped.py`` writes a folder with
+SD 1.4's architectures and random weights; ``--sample-steps 2`` keeps each step short on a CPU.
 
 ``--dtype bf16`` runs ESD in bf16 (its default: weights, Adam and all) and loreun with
 ``--mixed-precision bf16 --frozen-dtype bf16`` (fp32 trained weights).
@@ -29,10 +35,29 @@ import sys
 import tempfile
 from pathlib import Path
 
+# freed tensors go back to the system at once, so resident memory follows live memory
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 ESD_COMMIT = "25613d27892326e0c7770f7f3555bea4be150089"  # the version these edits were made for
 WRAPPER = """
-import json, resource, runpy, sys, time
+import json, os, resource, runpy, sys, threading, time
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 kind, target, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+page, samples, steps = os.sysconf("SC_PAGE_SIZE"), [], []
+
+def sample():  # resident set size every 5 ms, to find the peak after the first optimizer step
+    while True:
+        with open("/proc/self/statm") as f:
+            samples.append((time.perf_counter(), int(f.read().split()[1]) * page))
+        time.sleep(0.005)
+
+def stepped(optimizer, a, kw):
+    steps.append(time.perf_counter())
+    if len(steps) == 1 and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+register_optimizer_step_post_hook(stepped)
+threading.Thread(target=sample, daemon=True).start()
 start = time.perf_counter()
 if kind == "esd":
     sys.argv = [target, *args]
@@ -40,10 +65,13 @@ if kind == "esd":
 else:
     from loreun.cli.main import main
     assert main(args) == 0
-import torch
-peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else (
-    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-print("RESULT " + json.dumps({"wall": time.perf_counter() - start, "peak_bytes": peak}))
+if torch.cuda.is_available():
+    peak = train = torch.cuda.max_memory_allocated()
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    train = max((b for t, b in samples if steps and t > steps[0]), default=0)
+print("RESULT " + json.dumps({"wall": time.perf_counter() - start, "peak_bytes": peak,
+                             "train_peak_bytes": train, "steps": len(steps)}))
 """
 
 
@@ -73,7 +101,7 @@ def run(kind: str, target: str, args: list[str], cwd: Path) -> dict:
         cwd=cwd,
         capture_output=True,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "LOREUN_QUIET": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "LOREUN_QUIET": "1", **MALLOC},
     )
     lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
     if res.returncode or not lines:
@@ -81,19 +109,19 @@ def run(kind: str, target: str, args: list[str], cwd: Path) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def esd_args(steps: int, method: str, concept: str, device: str, save: Path) -> list[str]:
+def esd_args(steps: int, method: str, concept: str, device: str, save: Path, ddim: int):
     return [
         "--erase_concept", concept, "--train_method", method, "--iterations", str(steps),
         "--lr", "5e-5", "--negative_guidance", "2", "--guidance_scale", "3",
-        "--num_inference_steps", "50", "--device", device, "--save_path", str(save),
+        "--num_inference_steps", str(ddim), "--device", device, "--save_path", str(save),
     ]  # fmt: skip
 
 
-def loreun_args(steps: int, method: str, concept: str, model: str, size: int, dtype: str, out):
+def loreun_args(steps, method, concept, model, size, dtype, out, ddim: int) -> list[str]:
     low = ["--mixed-precision", "bf16", "--frozen-dtype", "bf16"] if dtype == "bfloat16" else []
     return [
         "erase", "--model", model, "--concept", concept, "--method", method,
-        "--xt-source", "partial-base", "--sample-steps", "50", "--sample-guidance", "3",
+        "--xt-source", "partial-base", "--sample-steps", str(ddim), "--sample-guidance", "3",
         "--negative-guidance", "2", "--lr", "5e-5", "--batch-size", "1", "--steps", str(steps),
         "--resolution", str(size), "--checkpoint-every", "0", "--overwrite", "--out", str(out),
         "-q", *low,
@@ -109,6 +137,13 @@ def main() -> None:
     p.add_argument("--size", type=int, help="image size (default: the model's native size)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--steps", type=int, nargs=2, default=[2, 12], metavar=("A", "B"))
+    p.add_argument(
+        "--sample-steps",
+        type=int,
+        default=50,
+        help="DDIM steps of partial sampling, both sides (ESD's default 50; fewer keeps an "
+        "SD-sized CPU run short, and does not change peak memory: sampling runs without grad)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args()
@@ -120,7 +155,7 @@ def main() -> None:
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
     device = "cuda:0" if _has_cuda() else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, ddim = [], args.sample_steps
     with tempfile.TemporaryDirectory() as tmp:
         script = adapted_esd(args.esd_repo.resolve(), model, size, dtype, Path(tmp))
         for rep in range(args.repeats):
@@ -128,11 +163,14 @@ def main() -> None:
                 walls = {}
                 for steps in args.steps:
                     if kind == "esd":
-                        a = esd_args(steps, args.method, args.concept, device, Path(tmp) / "s")
+                        save = Path(tmp) / "s"
+                        a = esd_args(steps, args.method, args.concept, device, save, ddim)
                         r = run("esd", str(script), a, args.esd_repo.resolve())
                     else:
                         out = Path(tmp) / "loreun"
-                        a = loreun_args(steps, args.method, args.concept, model, size, dtype, out)
+                        a = loreun_args(
+                            steps, args.method, args.concept, model, size, dtype, out, ddim
+                        )
                         r = run("loreun", "", a, Path.cwd())
                     walls[steps] = r
                 (a_, b_) = args.steps
@@ -142,6 +180,7 @@ def main() -> None:
                     "impl": kind,
                     "step_s": step,
                     "peak_bytes": walls[b_]["peak_bytes"],
+                    "train_peak_bytes": walls[b_]["train_peak_bytes"],
                 }
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -153,6 +192,7 @@ def write_table(args, rows: list[dict], size: int, device: str) -> None:
         k: (
             statistics.median(r["step_s"] for r in rows if r["impl"] == k),
             statistics.median(r["peak_bytes"] for r in rows if r["impl"] == k),
+            statistics.median(r["train_peak_bytes"] for r in rows if r["impl"] == k),
         )
         for k in ("esd", "loreun")
     }
@@ -160,13 +200,17 @@ def write_table(args, rows: list[dict], size: int, device: str) -> None:
     lines = [
         f"model {args.model}, {size}px, {args.method}, {args.dtype}, {device}, "
         f"OMP_NUM_THREADS={threads}, steps {args.steps[0]} and {args.steps[1]}, "
+        f"{args.sample_steps} DDIM steps, "
         f"{args.repeats} repeats",
         "",
-        "| implementation | s / step (median) | peak memory |",
-        "|---|---|---|",
-        *(f"| {k} | {v[0]:.3f} | {v[1] / 2**30:.2f} GB |" for k, v in med.items()),
+        "| implementation | s / step (median) | peak memory | peak while training |",
+        "|---|---|---|---|",
+        *(
+            f"| {k} | {v[0]:.3f} | {v[1] / 2**30:.2f} GB | {v[2] / 2**30:.2f} GB |"
+            for k, v in med.items()
+        ),
         f"| loreun / ESD | {med['loreun'][0] / med['esd'][0]:.2f}x | "
-        f"{med['loreun'][1] / med['esd'][1]:.2f}x |",
+        f"{med['loreun'][1] / med['esd'][1]:.2f}x | {med['loreun'][2] / med['esd'][2]:.2f}x |",
     ]
     (args.out / f"results-{args.method}-{args.dtype}.md").write_text("\n".join(lines) + "\n")
     with open(args.out / "runs.jsonl", "a") as f:

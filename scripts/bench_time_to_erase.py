@@ -15,7 +15,8 @@ method, then source), so drifts in machine speed fall on every source alike:
     OMP_NUM_THREADS=1 python scripts/bench_time_to_erase.py --seeds 0 1 2 \\
         --out runs/time-to-erase
 
-Results are appended to ``--out/runs.jsonl`` (a rerun skips finished runs) and the table goes
+``--concept 'a handwritten 3'`` erases one prompt, as ESD's own script trains. Results are
+appended to ``--out/runs.jsonl`` (a rerun skips finished runs) and the table goes
 to ``--out/results.md``.
 """
 
@@ -50,7 +51,7 @@ def chunk(out: Path, method: str, source: str, seed: int, steps: int, args) -> f
     cfg = EraseConfig(
         model="digits",
         out=str(out),
-        concepts=digit_captions(args.digit),
+        concepts=args.concept or digit_captions(args.digit),
         method=method,
         **source_settings(source),
         steps=steps,
@@ -163,6 +164,12 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["esd-x", "esd-u"])
     p.add_argument("--sources", nargs="+", default=list(SOURCES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--concept",
+        action="append",
+        help="a prompt to erase, repeatable; default: the digit's five captions (ESD itself "
+        "trains on one prompt, e.g. --concept 'a handwritten 3')",
+    )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (ESD uses 50)")
     p.add_argument(

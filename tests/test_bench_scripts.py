@@ -70,8 +70,11 @@ def test_esd_reference_adapts_only_the_model_size_and_dtype(scripts, tmp_path):
     (repo / "esd_sd.py").write_text("height=width=512\n")
     with pytest.raises(SystemExit, match="has no '\"CompVis/stable-diffusion-v1-4\"'"):
         bench.adapted_esd(repo, "/models/x", 64, "float32", tmp_path)
-    args = bench.loreun_args(3, "esd-x", "a cat", "/m", 64, "bfloat16", tmp_path / "o")
+    args = bench.loreun_args(3, "esd-x", "a cat", "/m", 64, "bfloat16", tmp_path / "o", 7)
     assert args[args.index("--xt-source") + 1] == "partial-base" and "--frozen-dtype" in args
+    assert args[args.index("--sample-steps") + 1] == "7"
+    esd = bench.esd_args(3, "esd-x", "a cat", "cpu", tmp_path / "s", 7)
+    assert esd[esd.index("--num_inference_steps") + 1] == "7"
 
 
 def test_time_to_erase_table_times_the_first_budget_on_target(scripts, tmp_path):
