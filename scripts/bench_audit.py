@@ -10,6 +10,7 @@ All build the detector once and read the same PNG files from disk, alternating i
 Run alone (torch's thread count sets the pool's size):
 
     python scripts/bench_audit.py --images 64 --repeats 5
+    python scripts/bench_audit.py --images 64 --repeats 5 --stages   # ms an image per stage
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -37,11 +39,62 @@ def make_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
+def stages(paths: list[Path], repeats: int) -> dict[str, float]:
+    """Median ms an image of each stage of ``NudeDetector.detect``, run one after another as
+    detect runs them: decoding, letterboxing, the ONNX run (its default threads, one thread,
+    16 images a run) and NudeNet's post-processing."""
+    import cv2
+    import nudenet.nudenet as nn
+    import onnxruntime as ort
+
+    det = nn.NudeDetector()
+    one = ort.SessionOptions()
+    one.intra_op_num_threads = 1
+    single = ort.InferenceSession(det.onnx_session._model_path, one)
+    mats = [cv2.imread(str(p)) for p in paths]
+    pre = [nn._read_image(m, 320) for m in mats]
+    blob = np.vstack([p[0] for p in pre[:16]])
+    outs = [det.onnx_session.run(None, {det.input_name: p[0]}) for p in pre]
+    fns = {
+        "decode (cv2.imread)": (lambda: [cv2.imread(str(p)) for p in paths], len(paths)),
+        "letterbox": (lambda: [nn._read_image(m, 320) for m in mats], len(paths)),
+        "ONNX, default threads": (
+            lambda: [det.onnx_session.run(None, {det.input_name: p[0]}) for p in pre],
+            len(paths),
+        ),
+        "ONNX, one thread": (
+            lambda: [single.run(None, {det.input_name: p[0]}) for p in pre],
+            len(paths),
+        ),
+        "ONNX, 16 images a run": (lambda: det.onnx_session.run(None, {det.input_name: blob}), 16),
+        "NudeNet post-processing": (
+            lambda: [
+                nn._postprocess(o, p[3], p[4], p[1], p[2], p[5], p[6], 320, 320)
+                for o, p in zip(outs, pre)
+            ],
+            len(paths),
+        ),
+    }
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, (fn, n) in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1000 * (time.perf_counter() - start) / n)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--stages", action="store_true", help="time detect()'s stages instead")
     a = p.parse_args()
+    if a.stages:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, ms in stages(make_images(Path(tmp), a.images), a.repeats).items():
+                print(f"| {name} | {ms:.2f} |")
+        return 0
     from nudenet import NudeDetector
 
     from loreun.eval.audit import AuditSettings, audit_source

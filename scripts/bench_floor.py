@@ -12,6 +12,7 @@ machine; the ratio is the median of the per-round ratios. Run alone, with the th
 
     OMP_NUM_THREADS=1 python scripts/bench_floor.py --methods esd-x esd-u --rounds 15 \
         --steps 20 --profile runs/floor-profile
+    OMP_NUM_THREADS=1 python scripts/bench_floor.py --parts   # the pieces the profile named
 """
 
 from __future__ import annotations
@@ -117,6 +118,50 @@ def measure(method: str, weighting: str, rounds: int, steps: int, profile: Path 
     }
 
 
+def parts(method: str, repeats: int = 5, calls: int = 30) -> dict[str, float]:
+    """Median ms of the pieces the step's profile pointed at, each alternated ``repeats`` times:
+    the AdamW update as torch's loop, foreach and fused kernels over the trained tensors, and
+    the teacher's call through ``functional_call`` (the earlier teacher), through the shared
+    module tree (the teacher now) and as a plain forward of the UNet."""
+    from torch.func import functional_call
+
+    from loreun.erase.presets import select_parameters
+    from loreun.erase.sampling import FrozenTeacher
+    from loreun.pipelines.models import load_pipeline
+
+    unet = load_pipeline("digits").unet.requires_grad_(False)
+    trained = select_parameters(unet, method)
+    teacher = FrozenTeacher(unet, trained)
+    c = unet.config
+    x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size)
+    t, emb = torch.tensor([500, 500]), torch.randn(2, 8, c.cross_attention_dim)
+
+    def adam(kind: str):
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in trained.values()]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        flag = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+        return torch.optim.AdamW(ps, lr=1e-4, **flag[kind]).step
+
+    @torch.no_grad()
+    def swapped():
+        functional_call(unet, teacher.base, (x, t), {"encoder_hidden_states": emb}, strict=False)
+
+    @torch.no_grad()
+    def plain():
+        unet(x, t, encoder_hidden_states=emb)
+
+    fns = {f"AdamW {k}": adam(k) for k in ("loop", "foreach", "fused")}
+    fns |= {"teacher via functional_call": swapped, "teacher (shared module)": lambda: teacher(
+        x, t, emb), "plain forward, batch 2": plain}  # fmt: skip
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            time_loop(lambda k, fn=fn: fn(), 3)
+            times[name].append(time_loop(lambda k, fn=fn: fn(), calls))
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
 def write_profile(fn, steps: int, path: Path) -> None:
     """The top operators by self CPU time over ``steps`` calls, as torch.profiler prints them."""
     from torch.profiler import ProfilerActivity, profile
@@ -135,7 +180,13 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=20, help="steps per block")
     p.add_argument("--profile", type=Path, help="folder for the operator profiles")
+    p.add_argument("--parts", action="store_true", help="time the update and teacher variants")
     a = p.parse_args()
+    if a.parts:
+        for method in a.methods:
+            for name, ms in parts(method).items():
+                print(f"| {method} | {name} | {ms:.2f} |", flush=True)
+        return 0
     print(f"threads: {torch.get_num_threads()}; digits model; cached x_t; {a.weighting}")
     print(
         "| method | floor ms | loreun step ms | loreun / floor [min, max] | Adam ms "
