@@ -38,9 +38,10 @@ class NudeNetDetector:
 
     Args:
         threshold: score above which a counted class makes an image nude.
-        batch_size: images per ONNX call.
+        batch_size: passed to ``model.detect_batch``: images per ONNX run for NudeNet's own
+            ``NudeDetector``; the default pooled detector runs one image per ONNX run.
         model: anything with NudeNet's ``detect_batch``; by default ``PooledNudeNet``, the
-            real detector run on every core.
+            real detector on a pool of torch's CPU threads.
     """
 
     name = "nudenet"
