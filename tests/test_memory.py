@@ -326,3 +326,19 @@ def test_mixed_precision_saves_a_full_precision_pipeline(tiny_pipeline_dir, tmp_
         assert tensor.dtype == base[name].dtype, name
         assert torch.equal(tensor, erased.get(name, base[name])), name
     assert any(not torch.equal(erased[n], base[n]) for n in erased)
+
+
+def test_gradient_accumulation_updates_once_per_step(tiny_pipeline_dir, tmp_path):
+    """Two micro-batches a step: the optimizer runs once per logged step, not per micro-batch,
+    and its update differs from one micro-batch's (the second batch's gradient is in it)."""
+    outs = {k: tmp_path / f"acc{k}" for k in (1, 2)}
+    for k, out in outs.items():
+        extra = ["--gradient-accumulation-steps", k, "--checkpoint-every", 3, "--steps", 3]
+        assert main(erase_args(tiny_pipeline_dir, out, *extra)) == 0
+    state = torch.load(outs[2] / "checkpoints" / "checkpoint-3" / "optimizer.pt")
+    assert {int(s["step"]) for s in state["state"].values()} == {3}
+    log = (outs[2] / "train_log.jsonl").read_text().splitlines()
+    assert len(log) == 3
+    a = load_file(str(outs[1] / "unet-erased.safetensors"))
+    b = load_file(str(outs[2] / "unet-erased.safetensors"))
+    assert any(not torch.equal(a[n], b[n]) for n in a)
