@@ -1,7 +1,9 @@
 """Erase step time and peak memory: loreun's step against a naive one, side by side.
 
-naive:  a second full UNet as teacher (deepcopy) and separate teacher calls for c and empty.
-loreun: frozen copies of the trained tensors only (functional_call) and one batched teacher call.
+naive:  a second full UNet as teacher (deepcopy), separate teacher calls for c and empty, and
+        torch's default AdamW.
+loreun: frozen copies of the trained tensors only (a module tree sharing the other tensors),
+        one batched teacher call, and loreun's AdamW (fused where the tensors allow it).
 
 Each (model, preset, variant) runs in a fresh process so peak RSS is its own. Run:
 
@@ -53,6 +55,7 @@ def worker(model: str, preset: str, variant: str, steps: int) -> dict:
     import torch
 
     from loreun.erase.objectives import ForgetBatch, esd_loss
+    from loreun.erase.optim import build_optimizer
     from loreun.erase.presets import select_parameters
     from loreun.erase.sampling import FrozenTeacher, unet_eps
 
@@ -65,7 +68,10 @@ def worker(model: str, preset: str, variant: str, steps: int) -> dict:
         teacher_unet = copy.deepcopy(unet).requires_grad_(False)
     else:
         teacher = FrozenTeacher(unet, trained)
-    opt = torch.optim.AdamW(list(trained.values()), lr=1e-5)
+    if variant == "naive":
+        opt = torch.optim.AdamW(list(trained.values()), lr=1e-5)
+    else:
+        opt = build_optimizer("adamw", list(trained.values()), lr=1e-5, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
     times = []
     for _ in range(steps + 1):  # the first step warms up and is not timed
