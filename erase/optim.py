@@ -106,7 +106,12 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer ``--optimizer`` names, over ``params``."""
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=can_fuse(params))
+        if can_fuse(params):
+            try:
+                return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+            except RuntimeError:  # torch < 2.4 fuses on CUDA only
+                pass
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adafactor":
         return Adafactor(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw8bit":

@@ -342,3 +342,18 @@ def test_gradient_accumulation_updates_once_per_step(tiny_pipeline_dir, tmp_path
     a = load_file(str(outs[1] / "unet-erased.safetensors"))
     b = load_file(str(outs[2] / "unet-erased.safetensors"))
     assert any(not torch.equal(a[n], b[n]) for n in a)
+
+
+def test_adamw_falls_back_to_the_loop_where_torch_cannot_fuse(monkeypatch):
+    """torch < 2.4 fuses on CUDA only and refuses fused=True for CPU tensors."""
+    real = torch.optim.AdamW
+
+    def old_torch(params, **kw):
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be CUDA tensors")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", old_torch)
+    a, _ = _linear_pair()
+    opt = build_optimizer("adamw", list(a.parameters()), lr=1e-2, weight_decay=0.0)
+    assert isinstance(opt, real) and not opt.param_groups[0]["fused"]
