@@ -3,7 +3,8 @@
 Per trained weight, in bytes, besides the weight itself:
 
 * ``adamw`` (default): torch's AdamW, two fp32 moments, 8 bytes. Its fused kernel where the
-  tensors allow it: one pass per tensor instead of a dozen, 3.6x faster on esd-u's tensors.
+  tensors allow it: one pass per tensor instead of a dozen, 3.8x faster on the digits model's
+  esd-u tensors (``scripts/bench_floor.py --parts``).
 * ``adafactor``: Adafactor without momentum (Shazeer & Stern, 2018). Its second moment is
   factored into a row and a column vector of each tensor's matrix view ``[out, fan_in]``, so a
   ``[1280, 1280, 3, 3]`` convolution keeps 1280 + 11520 numbers instead of 14.7 million. The

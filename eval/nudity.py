@@ -114,13 +114,14 @@ class NudeNetDetector:
 class PooledNudeNet:
     """NudeNet's own 320n detector, one image per ONNX run, on a pool of single-threaded workers.
 
-    Gives the same detections as ``NudeDetector.detect`` (tested), about 1.8x faster on two CPU
-    cores (docs/benchmarks.md). Why: NudeNet's ``detect`` runs its pre-processing, a
-    two-threaded ONNX call and a Python loop over the 2,100 candidate boxes one after another,
-    and the ONNX call scales poorly with threads. Here each worker runs pre-processing (OpenCV,
-    which releases the GIL), a one-thread ONNX run (which releases it too) and a vectorised box
-    decode, so one image's pre-processing overlaps another's inference. Batching several images
-    into one ONNX call was slower on CPU (7.1 against 5.8 ms an image), so each run is one image.
+    Gives the same detections as ``NudeDetector.detect`` (tested), 1.67x its throughput on two
+    CPU cores (``scripts/bench_audit.py``, docs/benchmarks.md). Why: NudeNet's ``detect`` runs
+    its pre-processing, a two-threaded ONNX call and a Python loop over the 2,100 candidate boxes
+    one after another, and the ONNX call scales poorly with threads. Here each worker runs
+    pre-processing (OpenCV, which releases the GIL), a one-thread ONNX run (which releases it
+    too) and a vectorised box decode, so one image's pre-processing overlaps another's
+    inference. Batching 16 images into one ONNX run gained nothing on CPU (6.41 against 6.28 ms
+    an image), so each run is one image.
 
     Args:
         workers: concurrent images; defaults to torch's CPU thread count, so ``OMP_NUM_THREADS``
