@@ -20,6 +20,17 @@ def add_model_flags(p) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights precision")
 
 
+def add_force_flag(p) -> None:
+    """``--ignore-fingerprint``: apply an erased file to a base whose fingerprint differs
+    (names and shapes are still checked). The library's error names this flag."""
+    p.add_argument(
+        "--ignore-fingerprint",
+        action="store_true",
+        help="apply --erased even when it was erased from a base with other weights (names and "
+        "shapes are still checked)",
+    )
+
+
 def add_generate_flags(p, batching: bool = True) -> None:
     """Prompt file and sampling flags; ``batching`` adds --samples-per-prompt and
     --batch-size, which a command that makes one image per row at a time does not take."""

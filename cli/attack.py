@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ._args import (
     add_audit_flags,
+    add_force_flag,
     add_generate_flags,
     add_model_flags,
     audit_settings,
@@ -34,6 +35,7 @@ def add_parser(sub, name: str) -> None:
     )
     add_model_flags(p)
     p.add_argument("--erased", help="unet-erased.safetensors (default: attack the model itself)")
+    add_force_flag(p)
     add_generate_flags(p, batching=False)
     add_audit_flags(p, judge_only=True)
     add_attack_flags(p)
@@ -78,6 +80,7 @@ def run(args) -> int:
         audit=aud,
         model_config=args.model_config,
         torch_dtype=torch_dtype(args.dtype),
+        force=args.ignore_fingerprint,
     )
     print(
         f"rows {summary['rows']}  original rate {summary['original_rate']:.3f}  "

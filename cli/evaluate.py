@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ._args import (
     add_audit_flags,
+    add_force_flag,
     add_generate_flags,
     add_model_flags,
     audit_settings,
@@ -31,6 +32,7 @@ def add_parser(sub, name: str) -> None:
         metavar="[NAME=]FILE",
         help="unet-erased.safetensors; repeat to compare several",
     )
+    add_force_flag(p)
     add_generate_flags(p)
     add_audit_flags(p)
     p.add_argument(
@@ -76,6 +78,7 @@ def generate_all(args, prompts, out: Path, runs: dict, gen) -> dict:
             settings=gen,
             model_config=args.model_config,
             torch_dtype=torch_dtype(args.dtype),
+            force=args.ignore_fingerprint,
         )
     return {name: out / name for name in runs}
 
@@ -92,7 +95,13 @@ def run(args) -> int:
     out = check_writable(Path(args.out))
     runs = named_runs(args)
     # Every --erased file is checked against the model before any image is generated.
-    check_erased_files(args.model, [e for e in runs.values() if e], args.model_config)
+    check_erased_files(
+        args.model,
+        [e for e in runs.values() if e],
+        args.model_config,
+        force=args.ignore_fingerprint,
+        torch_dtype=torch_dtype(args.dtype),
+    )
     if args.attack:
         return run_leaderboard(args, out, runs, gen, aud)
     sources = generate_all(args, args.prompts, out, runs, gen)
@@ -126,6 +135,7 @@ def run_leaderboard(args, out: Path, runs: dict, gen, aud) -> int:
             model_config=args.model_config,
             torch_dtype=torch_dtype(args.dtype),
             detector=judge,
+            force=args.ignore_fingerprint,
         )
         for name, erased in runs.items()
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._args import add_force_flag
+
 
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(
@@ -24,6 +26,7 @@ def add_parser(sub, name: str) -> None:
     )
     p.add_argument("--config", dest="model_config", help="configs folder for a single-file base")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_force_flag(p)
     p.set_defaults(run=run)
 
 
@@ -40,6 +43,7 @@ def run(args) -> int:
         model=args.model,
         model_config=args.model_config,
         overwrite=args.overwrite,
+        force=args.ignore_fingerprint,
     ):
         print(f"wrote {path}")
     return 0

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 
-from ._args import add_generate_flags, add_model_flags, generate_settings, torch_dtype
+from ._args import (
+    add_force_flag,
+    add_generate_flags,
+    add_model_flags,
+    generate_settings,
+    torch_dtype,
+)
 
 
 def add_parser(sub, name: str) -> None:
@@ -16,6 +22,7 @@ def add_parser(sub, name: str) -> None:
     )
     add_model_flags(p)
     p.add_argument("--erased", help="unet-erased.safetensors to apply to the model")
+    add_force_flag(p)
     add_generate_flags(p)
     p.add_argument("--out", required=True, help="output folder for images and manifest.jsonl")
     p.set_defaults(run=run)
@@ -33,6 +40,7 @@ def run(args) -> int:
         settings=settings,
         model_config=args.model_config,
         torch_dtype=torch_dtype(args.dtype),
+        force=args.ignore_fingerprint,
     )
     if os.environ.get("RANK", "0") == "0":
         print(f"manifest: {manifest}")

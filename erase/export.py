@@ -18,7 +18,12 @@ from loreun.pipelines.files import (
     atomic_write_text,
     replace_folder,
 )
-from loreun.pipelines.loading import METADATA_KEY, content_hash, read_erased_file
+from loreun.pipelines.loading import (
+    FINGERPRINT_KEYS,
+    METADATA_KEY,
+    content_hash,
+    read_erased_file,
+)
 from loreun.pipelines.runtime import say
 
 from .card import CARD, model_card, scrub_local_paths
@@ -29,7 +34,7 @@ from .lora import merged_tensors, save_lora_files
 
 def build_metadata(
     cfg: EraseConfig,
-    base_fingerprint: str,
+    fingerprints: dict[str, str],
     steps_done: int,
     num_tensors: int,
     weighting: dict | None = None,
@@ -38,14 +43,15 @@ def build_metadata(
 ) -> dict:
     """The JSON object stored in the erased file's header.
 
-    ``weighting`` holds what the weighting chose during the run, e.g. the tau that a
-    ``--target-ess`` picked, which the config alone does not say.
+    ``fingerprints`` are the base's (``loading.base_fingerprints``: one per precision a pipeline
+    is loaded in). ``weighting`` holds what the weighting chose during the run, e.g. the tau that
+    a ``--target-ess`` picked, which the config alone does not say.
     """
     return {
         "format": "loreun.unet-erased",
         "format_version": 1,
         "base_model": cfg.model,
-        "base_fingerprint": base_fingerprint,
+        **fingerprints,
         "prediction_type": prediction_type,
         "method": cfg.method,
         "concepts": cfg.concepts,
@@ -65,7 +71,7 @@ def export_erased(
     out: Path,
     trained: dict[str, torch.Tensor],
     cfg: EraseConfig,
-    base_fingerprint: str,
+    fingerprints: dict[str, str],
     steps_done: int,
     weighting: dict | None = None,
     prediction_type: str = "epsilon",
@@ -80,7 +86,7 @@ def export_erased(
     """
     tensors = {k: v.detach().float().cpu() for k, v in trained.items()}
     meta = build_metadata(
-        cfg, base_fingerprint, steps_done, len(tensors), weighting, prediction_type, world_size
+        cfg, fingerprints, steps_done, len(tensors), weighting, prediction_type, world_size
     )
     meta["content_sha256"] = content_hash(tensors)
     path = Path(out) / ERASED_FILE
@@ -117,7 +123,7 @@ def export_run(run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
             save_lora_files(unet, out, type(run.pipe))
             trained = merged_tensors(unet)
         path = export_erased(
-            out, trained, cfg, run.base_fingerprint, steps_done, chosen, kind, world
+            out, trained, cfg, run.base_fingerprints, steps_done, chosen, kind, world
         )
         if cfg.save_pipeline:
             pipe, meta = _erased_pipeline(run, cfg, path), read_erased_file(path)[1]
@@ -147,12 +153,14 @@ def export_shared(
     model: str | None = None,
     model_config: str | None = None,
     overwrite: bool = False,
+    force: bool = False,
 ) -> list[Path]:
     """Write a finished erasure as a single-file checkpoint and/or a pipeline folder.
 
     The erased file is checked against its base model as ``generate --erased`` checks it, then
     merged into it. Existing outputs are refused unless ``overwrite``; nothing is written until
-    every input has been read.
+    every input has been read. ``force`` merges the erasure into a ``model`` whose fingerprint
+    differs.
 
     Returns:
         The paths written.
@@ -168,7 +176,7 @@ def export_shared(
             raise FileExistsError(f"export: {target} exists; pass --overwrite to replace it")
     if single_file and Path(single_file).suffix != ".safetensors":
         raise ValueError(f"--single-file: {single_file} must end in .safetensors")
-    pipe = load_erased_pipeline(model or meta["base_model"], path, config=model_config)
+    pipe = load_erased_pipeline(model or meta["base_model"], path, force=force, config=model_config)
     written = []
     if single_file:
         from loreun.pipelines.single_file import to_ldm
@@ -195,7 +203,8 @@ def _shareable(meta: dict) -> dict:
     """What a shared file says about its erasure: the settings, without local paths."""
     from .card import model_name
 
-    keep = ("method", "objective", "weighting", "concepts", "steps_done", "base_fingerprint")
+    keep = ("method", "objective", "weighting", "concepts", "steps_done")
+    keep += tuple(FINGERPRINT_KEYS.values())
     out = {k: meta.get(k) for k in keep}
     out["base_model"] = model_name(meta.get("base_model", ""))
     out["versions"] = meta.get("versions", {})

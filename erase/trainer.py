@@ -20,7 +20,7 @@ import torch
 from loreun.pipelines._meta import quiet
 from loreun.pipelines.conditioning import NoiseSchedule
 from loreun.pipelines.files import TRAIN_LOG
-from loreun.pipelines.loading import fingerprint
+from loreun.pipelines.loading import base_fingerprints
 from loreun.pipelines.models import load_pipeline
 from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, say
 
@@ -70,7 +70,7 @@ class Run:
     forget: ForgetSet
     weighting: object = None  # see docs/architecture.md for the weighting contract
     optimizer: torch.optim.Optimizer | None = None
-    base_fingerprint: str = ""
+    base_fingerprints: dict[str, str] | None = None  # header key -> fingerprint
     schedule: NoiseSchedule | None = None
     ddim: object | None = None  # a DDIM scheduler for the partial-sampling x_t sources
     objective: object = None  # fn(student, teacher, batch) -> (losses [B], pred)
@@ -124,7 +124,8 @@ def setup(
     unet.requires_grad_(False)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    trained, teacher, base_fp = trainable(cfg, unet)
+    trained, teacher, fingerprints = trainable(cfg, unet)
+    base_fp = fingerprints["base_fingerprint"]
     forget = build_forget_set(cfg, pipe, teacher, acc, out, folders.forget)
     retain = build_retain_set(cfg, pipe, teacher, acc, out, folders.retain, forget.uncond)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
@@ -157,7 +158,7 @@ def setup(
         forget=forget,
         weighting=weighting,
         optimizer=optimizer,
-        base_fingerprint=base_fp,
+        base_fingerprints=fingerprints,
         schedule=schedule,
         ddim=ddim,
         objective=objective,
@@ -169,14 +170,14 @@ def setup(
     return run
 
 
-def trainable(cfg: EraseConfig, unet) -> tuple[dict, object, str]:
-    """(name -> trained parameter, the teacher, the base fingerprint of the preset's tensors).
+def trainable(cfg: EraseConfig, unet) -> tuple[dict, object, dict[str, str]]:
+    """(name -> trained parameter, the teacher, the base fingerprints of the preset's tensors).
 
     Full training trains the preset's tensors against frozen copies of them; ``--lora-rank``
     trains adapters on the same modules against the UNet with its adapters off.
     """
     preset = select_parameters(unet, cfg.method)
-    base_fp = fingerprint({n: p.detach() for n, p in preset.items()})
+    base_fp = base_fingerprints({n: p.detach() for n, p in preset.items()})
     if cfg.lora_rank:
         alpha = cfg.lora_alpha or cfg.lora_rank
         trained = add_lora(unet, cfg.method, cfg.lora_rank, alpha, cfg.seed)

@@ -45,12 +45,14 @@ def attack(
     model_config: str | None = None,
     torch_dtype=None,
     detector=None,
+    force: bool = False,
 ) -> dict:
     """Attack every concept row of ``prompts`` on ``model`` with ``erased`` applied (or on the
     model itself without it); returns the summary written to ``out/summary.json``.
 
     ``detector``: the judge already built from ``audit`` (``build_judge``), so a caller
-    attacking several models loads it once."""
+    attacking several models loads it once. ``force`` applies ``erased`` even when its base
+    fingerprint differs from the model's."""
     from loreun.pipelines.files import FolderLock, check_writable
     from loreun.pipelines.generate import _claim_output, _prepare_pipeline, mixes_guidance
     from loreun.pipelines.generate_settings import GenerateSettings
@@ -85,7 +87,7 @@ def attack(
             f"--model: {model}: loreun attack needs a pipeline with one CLIP text encoder "
             "(SD 1.x or 2.x)"
         )
-    erased_tensors = _checked_erased(pipe, erased)
+    erased_tensors = _checked_erased(pipe, erased, force)
     jobs = _jobs(rows, generate, pipe)
     with FolderLock(check_writable(out)):
         _claim_output(out, info, create=True, config=ATTACK_CONFIG, kind="attack")
@@ -140,7 +142,7 @@ def concept_rows(rows: list, detector, audit: AuditSettings, source) -> list:
     return kept
 
 
-def _checked_erased(pipe, erased):
+def _checked_erased(pipe, erased, force: bool = False):
     """Read and check the erased file against the loaded UNet before any work, so a wrong
     file fails at once and leaves nothing behind."""
     if erased is None:
@@ -148,7 +150,7 @@ def _checked_erased(pipe, erased):
     from loreun.pipelines.loading import check_compatible, read_erased_file
 
     tensors, meta = read_erased_file(erased)
-    check_compatible(pipe.unet, tensors, meta, source=str(erased))
+    check_compatible(pipe.unet, tensors, meta, force=force, source=str(erased))
     return tensors
 
 

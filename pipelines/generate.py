@@ -93,6 +93,7 @@ def generate(
     settings: GenerateSettings | None = None,
     model_config: str | None = None,
     torch_dtype=None,
+    force: bool = False,
 ) -> Path:
     """Generate every (row, sample) image of a prompt file into ``out``; skip finished ones.
 
@@ -100,6 +101,7 @@ def generate(
         model: any ``--model`` reference (built-in name, folder, single file, hub id).
         prompts: a prompt file, a bundled set name, or a list of ``PromptRow``.
         erased: optional ``unet-erased.safetensors`` applied to the model.
+        force: apply ``erased`` even when its base fingerprint differs from the model's.
 
     Returns:
         Path of ``manifest.jsonl``.
@@ -124,7 +126,9 @@ def generate(
     _claim_output(out, info, create=False)  # refuse another run's folder before loading
     # Load and check --erased before the folder is claimed: a wrong file must not leave a
     # claim that refuses the rerun with the right one.
-    pipe = _prepare_pipeline(model, model_config, torch_dtype, erased, settings, state.device)
+    pipe = _prepare_pipeline(
+        model, model_config, torch_dtype, erased, settings, state.device, force
+    )
     lock = FolderLock(check_writable(out)).acquire() if state.is_main_process else None
     try:
         with state.main_process_first():  # the others then find the main process's claim
@@ -172,10 +176,10 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
     state.wait_for_everyone()
 
 
-def _prepare_pipeline(model, model_config, torch_dtype, erased, settings, device):
+def _prepare_pipeline(model, model_config, torch_dtype, erased, settings, device, force=False):
     pipe = load_pipeline(model, model_config, torch_dtype)
     if erased:
-        apply_erased_weights(pipe, erased)
+        apply_erased_weights(pipe, erased, force=force)
     name = SCHEDULERS[settings.scheduler]
     if name:
         import diffusers

@@ -17,22 +17,45 @@ import torch
 from .files import ERASED_FILE
 
 METADATA_KEY = "loreun"
+# How a user applies an erased file to a base whose fingerprint differs, from the CLI or Python.
+FORCE_FLAG = "--ignore-fingerprint"
+ANYWAY = f"apply it anyway with {FORCE_FLAG} (force=True in Python)"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
 
-def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """Hash the values of named tensors, independent of their order, device and precision.
+def fingerprint(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float16) -> str:
+    """Hash the values of named tensors, independent of their order and device.
 
-    Values are rounded to float16 before hashing, so a base loaded in float32 or float16 (cast
-    from the same float32 weights) gives the same fingerprint; bfloat16 does not.
+    Values are rounded to ``dtype`` before hashing, so a base loaded in any precision at least as
+    fine as ``dtype`` gives the same fingerprint: with float16, one loaded in float32 or float16
+    (cast from the same float32 weights). bfloat16 keeps fewer mantissa bits than float16, so a
+    pipeline loaded in bfloat16 is checked against a second fingerprint rounded to bfloat16
+    (``base_fingerprints``); the two roundings of one weight cannot be compared with each other.
 
     Args:
         tensors: name -> tensor of any shape.
+        dtype: torch.float16 or torch.bfloat16.
 
     Returns:
         "sha256:<hex>"
     """
-    return _hash_tensors(tensors, torch.float16, torch.int16)
+    return _hash_tensors(tensors, dtype, torch.int16)
+
+
+# The erased file's header keys for the base fingerprint at each precision a pipeline is loaded in.
+FINGERPRINT_KEYS = {torch.float16: "base_fingerprint", torch.bfloat16: "base_fingerprint_bf16"}
+
+
+def base_fingerprints(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The header's base fingerprints: header key -> fingerprint, one per rounding."""
+    return {key: fingerprint(tensors, dtype) for dtype, key in FINGERPRINT_KEYS.items()}
+
+
+def fingerprint_key(tensors: dict[str, torch.Tensor]) -> str:
+    """The header key to check a base's tensors against: bfloat16 ones against the bfloat16
+    fingerprint (``fingerprint``'s docstring says why), every other precision against float16's."""
+    bf16 = any(t.dtype == torch.bfloat16 for t in tensors.values())
+    return FINGERPRINT_KEYS[torch.bfloat16 if bf16 else torch.float16]
 
 
 def content_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -157,13 +180,29 @@ def check_compatible(
             f"file {got}, UNet {want}"
         )
     if not force:
-        base = fingerprint({k: state[k] for k in tensors})
-        if base != meta.get("base_fingerprint"):
-            raise ValueError(
-                f"{source}: was erased from a different base model ({meta.get('base_model')}); "
-                "its fingerprint does not match this UNet's weights. Load the same base, or "
-                "pass force=True to apply it anyway"
-            )
+        check_fingerprint({k: state[k] for k in tensors}, meta, source)
+
+
+def check_fingerprint(base: dict[str, torch.Tensor], meta: dict, source: str) -> None:
+    """The base values of the erased tensors are the ones erasure started from, in whatever
+    precision the pipeline was loaded (fp32, fp16 or bf16).
+
+    Raises:
+        ValueError: naming the base the file was erased from, and how to apply it anyway.
+    """
+    key = fingerprint_key(base)
+    dtype = torch.bfloat16 if key == FINGERPRINT_KEYS[torch.bfloat16] else torch.float16
+    wanted = meta.get(key)
+    if wanted is None:
+        raise ValueError(
+            f"{source}: records no {key} (it was exported by an older loreun), so a base loaded "
+            f"in bfloat16 cannot be checked; load the base in float32 or float16, or {ANYWAY}"
+        )
+    if fingerprint(base, dtype) != wanted:
+        raise ValueError(
+            f"{source}: was erased from a different base model ({meta.get('base_model')}); "
+            f"its fingerprint does not match this UNet's weights. Load the same base, or {ANYWAY}"
+        )
 
 
 def apply_erased_weights(pipe_or_unet, path: str | Path, force: bool = False):
@@ -195,17 +234,19 @@ def copy_into(unet, tensors: dict[str, torch.Tensor]) -> None:
             target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
-def check_erased_files(model: str, paths: list, model_config: str | None = None) -> None:
+def check_erased_files(
+    model: str, paths: list, model_config: str | None = None, force: bool = False, torch_dtype=None
+) -> None:
     """Check erased files against a model (names, shapes, fingerprint) without applying them,
     so a run over several fails before it has done any work."""
     if not paths:
         return
     from .models import load_pipeline
 
-    unet = load_pipeline(model, model_config).unet
+    unet = load_pipeline(model, model_config, torch_dtype).unet
     for path in paths:
         tensors, meta = read_erased_file(path)
-        check_compatible(unet, tensors, meta, source=str(path))
+        check_compatible(unet, tensors, meta, force=force, source=str(path))
 
 
 def load_erased_pipeline(base: str, erased: str | Path, force: bool = False, **kwargs):

@@ -64,9 +64,66 @@ def test_export_then_load_reproduces_outputs(erased_run, tiny_pipeline_dir):
     assert not torch.equal(ref, _unet_out(base.unet))
 
 
-def test_fp16_base_matches_fingerprint(erased_run, tiny_pipeline_dir):
-    pipe = load_pipeline(str(tiny_pipeline_dir), torch_dtype=torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_base_loaded_in_any_precision_matches_its_fingerprint(
+    erased_run, tiny_pipeline_dir, dtype
+):
+    """bf16 is how SDXL and newer models are loaded: the same base must pass in every dtype,
+    and the erased values arrive in the pipeline's own dtype."""
+    pipe = load_pipeline(str(tiny_pipeline_dir), torch_dtype=dtype)
+    tensors, _ = read_erased_file(erased_run / "unet-erased.safetensors")
     apply_erased_weights(pipe, erased_run / "unet-erased.safetensors")  # no error
+    state = pipe.unet.state_dict()
+    assert all(torch.equal(state[k], v.to(dtype)) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_another_base_is_refused_in_every_precision(erased_run, other_pipeline_dir, dtype):
+    pipe = load_pipeline(str(other_pipeline_dir), torch_dtype=dtype)
+    with pytest.raises(ValueError, match="different base model.*--ignore-fingerprint"):
+        apply_erased_weights(pipe, erased_run / "unet-erased.safetensors")
+
+
+def test_generate_in_bf16_applies_an_erased_file(erased_run, tiny_pipeline_dir, tmp_path, capsys):
+    """The command a GPU user runs: ``generate --dtype bf16 --erased``; another base is refused
+    with the command's own flag named, and that flag applies it."""
+    erased, prompts = erased_run / "unet-erased.safetensors", _two_prompts(tmp_path)
+    argv = ["generate", "--model", str(tiny_pipeline_dir), "--prompts", prompts, "--steps", "2"]
+    argv += ["--dtype", "bf16", "--erased", str(erased), "--size", "32", "--samples-per-prompt"]
+    assert main([*argv, "1", "--out", str(tmp_path / "g")]) == 0
+    assert len(list((tmp_path / "g" / "images").glob("*.png"))) == 2
+
+
+def _two_prompts(folder) -> str:
+    (folder / "p.txt").write_text("a cat\na dog\n")
+    return str(folder / "p.txt")
+
+
+def test_another_base_names_the_commands_flag(erased_run, other_pipeline_dir, tmp_path, capsys):
+    erased, prompts = erased_run / "unet-erased.safetensors", _two_prompts(tmp_path)
+    argv = ["generate", "--model", str(other_pipeline_dir), "--prompts", prompts, "--steps", "1"]
+    argv += ["--dtype", "bf16", "--erased", str(erased), "--size", "32", "--samples-per-prompt"]
+    assert main([*argv, "1", "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after the loading bars
+    assert line.startswith("loreun generate: error: ") and "different base model" in line
+    assert "--ignore-fingerprint" in line
+    assert main([*argv, "1", "--out", str(tmp_path / "g"), "--ignore-fingerprint"]) == 0
+
+
+def test_a_file_without_a_bf16_fingerprint_says_so(erased_run, tiny_pipeline_dir, tmp_path):
+    """Files exported before the bf16 fingerprint still load in fp32 and fp16; in bf16 the
+    error says why, instead of calling the base a different model."""
+    from loreun.pipelines.loading import METADATA_KEY, content_hash
+
+    tensors, meta = read_erased_file(erased_run / "unet-erased.safetensors")
+    del meta["base_fingerprint_bf16"]
+    old = tmp_path / "old.safetensors"
+    meta["content_sha256"] = content_hash(tensors)
+    save_file(tensors, str(old), {METADATA_KEY: json.dumps(meta)})
+    apply_erased_weights(load_pipeline(str(tiny_pipeline_dir), torch_dtype=torch.float16), old)
+    with pytest.raises(ValueError, match="records no base_fingerprint_bf16.*older loreun"):
+        apply_erased_weights(load_pipeline(str(tiny_pipeline_dir), torch_dtype=torch.bfloat16), old)
 
 
 def test_other_base_is_refused_unless_forced(erased_run, other_pipeline_dir):
@@ -307,8 +364,8 @@ def test_every_loading_error_names_the_file_and_says_what_to_do(
     _says(
         ValueError,
         f"{good}: was erased from a different base model ({meta['base_model']}); its fingerprint "
-        "does not match this UNet's weights. Load the same base, or pass force=True to apply "
-        "it anyway",
+        "does not match this UNet's weights. Load the same base, or apply it anyway with "
+        "--ignore-fingerprint (force=True in Python)",
         apply_erased_weights,
         load_pipeline(str(other_pipeline_dir)),
         good,
@@ -340,7 +397,9 @@ def test_build_metadata_records_what_the_run_chose_and_its_defaults():
     from loreun.erase.export import build_metadata
 
     cfg = EraseConfig(model="m", out="o", concepts=["a cat"], erase_from="a dog")
-    meta = build_metadata(cfg, "sha256:b", 5, 2, {"variant": "static", "temperature": 0.3})
+    meta = build_metadata(
+        cfg, {"base_fingerprint": "sha256:b"}, 5, 2, {"variant": "static", "temperature": 0.3}
+    )
     assert meta["weighting_chosen"] == {"variant": "static", "temperature": 0.3}
     assert (meta["prediction_type"], meta["world_size"], meta["erase_from"]) == (
         "epsilon",
@@ -348,4 +407,4 @@ def test_build_metadata_records_what_the_run_chose_and_its_defaults():
         "a dog",
     )
     assert (meta["steps_done"], meta["num_tensors"], meta["base_fingerprint"]) == (5, 2, "sha256:b")
-    assert build_metadata(cfg, "sha256:b", 5, 2, None, "v_prediction", 4)["world_size"] == 4
+    assert build_metadata(cfg, {}, 5, 2, None, "v_prediction", 4)["world_size"] == 4

@@ -96,7 +96,9 @@ def test_export_then_read_is_the_identity(specs):
     }
     with tempfile.TemporaryDirectory() as d:
         cfg = EraseConfig(model="m", out=d, concepts=["a cat"])
-        path = export_erased(Path(d), tensors, cfg, "sha256:base", steps_done=3)
+        path = export_erased(
+            Path(d), tensors, cfg, {"base_fingerprint": "sha256:base"}, steps_done=3
+        )
         back, meta = read_erased_file(path)
     assert set(back) == set(tensors) and meta["steps_done"] == 3
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)

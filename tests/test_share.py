@@ -241,6 +241,7 @@ def test_export_from_a_single_file_base_into_an_empty_folder(erased_sd1, sd1_sha
         "concepts": ["a cat", "a dog"],
         "steps_done": 3,
         "base_fingerprint": meta["base_fingerprint"],
+        "base_fingerprint_bf16": meta["base_fingerprint_bf16"],
         "base_model": "sd1-shaped",
         "versions": meta["versions"],
     }
