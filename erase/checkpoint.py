@@ -38,6 +38,9 @@ def prepare_output_dir(
     With ``overwrite`` (and no ``resume``) loreun's own checkpoints are removed, file by file:
     a user's file inside one of them is kept. Leftovers of a killed checkpoint write go too.
 
+    A folder that only a run stopped before its first step wrote into (``never_started``) is
+    not a finished run: the retry goes ahead without ``overwrite``.
+
     Raises:
         FileExistsError: ``out`` is a non-empty folder and neither ``overwrite`` nor ``resume``
             was given, ``out`` is a file, or another run holds its lock.
@@ -51,7 +54,7 @@ def prepare_output_dir(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out: {out} is a file, not a folder")
     found = [p for p in out.iterdir() if p.name != FolderLock.NAME] if out.is_dir() else []
-    if found and not (overwrite or resume):
+    if found and not (overwrite or resume or never_started(out, found)):
         raise FileExistsError(
             f"--out: {out} is not empty; pass --overwrite to write into it "
             "(files loreun did not write are kept) or --resume latest"
@@ -65,6 +68,28 @@ def prepare_output_dir(
         for ckpt in list_checkpoints(out):
             remove_ours(ckpt, CHECKPOINT_FILES)
     return out, lock
+
+
+# What an erase run has written when it stops before its first step (a typo in --model, a bad
+# forget image, a failed sampling): its config, an empty log and its self-checking cache.
+START_FILES = (ERASE_CONFIG, TRAIN_LOG, "cache")
+
+
+def never_started(out: Path, found: list[Path]) -> bool:
+    """Whether ``out`` holds only what a run into this same folder left before its first step,
+    so that the corrected command may start there without --overwrite (the cache is reused
+    where its key still matches, and nothing else is there to lose)."""
+    if not {p.name for p in found} <= set(START_FILES) or not (out / ERASE_CONFIG).is_file():
+        return False
+    log = out / TRAIN_LOG
+    if log.is_symlink() or (log.exists() and (not log.is_file() or log.stat().st_size)):
+        return False
+    try:
+        saved = json.loads((out / ERASE_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # not loreun's config: the user's file
+    where = saved.get("out") if isinstance(saved, dict) else None
+    return isinstance(where, str) and Path(where).resolve() == out.resolve()
 
 
 def list_checkpoints(out: str | Path) -> list[Path]:

@@ -233,8 +233,13 @@ class EraseConfig:
         default=None, metadata=_help("clip the gradient norm to this value")
     )
     seed: int = field(default=0, metadata=_help("random seed"))
-    mixed_precision: str = field(
-        default="no", metadata=_help("autocast precision", choices=MIXED_PRECISION)
+    mixed_precision: str | None = field(
+        default=None,
+        metadata=_help(
+            "autocast precision; default: accelerate's own setting (accelerate launch "
+            "--mixed_precision, accelerate config), else no. The run records the one it used",
+            choices=MIXED_PRECISION,
+        ),
     )
     gradient_checkpointing: bool = field(
         default=False,
@@ -458,8 +463,8 @@ class EraseConfig:
 
     def _check_choices(self) -> None:
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value is not None and value not in choices:
                 raise ValueError(
                     f"{flag_name(f)}: unknown value {getattr(self, f.name)!r}; "
                     f"choose one of {', '.join(choices)}"

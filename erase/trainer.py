@@ -9,6 +9,7 @@ weights have mean 1 over the forget set, so the learning rate keeps its meaning.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState
 
 from loreun.pipelines._meta import quiet
 from loreun.pipelines.conditioning import NoiseSchedule
@@ -87,19 +89,10 @@ def erase(cfg: EraseConfig) -> Path:
     Returns:
         Path of the exported ``unet-erased.safetensors``.
     """
-    from accelerate import Accelerator
-
-    acc = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        cpu=multi_cpu_launch(),
-    )
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and acc.num_processes == 1:
-        say(
-            acc,
-            "accelerate launch --cpu starts one process; for several CPU processes use "
-            "torchrun --nproc_per_node N -m loreun.cli erase ...",
-        )
+    acc, ours = start_accelerator(cfg)
+    # The precision accelerate chose is the run's: recorded in erase_config.json and compared
+    # on resume like any other setting.
+    cfg = dataclasses.replace(cfg, mixed_precision=acc.mixed_precision)
     lock = None
     try:
         folders = read_folders(cfg)  # bad images or captions fail before anything is written
@@ -112,6 +105,33 @@ def erase(cfg: EraseConfig) -> Path:
         if lock is not None:
             lock.release()
         acc.end_training()
+        if ours:
+            # accelerate keeps one state per process; a later erase() in this process (a
+            # notebook) may then choose another precision
+            AcceleratorState._reset_state()
+
+
+def start_accelerator(cfg: EraseConfig):
+    """(the run's Accelerator, whether this call created accelerate's process-wide state).
+
+    ``cfg.mixed_precision`` None leaves the choice to accelerate (``accelerate launch
+    --mixed_precision``, ``accelerate config``), as diffusers' training scripts do.
+    """
+    from accelerate import Accelerator
+
+    ours = not AcceleratorState._shared_state  # a caller's own Accelerator keeps its state
+    acc = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        cpu=multi_cpu_launch(),
+    )
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and acc.num_processes == 1:
+        say(
+            acc,
+            "accelerate launch --cpu starts one process; for several CPU processes use "
+            "torchrun --nproc_per_node N -m loreun.cli erase ...",
+        )
+    return acc, ours
 
 
 def setup(

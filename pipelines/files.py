@@ -10,6 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: FolderLock uses filelock instead
+    fcntl = None
+
 ERASED_FILE = "unet-erased.safetensors"  # the trained tensors, with their metadata header
 ERASE_CONFIG = "erase_config.json"  # the run's identity, beside its outputs and checkpoints
 TRAIN_LOG = "train_log.jsonl"  # one line per optimizer step
@@ -53,8 +58,12 @@ def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict | No
 class FolderLock:
     """An OS lock on ``folder/.loreun.lock``, held while a run writes into the folder.
 
-    ``flock`` locks die with the process, so a killed run never leaves a stale lock; a second
-    run into the same folder is refused at once instead of interleaving with the first.
+    OS locks die with the process, so a killed run never leaves a stale lock; a second run into
+    the same folder is refused at once instead of interleaving with the first. POSIX systems
+    lock with ``flock`` and record the holder's pid in the file; where there is no ``fcntl``
+    (Windows) the lock is ``filelock``'s, which comes with torch and huggingface_hub. The lock
+    file is never opened through a symlink: a link planted there would make the pid overwrite
+    its target.
     """
 
     NAME = ".loreun.lock"
@@ -63,30 +72,50 @@ class FolderLock:
         self.folder, self.flag, self._fh = Path(folder), flag, None
 
     def acquire(self) -> FolderLock:
-        import fcntl
-
         self.folder.mkdir(parents=True, exist_ok=True)
-        fh = open(self.folder / self.NAME, "a+")
+        path = self.folder / self.NAME
+        if path.is_symlink():
+            raise FileExistsError(
+                f"{self.flag}: {path} is a symlink; loreun writes its lock there and never "
+                "follows a link it did not make. Remove it"
+            )
+        if fcntl is None:
+            return self._acquire_filelock(path)
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        fh = os.fdopen(os.open(path, flags, 0o644), "r+")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
-            raise FileExistsError(
-                f"{self.flag}: {self.folder} is in use by another loreun run ({holder}); "
-                "wait for it or choose another folder"
-            ) from None
-        fh.seek(0)
+            raise self._busy(holder) from None
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
         fh.flush()
         self._fh = fh
         return self
 
+    def _acquire_filelock(self, path: Path) -> FolderLock:
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise self._busy("another process") from None
+        self._fh = lock
+        return self
+
+    def _busy(self, holder: str) -> FileExistsError:
+        return FileExistsError(
+            f"{self.flag}: {self.folder} is in use by another loreun run ({holder}); "
+            "wait for it or choose another folder"
+        )
+
     def release(self) -> None:
         if self._fh is not None:
-            self._fh.close()  # closing drops the flock
+            # closing drops the flock; filelock's lock is released the same way
+            (self._fh.release if hasattr(self._fh, "release") else self._fh.close)()
             self._fh = None
 
     def __enter__(self) -> FolderLock:
