@@ -19,6 +19,18 @@ def add_parser(sub, name: str) -> None:
         "erase_run", metavar="RUN", help="an erase --out folder, or its unet-erased.safetensors"
     )
     p.add_argument("--single-file", metavar="FILE", help="write this .safetensors (SD 1.x)")
+    p.add_argument(
+        "--dtype",
+        choices=("fp16", "bf16", "fp32"),
+        default="fp16",
+        help="the single file's precision (default fp16: half the size of fp32, as web UIs expect)",
+    )
+    p.add_argument(
+        "--base-model-id",
+        metavar="OWNER/NAME",
+        help="the base's hub id for the model card, when --model is a local folder that does "
+        "not say it (a hub cache snapshot or a git clone does)",
+    )
     p.add_argument("--pipeline", metavar="DIR", help="write a diffusers folder with README.md")
     p.add_argument("--audit", metavar="DIR", help="a loreun evaluate/audit folder for the card")
     p.add_argument(
@@ -44,6 +56,8 @@ def run(args) -> int:
         model_config=args.model_config,
         overwrite=args.overwrite,
         force=args.ignore_fingerprint,
+        dtype=args.dtype,
+        base_id=args.base_model_id,
     ):
         print(f"wrote {path}")
     return 0

@@ -16,15 +16,87 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def hub_id(model: str) -> str | None:
-    """``model`` when it names a hub repository (``owner/name``) rather than a local path."""
-    if Path(model).expanduser().exists() or not HUB_ID.match(model):
+    """The hub repository (``owner/name``) that ``model`` names or was downloaded from.
+
+    A hub id is itself; a local folder is one when it is a snapshot in the Hugging Face cache
+    (``models--owner--name/snapshots/REV``) or a git clone of a hub repository. Any other local
+    path has none.
+    """
+    path = Path(model).expanduser()
+    if not path.exists():
+        return model if HUB_ID.match(model) else None
+    parts = path.resolve().parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            owner, _, name = part[len("models--") :].partition("--")
+            return f"{owner}/{name}" if owner and name else None
+    return _git_remote_id(path)
+
+
+def _git_remote_id(folder: Path) -> str | None:
+    """``owner/name`` of a folder cloned from huggingface.co (``git clone`` of a model repo)."""
+    config = folder / ".git" / "config"
+    if not config.is_file():
         return None
-    return model
+    found = HUB_REMOTE.search(config.read_text(encoding="utf-8", errors="replace"))
+    return found.group(1) if found else None
+
+
+HUB_REMOTE = re.compile(
+    r"url\s*=\s*https://huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+?)(?:\.git)?\s"
+)
 
 
 def model_name(model: str) -> str:
-    """A base model as a card may show it: its hub id, or a local folder's last name only."""
+    """A base model as a shared file may show it: its hub id, or a local folder's last name."""
     return hub_id(model) or Path(model.rstrip("/")).name or model
+
+
+def base_license(model: str) -> str | None:
+    """The ``license`` of a local base folder's own model card (its README.md front matter)."""
+    card = Path(model).expanduser() / CARD
+    if not card.is_file():
+        return None
+    data = front_matter(card.read_text(encoding="utf-8", errors="replace"))
+    value = data.get("license")
+    return value if isinstance(value, str) and value else None
+
+
+def front_matter(text: str) -> dict:
+    """The YAML front matter of a model card as a dict ({} when it has none or is not YAML)."""
+    import yaml
+
+    if not text.startswith("---"):
+        return {}
+    head = text[3:].split("\n---", 1)[0]
+    try:
+        data = yaml.safe_load(head)
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# EraseConfig fields that hold local paths: a shared file keeps only their last names.
+PATH_FIELDS = (
+    "out",
+    "model_config",
+    "concepts_file",
+    "forget_images",
+    "retain_images",
+    "saliency_mask",
+    "resume",
+)
+
+
+def shareable_settings(settings: dict) -> dict:
+    """An erase config (``dataclasses.asdict``) as a shared file may hold it: the base model by
+    its hub id or name, every other path by its last name."""
+    out = dict(settings)
+    out["model"] = model_name(str(out["model"]))
+    for name in PATH_FIELDS:
+        if out.get(name) is not None:
+            out[name] = Path(str(out[name]).rstrip("/")).name
+    return out
 
 
 def scrub_local_paths(folder: Path) -> None:
@@ -41,19 +113,31 @@ def scrub_local_paths(folder: Path) -> None:
             path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def model_card(meta: dict, audit: dict | None = None) -> str:
-    """The README.md of an exported pipeline, from the erased file's header and an audit summary."""
+TAGS = ["loreun", "concept-erasure", "machine-unlearning", "stable-diffusion", "text-to-image"]
+
+
+def card_front(meta: dict, base_id: str | None, license: str | None, lora: bool = False) -> str:
+    """The card's YAML front matter, written by huggingface_hub's ``ModelCardData`` so the hub
+    reads it as it writes its own. A base whose license is unknown gives ``license: other``
+    (the body says that the base's license applies)."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        library_name="diffusers",
+        base_model=base_id or hub_id(meta.get("base_model", "")),
+        license=license or "other",
+        pipeline_tag="text-to-image",
+        tags=TAGS + (["lora"] if lora else []),
+    )
+    return f"---\n{data.to_yaml()}\n---\n\n"
+
+
+def settings_rows(meta: dict) -> list[str]:
+    """The "How it was erased" table, from the erased file's header."""
     hp = meta.get("hyperparameters", {})
-    concepts = ", ".join(meta.get("concepts") or []) or hp.get("forget_caption") or "images"
-    base = model_name(meta.get("base_model", ""))
-    front = ["---", "library_name: diffusers"]
-    if hub_id(meta.get("base_model", "")):
-        front.append(f"base_model: {meta['base_model']}")
-    front += ["tags:", "- loreun", "- concept-erasure", "- machine-unlearning"]
-    front += ["- stable-diffusion", "- text-to-image", "---", ""]
     rows = [
-        ("erased", concepts),
-        ("base model", f"{base} (fingerprint {meta.get('base_fingerprint', '-')})"),
+        ("erased", erased_what(meta)),
+        ("base model", f"{base_name(meta)} (fingerprint {meta.get('base_fingerprint', '-')})"),
         ("trained modules", meta.get("method")),
         ("objective", meta.get("objective")),
         ("weighting", meta.get("weighting")),
@@ -66,36 +150,98 @@ def model_card(meta: dict, audit: dict | None = None) -> str:
         rows.append(
             ("LoRA rank / alpha", f"{hp['lora_rank']} / {hp.get('lora_alpha') or hp['lora_rank']}")
         )
-    versions = meta.get("versions", {})
+    return ["| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+
+
+def erased_what(meta: dict) -> str:
+    hp = meta.get("hyperparameters", {})
+    return ", ".join(meta.get("concepts") or []) or hp.get("forget_caption") or "images"
+
+
+def base_name(meta: dict) -> str:
+    return model_name(meta.get("base_model", ""))
+
+
+def made_with(meta: dict) -> str:
+    v = meta.get("versions", {})
+    return (
+        f"Made with loreun {v.get('loreun', '?')} (diffusers {v.get('diffusers', '?')}, torch "
+        f"{v.get('torch', '?')})."
+    )
+
+
+LIMITS = [
+    "## Intended use and limits",
+    "",
+    "- For research on concept erasure, and for generation where the erased concept is",
+    "  unwanted.",
+    "- Erasure lowers how often the concept appears for ordinary prompts; it does not make it",
+    "  impossible. Adversarial prompts (for example UnlearnDiffAtk's) recover erased concepts",
+    "  from many published erasures. Audit before relying on it.",
+    "- Concepts close to the erased one, and image quality in general, can change too; compare",
+    "  with the base model on the prompts you care about.",
+    "- The base model's license and limits apply to this model.",
+]
+
+
+def model_card(
+    meta: dict,
+    audit: dict | None = None,
+    base_id: str | None = None,
+    license: str | None = None,
+) -> str:
+    """The README.md of an exported pipeline, from the erased file's header and an audit summary.
+
+    Args:
+        base_id: the base's hub id, where the header's base model does not say it.
+        license: the base's license (``base_license``), else ``other``.
+    """
     body = [
-        f"# {base} with {concepts} erased",
+        f"# {base_name(meta)} with {erased_what(meta)} erased",
         "",
-        f"Made with loreun {versions.get('loreun', '?')} (diffusers "
-        f"{versions.get('diffusers', '?')}, torch {versions.get('torch', '?')}). The erasure"
-        " fine-tuned the UNet only; the text encoder, VAE and scheduler are the base model's.",
+        f"{made_with(meta)} The erasure fine-tuned the UNet only; the text encoder, VAE and "
+        "scheduler are the base model's.",
         "",
         "## How it was erased",
         "",
-        "| setting | value |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in rows],
+        *settings_rows(meta),
         "",
         "## Audit",
         "",
         *audit_lines(audit),
         "",
-        "## Intended use and limits",
-        "",
-        "- For research on concept erasure, and for generation where the erased concept is",
-        "  unwanted.",
-        "- Erasure lowers how often the concept appears for ordinary prompts; it does not make it",
-        "  impossible. Adversarial prompts (for example UnlearnDiffAtk's) recover erased concepts",
-        "  from many published erasures. Audit before relying on it.",
-        "- Concepts close to the erased one, and image quality in general, can change too; compare",
-        "  with the base model on the prompts you care about.",
-        "- The base model's license and limits apply to this model.",
+        *LIMITS,
     ]
-    return "\n".join(front + body) + "\n"
+    return card_front(meta, base_id, license) + "\n".join(body) + "\n"
+
+
+def lora_card(meta: dict, files: dict[str, str], license: str | None = None) -> str:
+    """The README.md beside a LoRA erasure's files: which file goes to which tool.
+
+    Args:
+        files: "diffusers" and "kohya" -> the file names in the folder.
+    """
+    body = [
+        f"# LoRA: {erased_what(meta)} erased from {base_name(meta)}",
+        "",
+        made_with(meta),
+        "",
+        "## Which file to load",
+        "",
+        f'- diffusers: `pipe.load_lora_weights(folder, weight_name="{files["diffusers"]}")`.',
+        f"- ComfyUI (LoraLoader) and AUTOMATIC1111: `{files['kohya']}`, the kohya key layout "
+        f"they read. ComfyUI does not match the keys of `{files['diffusers']}` for UNet-only "
+        "LoRAs.",
+        "- `unet-erased.safetensors`: the same erasure merged into full tensors, for "
+        "`loreun generate --erased` and `apply_erased_weights`.",
+        "",
+        "## How it was erased",
+        "",
+        *settings_rows(meta),
+        "",
+        *LIMITS,
+    ]
+    return card_front(meta, None, license, lora=True) + "\n".join(body) + "\n"
 
 
 def audit_lines(audit: dict | None) -> list[str]:

@@ -26,10 +26,19 @@ from loreun.pipelines.loading import (
 )
 from loreun.pipelines.runtime import say
 
-from .card import CARD, model_card, scrub_local_paths
+from .card import (
+    CARD,
+    base_license,
+    hub_id,
+    lora_card,
+    model_card,
+    model_name,
+    scrub_local_paths,
+    shareable_settings,
+)
 from .checkpoint import check_finite_state
 from .config import EraseConfig
-from .lora import merged_tensors, save_lora_files
+from .lora import KOHYA_FILE, LORA_FILE, merged_tensors, save_lora_files
 
 
 def build_metadata(
@@ -50,7 +59,7 @@ def build_metadata(
     return {
         "format": "loreun.unet-erased",
         "format_version": 1,
-        "base_model": cfg.model,
+        "base_model": model_name(cfg.model),  # shared files hold no local paths
         **fingerprints,
         "prediction_type": prediction_type,
         "method": cfg.method,
@@ -59,7 +68,7 @@ def build_metadata(
         "objective": cfg.objective,
         "weighting": cfg.weighting,
         "weighting_chosen": weighting or {},
-        "hyperparameters": dataclasses.asdict(cfg),
+        "hyperparameters": shareable_settings(dataclasses.asdict(cfg)),
         "steps_done": steps_done,
         "world_size": world_size,  # processes; the effective batch is batch_size times this
         "num_tensors": num_tensors,
@@ -95,16 +104,23 @@ def export_erased(
     return path
 
 
-def save_pipeline_folder(pipe, final: Path, meta: dict, audit: dict | None = None) -> Path:
+def save_pipeline_folder(
+    pipe, final: Path, meta: dict, audit: dict | None = None, base: str = "", base_id=None
+) -> Path:
     """Save the whole erased pipeline as a diffusers folder with its model card, through a
-    temporary name; local paths in the components' configs are dropped (``erase/card.py``)."""
+    temporary name; local paths in the components' configs are dropped (``erase/card.py``).
+
+    ``base`` is the base model as the user gave it (its README gives the card's license);
+    ``base_id`` its hub id where that path does not say it.
+    """
     final = Path(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
     scrub_local_paths(tmp)
-    atomic_write_text(tmp / CARD, model_card(meta, audit))
+    base_id = base_id or (hub_id(base) if base else None)
+    atomic_write_text(tmp / CARD, model_card(meta, audit, base_id, base_license(base)))
     replace_folder(tmp, final)  # a user's files in an earlier folder are kept
     return final
 
@@ -120,14 +136,18 @@ def export_run(run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
         kind, world = run.schedule.prediction_type, acc.num_processes
         unet = run.pipe.unet
         if cfg.lora_rank:  # the erased file holds the merged tensors; the LoRA files the adapters
-            save_lora_files(unet, out, type(run.pipe))
+            save_lora_files(unet, out, type(run.pipe), kind)
             trained = merged_tensors(unet)
         path = export_erased(
             out, trained, cfg, run.base_fingerprints, steps_done, chosen, kind, world
         )
+        meta = read_erased_file(path)[1]
+        if cfg.lora_rank:
+            files = {"diffusers": LORA_FILE, "kohya": KOHYA_FILE}
+            atomic_write_text(out / CARD, lora_card(meta, files, base_license(cfg.model)))
         if cfg.save_pipeline:
-            pipe, meta = _erased_pipeline(run, cfg, path), read_erased_file(path)[1]
-            save_pipeline_folder(pipe, out / "pipeline", meta)
+            pipe = _erased_pipeline(run, cfg, path)
+            save_pipeline_folder(pipe, out / "pipeline", meta, base=cfg.model)
     acc.wait_for_everyone()
     return path
 
@@ -154,6 +174,8 @@ def export_shared(
     model_config: str | None = None,
     overwrite: bool = False,
     force: bool = False,
+    dtype: str = "fp16",
+    base_id: str | None = None,
 ) -> list[Path]:
     """Write a finished erasure as a single-file checkpoint and/or a pipeline folder.
 
@@ -162,11 +184,19 @@ def export_shared(
     every input has been read. ``force`` merges the erasure into a ``model`` whose fingerprint
     differs.
 
+    Args:
+        model: the base; default: the run's ``erase_config.json`` (the header names the base
+            only by its hub id or folder name, since shared files hold no local paths).
+        dtype: the single file's precision: fp16 (the size web UIs expect), bf16 or fp32.
+        base_id: the base's hub id for the card, where its path does not say it.
+
     Returns:
         The paths written.
     """
     from loreun.pipelines.loading import erased_file, load_erased_pipeline
 
+    if dtype not in SINGLE_FILE_DTYPES:
+        raise ValueError(f"--dtype: unknown value {dtype!r}; choose one of fp16, bf16, fp32")
     path = erased_file(run)
     _, meta = read_erased_file(path)
     summary = _audit_summary(audit)
@@ -176,17 +206,35 @@ def export_shared(
             raise FileExistsError(f"export: {target} exists; pass --overwrite to replace it")
     if single_file and Path(single_file).suffix != ".safetensors":
         raise ValueError(f"--single-file: {single_file} must end in .safetensors")
-    pipe = load_erased_pipeline(model or meta["base_model"], path, force=force, config=model_config)
+    base = model or _run_base(path, meta)
+    pipe = load_erased_pipeline(base, path, force=force, config=model_config)
     written = []
     if single_file:
         from loreun.pipelines.single_file import to_ldm
 
-        header = {"loreun.erasure": json.dumps(_shareable(meta))}
-        atomic_save_safetensors(Path(single_file), to_ldm(pipe), metadata=header)
+        header = {"loreun.erasure": json.dumps(_shareable(meta)), "dtype": dtype}
+        cast = SINGLE_FILE_DTYPES[dtype]
+        tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in to_ldm(pipe).items()}
+        atomic_save_safetensors(Path(single_file), tensors, metadata=header)
         written.append(Path(single_file))
     if pipeline:
-        written.append(save_pipeline_folder(pipe, Path(pipeline), meta, summary))
+        written.append(save_pipeline_folder(pipe, Path(pipeline), meta, summary, base, base_id))
     return written
+
+
+SINGLE_FILE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _run_base(path: Path, meta: dict) -> str:
+    """The base model of an erased file: as the run's erase_config.json beside it gives it (a
+    local path), else as its header names it (a hub id or the built-in name)."""
+    config = path.parent / ERASE_CONFIG
+    try:
+        saved = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    except (OSError, ValueError):
+        saved = {}
+    model = saved.get("model") if isinstance(saved, dict) else None
+    return model if isinstance(model, str) and model else meta["base_model"]
 
 
 def _audit_summary(audit: str | Path | None) -> dict | None:
@@ -201,8 +249,6 @@ def _audit_summary(audit: str | Path | None) -> dict | None:
 
 def _shareable(meta: dict) -> dict:
     """What a shared file says about its erasure: the settings, without local paths."""
-    from .card import model_name
-
     keep = ("method", "objective", "weighting", "concepts", "steps_done")
     keep += tuple(FINGERPRINT_KEYS.values())
     out = {k: meta.get(k) for k in keep}

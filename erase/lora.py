@@ -112,7 +112,9 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_lora_files(unet: torch.nn.Module, out: Path, pipeline_class) -> list[Path]:
+def save_lora_files(
+    unet: torch.nn.Module, out: Path, pipeline_class, prediction_type: str = "epsilon"
+) -> list[Path]:
     """Write diffusers' LoRA file and a kohya-format copy into ``out``; returns their paths."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
     from safetensors.torch import save_file
@@ -126,5 +128,38 @@ def save_lora_files(unet: torch.nn.Module, out: Path, pipeline_class) -> list[Pa
     )
     kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
     kohya = {k: v.contiguous() for k, v in kohya.items()}
-    save_file(kohya, str(out / KOHYA_FILE), metadata={"ss_network_module": "networks.lora"})
+    meta = kohya_metadata(pipeline_class.__name__, unet, prediction_type)
+    save_file(kohya, str(out / KOHYA_FILE), metadata=meta)
     return [out / LORA_FILE, out / KOHYA_FILE]
+
+
+# kohya's names for the base model versions; AUTOMATIC1111 and ComfyUI managers read them to
+# tell SD 1.x, SD 2.x and SDXL LoRAs apart (without them an SDXL LoRA is listed as SD 1).
+KOHYA_VERSIONS = {
+    "sd_v1": "stable-diffusion-v1/lora",
+    "sd_v2": "stable-diffusion-v2/lora",
+    "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora",
+}
+
+
+def kohya_metadata(pipeline_name: str, unet: torch.nn.Module, prediction_type: str) -> dict:
+    """The ``ss_*`` and ``modelspec.*`` header fields kohya's trainer writes, as strings.
+
+    The rank is also the network alpha: ``lora_state_dict`` folds ``alpha / rank`` into
+    ``lora_B``, and the ``.alpha`` tensors diffusers writes equal the rank (scale 1).
+    """
+    config = unet.peft_config[ADAPTER]
+    if "XL" in pipeline_name:
+        version = "sdxl_base_v1-0"
+    else:  # SD 2.x's text encoder (OpenCLIP ViT-H) is 1024 wide, SD 1.x's 768
+        version = "sd_v2" if unet.config.cross_attention_dim == 1024 else "sd_v1"
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_base_model_version": version,
+        "ss_v2": str(version == "sd_v2"),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_network_dim": str(config.r),
+        "ss_network_alpha": str(config.r),
+        "modelspec.architecture": KOHYA_VERSIONS[version],
+        "modelspec.sai_model_spec": "1.0.0",
+    }

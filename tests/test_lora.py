@@ -62,7 +62,10 @@ def test_the_kohya_copy_is_the_same_adapter(lora_run, tiny_pipeline_dir):
     kohya = load_file(str(lora_run / KOHYA_FILE))
     assert all(k.startswith("lora_unet_") for k in kohya)
     with safe_open(str(lora_run / KOHYA_FILE), framework="pt") as f:
-        assert f.metadata() == {"ss_network_module": "networks.lora"}  # what kohya tools read
+        meta = f.metadata()  # what kohya tools, AUTOMATIC1111 and ComfyUI managers read
+    assert meta["ss_network_module"] == "networks.lora"
+    assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v1", "False")
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("2", "2")  # alpha folded in
     downs = [k for k in kohya if k.endswith(".lora_down.weight")]
     assert downs and all(kohya[k.replace(".lora_down.weight", ".alpha")] == 2 for k in downs)
     pipe = _pipe(tiny_pipeline_dir)
@@ -71,6 +74,17 @@ def test_the_kohya_copy_is_the_same_adapter(lora_run, tiny_pipeline_dir):
     pipe.unload_lora_weights()
     pipe.load_lora_weights(str(lora_run), weight_name=KOHYA_FILE)
     np.testing.assert_allclose(_image(pipe), want, atol=1e-6)
+
+
+def test_a_lora_run_writes_a_card_that_says_which_file_goes_where(lora_run, tiny_pipeline_dir):
+    from loreun.erase.card import front_matter
+
+    card = (lora_run / "README.md").read_text()
+    front = front_matter(card)
+    assert front["library_name"] == "diffusers" and "lora" in front["tags"]
+    assert front["license"] == "other"  # the tiny base's README gives none
+    assert f"ComfyUI (LoraLoader) and AUTOMATIC1111: `{KOHYA_FILE}`" in card
+    assert f'weight_name="{LORA_FILE}"' in card and str(tiny_pipeline_dir) not in card
 
 
 def test_lora_trains_only_adapters_on_the_preset_modules(lora_run, tiny_pipeline_dir):

@@ -145,6 +145,17 @@ def test_sdxl_end_to_end(sdxl_dir, tmp_path):
     assert main(audit) == 0
 
 
+def test_an_sdxl_lora_says_it_is_one_to_web_uis(sdxl_dir, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "lora"
+    assert main(erase_args(sdxl_dir, out, "--lora-rank", "2", "-q")) == 0
+    with safe_open(str(out / "lora-kohya.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["cached", "partial-train"])
 def test_sdxl_esd_presets_train_cross_attention(sdxl_dir, tmp_path, source):

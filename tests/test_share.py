@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from loreun.cli.main import main
 
@@ -57,7 +58,7 @@ def test_single_file_loads_back_through_diffusers_to_the_same_tensors(
     from loreun.pipelines import load_erased_pipeline
 
     path = tmp_path / "erased.safetensors"
-    assert main(["export", str(erased_sd1), "--single-file", str(path)]) == 0
+    assert main(["export", str(erased_sd1), "--single-file", str(path), "--dtype", "fp32"]) == 0
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         header = json.loads(f.metadata()["loreun.erasure"])
@@ -79,6 +80,43 @@ def test_single_file_loads_back_through_diffusers_to_the_same_tensors(
     assert any(not torch.equal(base[k], v) for k, v in _tensors(loaded.unet).items())
 
 
+def test_the_default_single_file_is_half_precision(erased_sd1, sd1_shaped_dir, tmp_path):
+    """What web UIs expect: fp16, half the size of fp32, loading to the fp32 file's values
+    rounded."""
+    from diffusers import StableDiffusionPipeline
+
+    half, full = tmp_path / "half.safetensors", tmp_path / "full.safetensors"
+    assert main(["export", str(erased_sd1), "--single-file", str(half)]) == 0
+    assert main(["export", str(erased_sd1), "--single-file", str(full), "--dtype", "fp32"]) == 0
+    with safe_open(str(half), framework="pt") as f:
+        assert f.metadata()["dtype"] == "fp16"
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    weights = [sum(t.nbytes for t in load_file(str(p)).values()) for p in (half, full)]
+    assert weights[0] * 2 == weights[1]  # the header aside, which a tiny model makes large
+    kw = dict(config=str(sd1_shaped_dir), torch_dtype=torch.float16)
+    a = StableDiffusionPipeline.from_single_file(str(half), **kw).unet.state_dict()
+    b = StableDiffusionPipeline.from_single_file(str(full), **kw).unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_local_path_in_the_erased_file_it_is_shared_as(tmp_path):
+    """The header of unet-erased.safetensors is what users share: no --out, --model or
+    --forget-images path in it, only their last names."""
+    from loreun.pipelines._digits_data import write_digit_folders
+
+    forget, _ = write_digit_folders(tmp_path / "d", 8, 1)
+    out = tmp_path / "runs" / "e"
+    argv = ["erase", "--model", "digits", "--forget-images", str(forget), "--steps"]
+    argv += ["2", "--objective", "remap", "--anchor", "a handwritten 0", "--out", str(out), "-q"]
+    assert main(argv) == 0
+    raw = (out / "unet-erased.safetensors").read_bytes()[:200_000]
+    header = raw[8 : 8 + int.from_bytes(raw[:8], "little")].decode()
+    assert str(tmp_path) not in header
+    meta = json.loads(json.loads(header)["__metadata__"]["loreun"])
+    assert meta["hyperparameters"]["forget_images"] == "forget"  # the last name is kept
+    assert (meta["base_model"], meta["hyperparameters"]["out"]) == ("digits", "e")
+
+
 def test_pipeline_folder_has_a_model_card_and_no_local_paths(erased_sd1, tmp_path):
     out = tmp_path / "shared"
     audit = tmp_path / "eval"
@@ -93,12 +131,44 @@ def test_pipeline_folder_has_a_model_card_and_no_local_paths(erased_sd1, tmp_pat
     front = card.split("---")[1]
     assert "library_name: diffusers" in front and "- concept-erasure" in front
     assert "base_model:" not in front  # a local base is not a hub id
+    assert "license: other" in front  # its README gives none
     assert "| erased | a cat, a dog |" in card and "| trained modules | esd-u |" in card
     assert "| erased | digits: erased top-1 | 0.125 |" in card
     assert "Intended use and limits" in card
     for path in out.rglob("*"):
         if path.is_file() and path.suffix in {".json", ".md", ".txt"}:
             assert str(tmp_path.parent) not in path.read_text(), path
+
+
+def test_the_card_names_the_base_and_its_license(erased_sd1, sd1_shaped_dir, tmp_path):
+    """A base in the hub cache (or a git clone) names its hub id; its own README gives the
+    license; --base-model-id names a plain folder's."""
+    import shutil
+
+    from loreun.erase.card import front_matter
+
+    snapshot = tmp_path / "hub" / "models--CompVis--stable-diffusion-v1-4" / "snapshots" / "abc"
+    shutil.copytree(sd1_shaped_dir, snapshot)
+    (snapshot / "README.md").write_text("---\nlicense: creativeml-openrail-m\n---\n# SD\n")
+    out = tmp_path / "p"
+    assert main(["export", str(erased_sd1), "--pipeline", str(out), "--model", str(snapshot)]) == 0
+    front = front_matter((out / "README.md").read_text())
+    assert front["base_model"] == "CompVis/stable-diffusion-v1-4"
+    assert front["license"] == "creativeml-openrail-m"
+    argv = ["export", str(erased_sd1), "--pipeline", str(tmp_path / "q")]
+    assert main(argv + ["--base-model-id", "someone/sd1-shaped"]) == 0
+    front = front_matter((tmp_path / "q" / "README.md").read_text())
+    assert (front["base_model"], front["license"]) == ("someone/sd1-shaped", "other")
+
+
+def test_a_git_clone_of_a_hub_repository_names_it(tmp_path):
+    from loreun.erase.card import hub_id
+
+    (tmp_path / "sd" / ".git").mkdir(parents=True)
+    remote = '[remote "origin"]\n\turl = https://huggingface.co/owner/model-name\n'
+    (tmp_path / "sd" / ".git" / "config").write_text(remote)
+    assert hub_id(str(tmp_path / "sd")) == "owner/model-name"
+    assert hub_id(str(tmp_path)) is None and hub_id("owner/x") == "owner/x"
 
 
 def test_export_refuses_what_it_cannot_do(erased_sd1, tmp_path, capsys):
