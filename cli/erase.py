@@ -102,7 +102,7 @@ def _help_with_default(f: dataclasses.Field) -> str:
     """The field's help, plus its default where it has a telling one (flags default to None so
     that a YAML file can fill them)."""
     default = f.default if f.default is not dataclasses.MISSING else None
-    if default in (None, False) or isinstance(default, list):
+    if default is None or default is False or isinstance(default, list):  # 0 == False
         return f.metadata["help"]
     return f"{f.metadata['help']} (default: {default})"
 

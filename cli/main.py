@@ -31,15 +31,56 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loreun.pipelines._meta import package_version
+
     parser = argparse.ArgumentParser(
         prog="loreun",
         description="Erase concepts from Stable Diffusion checkpoints, then generate and audit.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"loreun {package_version('loreun')}"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in SUBCOMMANDS.items():
         module.add_parser(sub, name)
         add_common_flags(sub.choices[name])
     return parser
+
+
+# Flags of diffusers' training scripts (and accelerate's spelling of ours) -> loreun's own, so a
+# habit gets a pointer instead of the top-level usage.
+FOREIGN_FLAGS = {
+    "--pretrained_model_name_or_path": "--model",
+    "--output_dir": "--out",
+    "--learning_rate": "--lr",
+    "--max_train_steps": "--steps",
+    "--train_batch_size": "--batch-size",
+    "--resume_from_checkpoint": "--resume",
+    "--checkpointing_steps": "--checkpoint-every",
+    "--adam_weight_decay": "--weight-decay",
+    "--rank": "--lora-rank",
+    "--num_inference_steps": "--steps",
+    "--guidance_scale": "--guidance",
+}
+
+
+def foreign_flag(parser, argv: list[str]) -> str | None:
+    """A one-line pointer for the first flag that is another tool's spelling of one of the
+    subcommand's own (``--learning_rate`` for ``--lr``, ``--mixed_precision`` for
+    ``--mixed-precision``), or None."""
+    command = next((a for a in argv if a in SUBCOMMANDS), None)
+    if command is None:
+        return None
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    own = sub._option_string_actions
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--") or flag in own:
+            continue
+        ours = FOREIGN_FLAGS.get(flag) or flag.replace("_", "-")
+        if ours in own:
+            return f"loreun {command}: error: {flag} is not a loreun flag; use {ours}"
+    return None
 
 
 def settings_file(parser, argv: list[str]) -> None:
@@ -120,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process; returns the exit code."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    pointer = foreign_flag(parser, argv)
+    if pointer:
+        print(pointer, file=sys.stderr)
+        return 2
     try:
         settings_file(parser, argv)
     except USER_ERRORS as e:

@@ -291,3 +291,42 @@ def test_erase_settings_file_takes_the_flag_names(tiny_pipeline_dir, tmp_path):
     cfg.write_text(f"model: {tiny_pipeline_dir}\nconcept: [a cat]\nsteps: 1\nsample-steps: 2\n")
     assert main(["erase", "--config-file", str(cfg), "--out", str(tmp_path / "o")]) == 0
     assert json.loads((tmp_path / "o" / "erase_config.json").read_text())["concepts"] == ["a cat"]
+
+
+def test_version_answers_without_torch():
+    code = (
+        "import sys\nfrom loreun.cli.main import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    from loreun.pipelines._meta import package_version
+
+    assert res.stdout.strip() == f"loreun {package_version('loreun')}"
+
+
+@pytest.mark.parametrize(
+    "argv, pointer",
+    [
+        (["erase", "--pretrained_model_name_or_path", "m"], "--model"),
+        (["erase", "--output_dir=o"], "--out"),
+        (["erase", "--learning_rate", "1e-5"], "--lr"),
+        (["erase", "--max_train_steps", "5"], "--steps"),
+        (["erase", "--mixed_precision", "bf16"], "--mixed-precision"),
+        (["erase", "--gradient_accumulation_steps", "2"], "--gradient-accumulation-steps"),
+        (["generate", "--num_inference_steps", "5"], "--steps"),
+    ],
+)
+def test_a_diffusers_training_flag_points_to_loreuns(argv, pointer, capsys):
+    assert main(argv) == 2
+    err = _err(capsys)
+    flag = argv[1].split("=")[0]
+    assert err == [f"loreun {argv[0]}: error: {flag} is not a loreun flag; use {pointer}"]
+
+
+def test_help_shows_defaults_of_zero(capsys):
+    with pytest.raises(SystemExit):
+        main(["erase", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "random seed (default: 0)" in text and "decoupled weight decay (default: 0.0)" in text
