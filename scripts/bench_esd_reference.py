@@ -7,15 +7,18 @@ loreun. Both sides run the same algorithm and settings: partial DDIM sampling wi
 base (loreun's ``--xt-source partial-base``), 50 DDIM steps, guidance 3, negative guidance 2,
 lr 5e-5, batch 1, Adam.
 
-Each measurement is a fresh process; a run of ``--steps A`` and one of ``--steps B`` cancel the
-loading, so step time = (wall_B - wall_A) / (B - A). Peak memory is the B run's max RSS (CPU)
-or ``torch.cuda.max_memory_allocated`` (GPU); the peak while training is the largest resident
-set (sampled every 5 ms) or allocation after the first optimizer step, so that loading, which
-briefly holds a checkpoint twice, does not hide the training loop's own memory. ESD and
-loreun alternate, ``--repeats`` times:
+Each measurement is a fresh process that times its own steps: a hook after every optimizer step
+takes a timestamp (after ``torch.cuda.synchronize()`` on a GPU, so queued kernels are counted
+where they run), and the step time is the median gap between consecutive steps after the first
+``--warmup``. Differencing the wall times of two processes instead (a run of A steps against one
+of B) was swamped on a GPU by the variance of loading: it once gave ESD a step of -0.015 s. Peak
+memory is the run's max RSS (CPU) or ``torch.cuda.max_memory_allocated`` (GPU); the peak while
+training is the largest resident set (sampled every 5 ms) or allocation after the first
+optimizer step, so that loading, which briefly holds a checkpoint twice, does not hide the
+training loop's own memory. ESD and loreun alternate, ``--repeats`` times:
 
     OMP_NUM_THREADS=1 python scripts/bench_esd_reference.py --esd-repo ../erasing \\
-        --model digits --steps 2 12 --repeats 3 --out runs/esd-reference
+        --model digits --steps 12 --repeats 3 --out runs/esd-reference
 
 For an SD-1.4-shaped run without downloads, ``scripts/make_sd14_shaped.py`` writes a folder with
 SD 1.4's architectures and random weights; ``--sample-steps 2`` keeps each step short on a CPU.
@@ -52,6 +55,8 @@ def sample():  # resident set size every 5 ms, to find the peak after the first 
         time.sleep(0.005)
 
 def stepped(optimizer, a, kw):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the step's kernels have run, not only been queued
     steps.append(time.perf_counter())
     if len(steps) == 1 and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -71,7 +76,7 @@ else:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     train = max((b for t, b in samples if steps and t > steps[0]), default=0)
 print("RESULT " + json.dumps({"wall": time.perf_counter() - start, "peak_bytes": peak,
-                             "train_peak_bytes": train, "steps": len(steps)}))
+                             "train_peak_bytes": train, "step_times": steps}))
 """
 
 
@@ -136,7 +141,10 @@ def main() -> None:
     p.add_argument("--concept", default="a handwritten 3")
     p.add_argument("--size", type=int, help="image size (default: the model's native size)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--steps", type=int, nargs=2, default=[2, 12], metavar=("A", "B"))
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    p.add_argument(
+        "--warmup", type=int, default=2, help="steps left out of the timing (allocation, caches)"
+    )
     p.add_argument(
         "--sample-steps",
         type=int,
@@ -160,27 +168,23 @@ def main() -> None:
         script = adapted_esd(args.esd_repo.resolve(), model, size, dtype, Path(tmp))
         for rep in range(args.repeats):
             for kind in ("esd", "loreun"):
-                walls = {}
-                for steps in args.steps:
-                    if kind == "esd":
-                        save = Path(tmp) / "s"
-                        a = esd_args(steps, args.method, args.concept, device, save, ddim)
-                        r = run("esd", str(script), a, args.esd_repo.resolve())
-                    else:
-                        out = Path(tmp) / "loreun"
-                        a = loreun_args(
-                            steps, args.method, args.concept, model, size, dtype, out, ddim
-                        )
-                        r = run("loreun", "", a, Path.cwd())
-                    walls[steps] = r
-                (a_, b_) = args.steps
-                step = (walls[b_]["wall"] - walls[a_]["wall"]) / (b_ - a_)
+                if kind == "esd":
+                    a = esd_args(
+                        args.steps, args.method, args.concept, device, Path(tmp) / "s", ddim
+                    )
+                    r = run("esd", str(script), a, args.esd_repo.resolve())
+                else:
+                    out = Path(tmp) / "loreun"
+                    a = loreun_args(
+                        args.steps, args.method, args.concept, model, size, dtype, out, ddim
+                    )
+                    r = run("loreun", "", a, Path.cwd())
                 row = {
                     "repeat": rep,
                     "impl": kind,
-                    "step_s": step,
-                    "peak_bytes": walls[b_]["peak_bytes"],
-                    "train_peak_bytes": walls[b_]["train_peak_bytes"],
+                    "step_s": step_seconds(r["step_times"], args.warmup),
+                    "peak_bytes": r["peak_bytes"],
+                    "train_peak_bytes": r["train_peak_bytes"],
                 }
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -199,7 +203,8 @@ def write_table(args, rows: list[dict], size: int, device: str) -> None:
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     lines = [
         f"model {args.model}, {size}px, {args.method}, {args.dtype}, {device}, "
-        f"OMP_NUM_THREADS={threads}, steps {args.steps[0]} and {args.steps[1]}, "
+        f"OMP_NUM_THREADS={threads}, {args.steps} steps timed in process after "
+        f"{args.warmup}, "
         f"{args.sample_steps} DDIM steps, "
         f"{args.repeats} repeats",
         "",
@@ -217,6 +222,18 @@ def write_table(args, rows: list[dict], size: int, device: str) -> None:
         for r in rows:
             f.write(json.dumps({**r, "method": args.method, "dtype": args.dtype}) + "\n")
     print("\n".join(lines))
+
+
+def step_seconds(stamps: list[float], warmup: int) -> float:
+    """Median gap between consecutive optimizer steps, leaving out the first ``warmup`` steps.
+
+    Args:
+        stamps: the time after each optimizer step, in order.
+    """
+    gaps = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])]
+    if not gaps:
+        raise SystemExit(f"--steps: {len(stamps)} steps leave no gap to time after --warmup")
+    return statistics.median(gaps)
 
 
 def _native_size(model: str) -> int:

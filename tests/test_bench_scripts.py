@@ -77,6 +77,19 @@ def test_esd_reference_adapts_only_the_model_size_and_dtype(scripts, tmp_path):
     assert esd[esd.index("--num_inference_steps") + 1] == "7"
 
 
+def test_esd_reference_times_steps_inside_the_process(scripts, tmp_path):
+    """Step time comes from timestamps after each optimizer step of one process, not from the
+    difference of two processes' wall times (which loading variance swamps on a GPU)."""
+    bench = scripts("bench_esd_reference")
+    assert bench.step_seconds([0.0, 5.0, 6.0, 6.5, 7.5, 8.0], warmup=1) == 0.75
+    with pytest.raises(SystemExit, match="leave no gap"):
+        bench.step_seconds([0.0, 1.0], warmup=2)
+    args = bench.loreun_args(4, "esd-x", "a handwritten 3", "digits", 16, "float32", tmp_path, 2)
+    result = bench.run("loreun", "", args, tmp_path)
+    assert len(result["step_times"]) == 4
+    assert 0 < bench.step_seconds(result["step_times"], 1) < result["wall"]
+
+
 def test_time_to_erase_table_times_the_first_budget_on_target(scripts, tmp_path):
     bench = scripts("bench_time_to_erase")
 
