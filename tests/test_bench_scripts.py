@@ -113,3 +113,29 @@ def test_time_to_erase_table_times_the_first_budget_on_target(scripts, tmp_path)
     table = (tmp_path / "results.md").read_text().splitlines()
     assert table[2].split("|")[3:9] == [" 1/1 ", " 40.0 ", " 1.00x ", " 40.0 ", " 1.00x ", " 1.00 "]
     assert table[3].split("|")[3:9] == [" 1/1 ", " 6.0 ", " 0.15x ", " 4.0 ", " 0.10x ", " 0.90 "]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_prints_every_phase(tmp_path):
+    """The GPU check's CPU dry run, through its shell entry: every phase runs on the digits
+    model and lands in one table."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = SCRIPTS / "gpu_check.sh"
+    done = subprocess.run(
+        ["bash", str(script), str(tmp_path / "w"), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "w" / "gpu_check.md").read_text()
+    for phase in ("| demo |", "| erase esd-x | default |", "| erase esd-u | low-memory |"):
+        assert phase in table
+    for phase in ("| generate | batch 1,", "| generate | batch 8,", "| audit |", "| attack |"):
+        assert phase in table
+    assert "s/step" in table and "s/image" in table and "s/row" in table
+    assert table.startswith("digits (dry run); CPU, torch ")
