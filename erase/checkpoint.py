@@ -8,7 +8,6 @@ rank, step), so a resumed run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -21,8 +20,11 @@ from loreun.pipelines.files import (
     atomic_save_safetensors,
     atomic_write_text,
     check_writable,
+    make_dir,
+    refuse_link,
     remove_ours,
     replace_folder,
+    temp_dir,
 )
 
 from .config import EraseConfig, changed_settings
@@ -138,10 +140,9 @@ def save_checkpoint(
     The run's config goes into each checkpoint, so a resume can compare its settings with the
     ones that made the steps it continues.
     """
-    root = Path(out) / CHECKPOINTS
-    final = root / f"checkpoint-{step}"
-    tmp = root / f".checkpoint-{step}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
+    root = make_dir(Path(out) / CHECKPOINTS)
+    final = refuse_link(root / f"checkpoint-{step}")
+    tmp = temp_dir(final)
     atomic_save_safetensors(tmp / "trained.safetensors", trained)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

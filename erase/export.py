@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -16,7 +14,10 @@ from loreun.pipelines.files import (
     ERASED_FILE,
     atomic_save_safetensors,
     atomic_write_text,
+    recover_folder,
+    refuse_link,
     replace_folder,
+    temp_dir,
 )
 from loreun.pipelines.loading import (
     FINGERPRINT_KEYS,
@@ -113,10 +114,10 @@ def save_pipeline_folder(
     ``base`` is the base model as the user gave it (its README gives the card's license);
     ``base_id`` its hub id where that path does not say it.
     """
-    final = Path(final)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    final = refuse_link(final)
+    for left in recover_folder(final):
+        print(f"finished the move of an interrupted export: {left} (its files are in {final})")
+    tmp = temp_dir(final)
     pipe.save_pretrained(tmp, safe_serialization=True)
     scrub_local_paths(tmp)
     base_id = base_id or (hub_id(base) if base else None)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from loreun.pipelines.conditioning import NoiseSchedule, encode_prompts
-from loreun.pipelines.files import atomic_save_safetensors
+from loreun.pipelines.files import atomic_save_safetensors, make_dir, refuse_link
 
 from .objectives import ForgetBatch, per_sample_mse
 from .sampling import ddim_sample, ddim_trajectory, make_ddim
@@ -206,17 +206,18 @@ def trajectory_batch(forget: ForgetSet, ids: torch.Tensor, g: torch.Generator, d
 
 def load_or_sample_cache(path: Path, key: dict, sample_fn) -> torch.Tensor:
     """Reuse cached latents whose key (concepts, steps, guidance, seed...) matches, else sample."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     wanted = json.dumps(key, sort_keys=True)
-    if path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            same = (f.metadata() or {}).get("key") == wanted
-        if same:
-            return load_file(str(path))["x0"]
+    make_dir(path.parent)
+    if refuse_link(path).is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("key") == wanted:
+                    return f.get_tensor("x0")
+        except (SafetensorError, OSError, KeyError):
+            pass  # a torn or foreign cache file is sampled again and replaced
     x0 = sample_fn()
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(path, {"x0": x0}, metadata={"key": wanted})
     return x0
 

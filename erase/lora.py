@@ -16,6 +16,7 @@ so every loader, whatever scale it assumes for a missing alpha, applies the trai
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -115,22 +116,35 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_lora_files(
     unet: torch.nn.Module, out: Path, pipeline_class, prediction_type: str = "epsilon"
 ) -> list[Path]:
-    """Write diffusers' LoRA file and a kohya-format copy into ``out``; returns their paths."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-    from safetensors.torch import save_file
+    """Write diffusers' LoRA file and a kohya-format copy into ``out``; returns their paths.
 
+    Both are written in a new temporary folder and renamed into ``out``, so neither a crash nor
+    a symlink planted at their names can leave a half file or redirect the write.
+    """
+    import shutil
+
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+
+    from loreun.pipelines.files import atomic_save_safetensors, refuse_link, temp_dir
+
+    finals = [refuse_link(out / LORA_FILE), refuse_link(out / KOHYA_FILE)]
     state = lora_state_dict(unet)
-    pipeline_class.save_lora_weights(
-        save_directory=str(out),
-        unet_lora_layers=convert_state_dict_to_diffusers(state),
-        weight_name=LORA_FILE,
-        safe_serialization=True,
-    )
-    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
-    kohya = {k: v.contiguous() for k, v in kohya.items()}
-    meta = kohya_metadata(pipeline_class.__name__, unet, prediction_type)
-    save_file(kohya, str(out / KOHYA_FILE), metadata=meta)
-    return [out / LORA_FILE, out / KOHYA_FILE]
+    tmp = temp_dir(finals[0])
+    try:
+        pipeline_class.save_lora_weights(
+            save_directory=str(tmp),
+            unet_lora_layers=convert_state_dict_to_diffusers(state),
+            weight_name=LORA_FILE,
+            safe_serialization=True,
+        )
+        kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+        meta = kohya_metadata(pipeline_class.__name__, unet, prediction_type)
+        atomic_save_safetensors(tmp / KOHYA_FILE, kohya, metadata=meta)
+        for final in finals:
+            os.replace(tmp / final.name, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return finals
 
 
 # kohya's names for the base model versions; AUTOMATIC1111 and ComfyUI managers read them to

@@ -21,7 +21,7 @@ from accelerate.state import AcceleratorState
 
 from loreun.pipelines._meta import quiet
 from loreun.pipelines.conditioning import NoiseSchedule
-from loreun.pipelines.files import TRAIN_LOG
+from loreun.pipelines.files import TRAIN_LOG, open_append
 from loreun.pipelines.loading import base_fingerprints
 from loreun.pipelines.models import load_pipeline
 from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, say
@@ -263,7 +263,7 @@ def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
         desc="erase",
         disable=not acc.is_main_process or quiet(),
     )
-    log = open(out / TRAIN_LOG, "a") if acc.is_main_process else None
+    log = open_append(out / TRAIN_LOG) if acc.is_main_process else None
     step = run.start_step
     try:
         with stop.installed():

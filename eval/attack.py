@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from loreun.pipelines.files import atomic_write_bytes, atomic_write_text
+from loreun.pipelines.files import atomic_write_bytes, atomic_write_text, make_dir, open_append
 
 from .audit import AuditSettings, build_detectors, write_csv
 from .prefix_attack import AttackSettings, PrefixAttack
@@ -201,8 +201,8 @@ def make_targets(pipe, jobs: list, out: Path, steps: int) -> None:
 
     from loreun.pipelines.files import atomic_save_safetensors
 
-    (out / TARGETS).mkdir(exist_ok=True)
-    (out / "images").mkdir(exist_ok=True)
+    make_dir(out / TARGETS)
+    make_dir(out / "images")
     for job in jobs:
         path = out / TARGETS / f"{job.index:06d}.safetensors"
         if path.is_file() and (out / _image_path(job, "original")).is_file():
@@ -227,7 +227,7 @@ def attack_rows(pipe, jobs, out: Path, settings, steps, detector, audit, unerase
     pipe.unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     bar = tqdm(total=len(todo), desc="attack", disable=quiet())
-    with open(out / ATTACK_LOG, "a", encoding="utf-8") as log:
+    with open_append(out / ATTACK_LOG) as log:
         for job in todo:
             record = attack_one(pipe, job, out, settings, steps, detector, audit, unerased, bar)
             log.write(json.dumps(record) + "\n")

@@ -25,18 +25,55 @@ GENERATE_CONFIG = "generate_config.json"  # the generation run's identity
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def refuse_link(path: str | Path) -> Path:
+    """``path``, unless it is a symlink: loreun never writes, moves or removes through a link it
+    did not make (one planted at a name loreun writes would redirect the write to its target).
+
+    Raises:
+        FileExistsError: naming the link.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise FileExistsError(
+            f"{path} is a symlink where loreun writes its own file or folder; loreun never "
+            "follows a link it did not make. Remove it"
+        )
+    return path
+
+
+def temp_file(path: Path) -> tuple[int, Path]:
+    """(open descriptor, name) of a new, exclusively created file beside ``path``.
+
+    The name is random and made with O_EXCL, so a link planted under a predictable name (the
+    process id) cannot redirect the write; a killed write leaves ``.NAME.tmp-*``, which
+    ``remove_ours`` recognises.
+    """
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    return fd, Path(name)
+
+
+def temp_dir(path: Path) -> Path:
+    """A new, exclusively created folder beside ``path`` (``.NAME.tmp-*``), as ``temp_file``."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``path`` whole or not at all: a temporary file, synced, renamed over it."""
+    path = refuse_link(path)
+    fd, tmp = temp_file(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -44,15 +81,44 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write a safetensors file through a temporary name, so a crash never leaves half a file."""
+    """Write a safetensors file through a temporary name, so a crash never leaves half a file.
+
+    Raises:
+        OSError: naming the file, where safetensors' own error (a missing folder, a full disk)
+            names none.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = _tmp_name(path)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata
-    )
-    os.replace(tmp, path)
+    path = refuse_link(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(2, "no such folder", str(path.parent))
+    fd, tmp = temp_file(path)
+    os.close(fd)
+    try:
+        data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(data, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except SafetensorError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_append(path: str | Path):
+    """A log opened for appending (text, UTF-8), never through a symlink."""
+    path = refuse_link(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    return os.fdopen(os.open(path, flags, 0o644), "a", encoding="utf-8")
+
+
+def make_dir(path: str | Path) -> Path:
+    """``path`` as a real folder (created with its parents), never a symlink to one."""
+    path = refuse_link(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 class FolderLock:
@@ -129,13 +195,15 @@ def remove_ours(folder: str | Path, names: tuple[str, ...]) -> bool:
     """Delete the files ``names`` that loreun wrote in ``folder``; the folder goes only if that
     leaves it empty. Returns True when the folder is gone.
 
-    A user's file inside one of loreun's folders is never deleted with it.
+    A user's file inside one of loreun's folders is never deleted with it, and nothing is
+    removed through a symlink (a linked folder would delete its target's files).
     """
-    folder = Path(folder)
+    folder = refuse_link(folder)
     for name in names:
-        (folder / name).unlink(missing_ok=True)
+        refuse_link(folder / name).unlink(missing_ok=True)
         for torn in folder.glob(f".{name}.tmp-*"):  # an atomic write cut short by a kill
-            torn.unlink()
+            if torn.is_file() and not torn.is_symlink():
+                torn.unlink()
     try:
         folder.rmdir()
     except OSError:  # not empty: something loreun did not write is in it
@@ -144,19 +212,51 @@ def remove_ours(folder: str | Path, names: tuple[str, ...]) -> bool:
 
 
 def replace_folder(tmp: str | Path, final: str | Path) -> None:
-    """Put the freshly written folder ``tmp`` in place of ``final``, keeping every file of
-    ``final`` that ``tmp`` does not also have (a user's notes in an exported folder)."""
+    """Put the freshly written folder ``tmp`` in place of ``final``.
+
+    Where ``final`` exists, each new file is renamed into it in turn and nothing of ``final`` is
+    moved or removed but the files replaced: a user's files stay where they are, and a kill
+    midway leaves them in place (``recover_folder`` finishes the move on the next run).
+    """
     import shutil
 
-    tmp, final = Path(tmp), Path(final)
-    if final.is_dir():
-        for old in sorted(final.rglob("*")):
-            new = tmp / old.relative_to(final)
-            if old.is_file() and not new.exists():
-                new.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(old, new)
-        shutil.rmtree(final)  # only files that the new folder replaces are left in it
-    os.replace(tmp, final)
+    tmp, final = Path(tmp), refuse_link(final)
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    for new in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        rel = new.relative_to(tmp).parts
+        for depth in range(1, len(rel) + 1):  # no folder on the way, nor the file, is a link
+            refuse_link(final.joinpath(*rel[:depth]))
+        dest = final.joinpath(*rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(new, dest)
+    shutil.rmtree(tmp)  # only empty folders are left in it
+
+
+def recover_folder(final: str | Path) -> list[Path]:
+    """Finish what a killed ``replace_folder`` (or a killed write of ``final``) left beside
+    ``final``: files in a ``.NAME.tmp-*`` folder that ``final`` lacks are moved into it (a
+    user's file the older way of replacing had moved out, or a new file), the rest removed.
+
+    Returns:
+        The leftover folders dealt with, for the caller to report.
+    """
+    import shutil
+
+    final = Path(final)
+    found = sorted(p for p in final.parent.glob(f".{final.name}.tmp-*") if p.is_dir())
+    for left in found:
+        if left.is_symlink():
+            continue
+        if final.is_dir():
+            for old in sorted(p for p in left.rglob("*") if p.is_file()):
+                dest = final / old.relative_to(left)
+                if not dest.exists():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(old, dest)
+        shutil.rmtree(left)
+    return found
 
 
 def check_writable(folder: str | Path, flag: str = "--out") -> Path:
@@ -166,11 +266,11 @@ def check_writable(folder: str | Path, flag: str = "--out") -> Path:
         PermissionError: with a one-line message naming the flag and the folder.
     """
     folder = Path(folder)
-    probe = folder / f".write-test-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
+        fd, probe = temp_file(folder / ".write-test")
+        os.close(fd)
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"{flag}: cannot write to {folder}: {e.strerror}") from None
+        raise PermissionError(f"{flag}: cannot write to {folder}: {e.strerror or e}") from None
     return folder

@@ -22,6 +22,8 @@ from .files import (
     atomic_write_bytes,
     atomic_write_text,
     check_writable,
+    make_dir,
+    open_append,
 )
 from .generate_settings import SCHEDULERS, GenerateSettings
 from .loading import apply_erased_weights, erased_file, file_sha256
@@ -154,7 +156,7 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
     part = out / (
         MANIFEST if state.num_processes == 1 else f".manifest-rank{state.process_index}.jsonl"
     )
-    (out / "images").mkdir(exist_ok=True)
+    make_dir(out / "images")
     common = {
         "model": info["model"],
         "erased": info["erased"],
@@ -163,7 +165,7 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
         "scheduler": settings.scheduler,
     }
     bar = tqdm(total=len(mine), desc="generate", disable=not state.is_main_process or quiet())
-    with open(part, "a", encoding="utf-8") as manifest:
+    with open_append(part) as manifest:
         for batch in batches(mine, settings.batch_size, mixes_guidance(pipe)):
             for job, image in zip(batch, run_batch(pipe, batch, settings.steps)):
                 manifest.write(json.dumps(_save(out, job, image, common)) + "\n")
