@@ -6,21 +6,71 @@ Keys are the flags' names, with dashes or underscores (``samples-per-prompt`` or
 
 from __future__ import annotations
 
+# Settings files are small; a larger one is a mistake (or a YAML bomb), refused before parsing.
+MAX_SETTINGS_BYTES = 1 << 20
+# Never from a file: a reused config (a saved erase_config.json holds it) must not replace
+# another run's results unless --overwrite is typed.
+COMMAND_LINE_ONLY = ("overwrite",)
+
 
 def read_settings_file(path: str) -> dict:
-    """The file's mapping, keys with dashes turned to underscores; one-line errors."""
-    import yaml
+    """The file's mapping, keys with dashes turned to underscores; one-line errors.
 
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"--config-file: {path}: no such file") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"--config-file: {path}: not valid YAML ({e.__class__.__name__})") from e
+    Only a regular file of at most 1 MiB is read (a FIFO or a device would block or never end);
+    YAML aliases are refused (no "billion laughs" expansion) and so are duplicate keys, which
+    YAML would silently resolve to the last. ``overwrite`` is dropped: it is a command-line flag.
+    """
+    text = _read_small_text(path)
+    data = _load_yaml(text, path)
     if not isinstance(data, dict):
         raise ValueError(f"--config-file: {path}: must hold a mapping of settings")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    return {k: v for k, v in data.items() if k not in COMMAND_LINE_ONLY}
+
+
+def _read_small_text(path: str) -> str:
+    import os
+    import stat
+
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config-file: {path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"--config-file: {path}: {e.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"--config-file: {path}: not a regular file")
+    if info.st_size > MAX_SETTINGS_BYTES:
+        raise ValueError(
+            f"--config-file: {path}: {info.st_size} bytes; settings files are <= 1 MiB"
+        )
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(MAX_SETTINGS_BYTES + 1).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config-file: {path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _load_yaml(text: str, path: str):
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise ValueError(f"--config-file: {path}: YAML aliases (*name) are not read")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=True) for k, _ in node.value]
+            dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+            if dup is not None:
+                raise ValueError(f"--config-file: {path}: {dup!r} is given twice")
+            return super().construct_mapping(node, deep)
+
+    try:
+        return yaml.load(text, Loader=Loader) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config-file: {path}: not valid YAML ({e.__class__.__name__})") from e
 
 
 def find_config_file(argv: list[str]) -> str | None:
@@ -31,6 +81,23 @@ def find_config_file(argv: list[str]) -> str | None:
         if arg.startswith("--config-file="):
             return arg.split("=", 1)[1]
     return None
+
+
+def check_value(action, value, where: str) -> None:
+    """A file's value fits its flag: true/false only for switches (YAML reads ``yes`` as true,
+    which as a number would be 1), a list only for a repeatable flag, never a mapping."""
+    import argparse
+
+    switch, repeated = action.nargs == 0, isinstance(action, argparse._AppendAction)
+    if isinstance(value, bool) != switch and not (switch and value is None):
+        raise ValueError(
+            f"{where}: expected {'true or false' if switch else 'a value'}, got {value!r}"
+        )
+    items = value if isinstance(value, list) and repeated else [value]
+    if any(isinstance(v, (dict, list)) for v in items):
+        raise ValueError(
+            f"{where}: expected {'values' if repeated else 'one value'}, got {value!r}"
+        )
 
 
 def apply_settings_file(parser, path: str) -> None:
@@ -50,6 +117,7 @@ def apply_settings_file(parser, path: str) -> None:
         raise ValueError(f"--config-file: {path}: unknown settings: {', '.join(unknown)}")
     for key, value in data.items():
         action = actions[key]
+        check_value(action, value, f"--config-file: {path}: {key}")
         if action.nargs == 0 or isinstance(value, (bool, list)):  # flags and repeated options
             parser.set_defaults(**{action.dest: value})
         else:

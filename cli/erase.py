@@ -178,11 +178,19 @@ def _coerce(value, hint, where: str):
         if isinstance(value, (dict, list)):
             raise ValueError(f"{where}: expected text, got {value!r}")
         return str(value)
+    if isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off as booleans; float(True) is 1.0
+        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
     try:
         number = float(value) if kind is float else _as_int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{where}: expected {kind.__name__}, got {_short(value)}") from None
     return number
+
+
+def _short(value) -> str:
+    """A value as an error message may show it: a 400-digit number is not a message."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def _as_int(value) -> int:

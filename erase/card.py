@@ -7,6 +7,7 @@ Hugging Face model-card format (YAML front matter, then Markdown).
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -150,7 +151,13 @@ def settings_rows(meta: dict) -> list[str]:
         rows.append(
             ("LoRA rank / alpha", f"{hp['lora_rank']} / {hp.get('lora_alpha') or hp['lora_rank']}")
         )
-    return ["| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+    return ["| setting | value |", "|---|---|", *[f"| {k} | {md(v)} |" for k, v in rows]]
+
+
+def md(value) -> str:
+    """A header or audit value as Markdown text: HTML-escaped (a concept like "<script>" stays
+    text in the hub's rendering), with table pipes and line breaks neutralised."""
+    return html.escape(str(value)).replace("|", "\\|").replace("\n", " ")
 
 
 def erased_what(meta: dict) -> str:
@@ -197,7 +204,7 @@ def model_card(
         license: the base's license (``base_license``), else ``other``.
     """
     body = [
-        f"# {base_name(meta)} with {erased_what(meta)} erased",
+        f"# {md(base_name(meta))} with {md(erased_what(meta))} erased",
         "",
         f"{made_with(meta)} The erasure fine-tuned the UNet only; the text encoder, VAE and "
         "scheduler are the base model's.",
@@ -222,7 +229,7 @@ def lora_card(meta: dict, files: dict[str, str], license: str | None = None) -> 
         files: "diffusers" and "kohya" -> the file names in the folder.
     """
     body = [
-        f"# LoRA: {erased_what(meta)} erased from {base_name(meta)}",
+        f"# LoRA: {md(erased_what(meta))} erased from {md(base_name(meta))}",
         "",
         made_with(meta),
         "",
@@ -257,6 +264,6 @@ def audit_lines(audit: dict | None) -> list[str]:
                 continue
             for label, value in summary.get("rows", []):
                 shown = f"{value:.4g}" if isinstance(value, float) else value
-                lines.append(f"| {source} | {detector}: {label} | {shown} |")
+                lines.append(f"| {md(source)} | {md(detector)}: {md(label)} | {md(shown)} |")
     protocol = audit.get("protocol")
-    return lines + ([f"\nProtocol: {protocol}."] if protocol else [])
+    return lines + ([f"\nProtocol: {md(protocol)}."] if protocol else [])

@@ -143,9 +143,12 @@ def save_checkpoint(
     root = make_dir(Path(out) / CHECKPOINTS)
     final = refuse_link(root / f"checkpoint-{step}")
     tmp = temp_dir(final)
-    atomic_save_safetensors(tmp / "trained.safetensors", trained)
+    atomic_save_safetensors(tmp / "trained.safetensors", trained, metadata={"step": str(step)})
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        try:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        except (RuntimeError, OSError) as e:  # torch.save reports a full disk as RuntimeError
+            raise OSError(f"cannot write {tmp / 'optimizer.pt'}: {e}") from None
     atomic_write_text(tmp / ERASE_CONFIG, config_json)
     state = {"step": step, "weighting": weighting_state, "world_size": world_size}
     atomic_write_text(tmp / "state.json", json.dumps(state))
@@ -161,20 +164,84 @@ def load_checkpoint(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict, d
     Returns:
         (step, trained tensors, optimizer state dict, weighting state dict)
     """
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
-    state = json.loads((folder / "state.json").read_text())
-    trained = load_file(str(folder / "trained.safetensors"))
+    state = read_state(folder)
+    path = folder / "trained.safetensors"
+    try:
+        with safe_open(str(refuse_link(path)), framework="pt") as f:
+            saved_step = (f.metadata() or {}).get("step")
+            trained = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"--resume: {path}: not a readable checkpoint file ({e})") from None
+    if saved_step is not None and saved_step != str(state["step"]):
+        raise ValueError(
+            f"--resume: {path} holds step {saved_step}'s weights but {folder / 'state.json'} "
+            f"says step {state['step']}; the checkpoint was edited or mixed with another"
+        )
     # Our own file, loaded without arbitrary unpickling; absent when it was left out.
     path = folder / "optimizer.pt"
-    optim = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    try:
+        optim = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    except Exception as e:  # torch reports a torn or foreign file in many ways
+        raise ValueError(f"--resume: {path}: not a readable optimizer state ({e})") from None
     return state["step"], trained, optim, state["weighting"]
+
+
+def read_state(folder: Path) -> dict:
+    """A checkpoint's ``state.json``, checked: a step that is a whole number agreeing with the
+    folder's name, and a weighting state. An edited or torn file is refused by name."""
+    path = refuse_link(folder / "state.json")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: {path}: not a readable checkpoint state ({e})") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if (
+        not isinstance(step, int)
+        or isinstance(step, bool)
+        or not isinstance(state.get("weighting"), dict)
+    ):
+        raise ValueError(f"--resume: {path}: not a loreun checkpoint state")
+    if folder.name != f"checkpoint-{step}":
+        raise ValueError(
+            f"--resume: {path} says step {step} but its folder is {folder.name}; the "
+            "checkpoint was edited or renamed"
+        )
+    return state
 
 
 def checkpoint_config(folder: Path) -> dict | None:
     """The config saved with a checkpoint, or None for one written before configs were kept."""
     path = folder / ERASE_CONFIG
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(refuse_link(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: {path}: not a readable config ({e})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {path}: not an erase config")
+    return saved
+
+
+def check_log_reaches(out: Path, step: int, checkpoint: Path) -> None:
+    """The train log has a line for the checkpoint's step (it is written before the
+    checkpoint), so it is never cut back on a checkpoint's word alone."""
+    path = Path(out) / TRAIN_LOG
+    if not path.is_file() or checkpoint.resolve().parent != (Path(out) / CHECKPOINTS).resolve():
+        return  # a checkpoint of another folder has its log there
+    steps = set()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            steps.add(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a kill
+    if step not in steps:
+        raise ValueError(
+            f"--resume: {path} has no line for step {step}, which {checkpoint} was saved at; "
+            "the log and the checkpoint belong to different runs"
+        )
 
 
 def start_log(out: Path, resume_step: int | None) -> None:
@@ -205,7 +272,7 @@ def check_resume_settings(resume: Path | None, cfg: EraseConfig, world_size: int
     saved = checkpoint_config(resume) if resume is not None else None
     if saved is None:
         return
-    made_with = json.loads((resume / "state.json").read_text()).get("world_size", world_size)
+    made_with = read_state(resume).get("world_size", world_size)
     if made_with != world_size:
         raise ValueError(
             f"--resume: {resume} was made by {made_with} processes, this run has {world_size}; "
@@ -220,7 +287,7 @@ def check_resume_settings(resume: Path | None, cfg: EraseConfig, world_size: int
 
 
 def load_step(resume: Path | None) -> int | None:
-    return json.loads((resume / "state.json").read_text())["step"] if resume else None
+    return read_state(resume)["step"] if resume else None
 
 
 def check_finite_state(trained: dict[str, torch.Tensor], optimizer, step: int, cfg) -> None:
@@ -324,6 +391,14 @@ def start_run(cfg: EraseConfig, acc) -> tuple[Path, FolderLock | None, Path | No
         )
     resume = resolve_resume(out, cfg.resume)
     check_resume_settings(resume, cfg, acc.num_processes)
+    if resume is not None:
+        step = load_step(resume)
+        if cfg.steps < step:
+            raise ValueError(
+                f"--steps: {cfg.steps} is below the {step} steps {resume} was saved at; give "
+                f"--steps {step} or more, or start a new run"
+            )
+        check_log_reaches(out, step, resume)
     acc.wait_for_everyone()  # every process has checked --out before anything is written
     if acc.is_main_process:
         atomic_write_text(out / ERASE_CONFIG, cfg.to_json())

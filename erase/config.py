@@ -30,6 +30,19 @@ LOREUN_VARIANT = "dynamic"
 LOREUN_MOMENTUM = 0.5
 
 
+MAX_SEED = 2**32 - 1  # as prompt files' seeds; larger ones would alias in the step streams
+UPPER_BOUNDS = {
+    "steps": 10_000_000,
+    "batch_size": 65_536,
+    "gradient_accumulation_steps": 65_536,
+    "samples_per_concept": 10_000,
+    "sample_steps": 1_000,  # a DDPM model's training timesteps
+    "trajectory_pool": 10_000,
+    "resolution": 8_192,
+    "lora_rank": 4_096,  # erase/lora.py also refuses a rank above its modules' own
+}
+
+
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
@@ -488,6 +501,13 @@ class EraseConfig:
             value = getattr(self, name)
             if not value > 0 or (isinstance(value, float) and math.isnan(value)):
                 raise ValueError(f"--{name.replace('_', '-')}: must be > 0, got {value}")
+        self._check_finite()
+        self._check_bounds()
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(
+                f"--max-grad-norm: must be > 0, got {self.max_grad_norm} (a negative norm would "
+                "flip every gradient)"
+            )
         if not 0 <= self.loreun_momentum < 1:
             raise ValueError(f"--loreun-momentum: must be in [0, 1), got {self.loreun_momentum}")
         if not self.weight_decay >= 0:
@@ -498,6 +518,26 @@ class EraseConfig:
             raise ValueError(
                 f"--resolution: must be a positive multiple of 8, got {self.resolution}"
             )
+
+    def _check_finite(self) -> None:
+        """NaN or inf in a setting would run until the loss is NaN and then blame --lr; only
+        --temperature takes inf (exactly uniform weights)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                if f.name == "temperature" and value == math.inf:
+                    continue
+                raise ValueError(f"{flag_name(f)}: must be a finite number, got {value}")
+
+    def _check_bounds(self) -> None:
+        """Upper bounds that no real run reaches, so a typo fails at once instead of after
+        hours or gigabytes."""
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed: must be in [0, {MAX_SEED}], got {self.seed}")
+        for name, limit in UPPER_BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise ValueError(f"--{name.replace('_', '-')}: must be <= {limit}, got {value}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

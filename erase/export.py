@@ -21,6 +21,7 @@ from loreun.pipelines.files import (
 )
 from loreun.pipelines.loading import (
     FINGERPRINT_KEYS,
+    FORMAT_VERSION,
     METADATA_KEY,
     content_hash,
     read_erased_file,
@@ -59,7 +60,7 @@ def build_metadata(
     """
     return {
         "format": "loreun.unet-erased",
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "base_model": model_name(cfg.model),  # shared files hold no local paths
         **fingerprints,
         "prediction_type": prediction_type,
@@ -98,7 +99,7 @@ def export_erased(
     meta = build_metadata(
         cfg, fingerprints, steps_done, len(tensors), weighting, prediction_type, world_size
     )
-    meta["content_sha256"] = content_hash(tensors)
+    meta["content_sha256"] = content_hash(tensors, meta)
     path = Path(out) / ERASED_FILE
     atomic_save_safetensors(path, tensors, metadata={METADATA_KEY: json.dumps(meta)})
     atomic_write_text(Path(out) / ERASE_CONFIG, cfg.to_json())

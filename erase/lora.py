@@ -44,6 +44,7 @@ def add_lora(
     from peft import LoraConfig
 
     modules = preset_modules(unet, method)
+    check_rank(unet, modules, rank)
     config = LoraConfig(
         r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=modules
     )
@@ -54,6 +55,18 @@ def add_lora(
     for p in trained.values():
         p.requires_grad_(True)
     return trained
+
+
+def check_rank(unet: torch.nn.Module, modules: list[str], rank: int) -> None:
+    """Refuse a rank above every module's full rank: the adapters would be larger than the
+    weights they adapt (rank 100000 on a small UNet wrote two 2 GB files for a 1 MB erasure)."""
+    weights = [unet.get_submodule(m).weight for m in modules]
+    full = max(min(w.shape[0], w[0].numel()) for w in weights)
+    if rank > full:
+        raise ValueError(
+            f"--lora-rank: {rank} is above the full rank of every module it adapts (at most "
+            f"{full}); train the full tensors instead (no --lora-rank), or a rank of {full} or less"
+        )
 
 
 class AdapterOffTeacher:

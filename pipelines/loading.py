@@ -58,13 +58,20 @@ def fingerprint_key(tensors: dict[str, torch.Tensor]) -> str:
     return FINGERPRINT_KEYS[torch.bfloat16 if bf16 else torch.float16]
 
 
-def content_hash(tensors: dict[str, torch.Tensor]) -> str:
-    """Hash the exact float32 values of named tensors, for the erased file's own integrity.
+def content_hash(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> str:
+    """Hash the exact float32 values of named tensors and the header, for the file's integrity.
 
     Unlike ``fingerprint`` nothing is rounded: two tensors swapped, or one flipped byte,
-    change it.
+    change it. ``meta`` (the header's loreun object, less ``content_sha256`` itself) is hashed
+    too, as canonical JSON, from format 2 on. It detects corruption, not a malicious edit:
+    anyone who edits a file can recompute it.
     """
-    return _hash_tensors(tensors, torch.float32, torch.int32)
+    digest = _hash_tensors(tensors, torch.float32, torch.int32)
+    if meta is None:
+        return digest
+    rest = {k: v for k, v in meta.items() if k != "content_sha256"}
+    header = json.dumps(rest, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256((digest + header).encode()).hexdigest()
 
 
 def _hash_tensors(tensors: dict[str, torch.Tensor], dtype, bits) -> str:
@@ -129,19 +136,32 @@ def read_erased_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+# Format 2: the content hash is required and covers the header too. Format 1 files hashed
+# their tensors only, and the first of them hashed nothing.
+FORMAT_VERSION = 2
+
+
 def check_contents(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """The tensors are all there, are the ones the header's hash names, and are finite."""
-    expected = meta.get("num_tensors")
-    if expected is not None and len(tensors) < expected:
+    version, expected = meta.get("format_version"), meta.get("num_tensors")
+    if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
+        raise ValueError(f"{path}: unknown erased-file format {version!r}; upgrade loreun")
+    if not isinstance(expected, int) or isinstance(expected, bool) or expected != len(tensors):
         raise ValueError(
-            f"{path}: holds {len(tensors)} tensors but its metadata lists "
-            f"{expected}; the file is incomplete"
+            f"{path}: holds {len(tensors)} tensors but its header lists {expected!r}; the file "
+            "is incomplete or was edited"
         )
-    wanted = meta.get("content_sha256")  # absent in files written before it was recorded
-    if wanted is not None and content_hash(tensors) != wanted:
+    wanted = meta.get("content_sha256")
+    if wanted is None and version >= 2:
         raise ValueError(
-            f"{path}: its tensors do not match the content hash in its header; the file was "
-            "edited or corrupted after export"
+            f"{path}: its header has no content hash, which every format-{version} file has; "
+            "the header was edited"
+        )
+    got = content_hash(tensors, meta if version >= 2 else None)
+    if wanted is not None and got != wanted:  # format 1 files made before the hash have none
+        raise ValueError(
+            f"{path}: its tensors or header do not match the content hash in its header; the "
+            "file was edited or corrupted after export"
         )
     bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
     if bad:

@@ -33,7 +33,7 @@ def test_header_metadata(erased_run, tiny_pipeline_dir):
     assert meta["steps_done"] == 3 and meta["num_tensors"] == len(tensors)
     assert meta["hyperparameters"]["lr"] == 1e-3
     assert set(meta["versions"]) == {"loreun", "diffusers", "torch"}
-    assert (meta["format"], meta["format_version"]) == ("loreun.unet-erased", 1)
+    assert (meta["format"], meta["format_version"]) == ("loreun.unet-erased", 2)
     assert (meta["prediction_type"], meta["world_size"], meta["erase_from"]) == ("epsilon", 1, None)
     assert meta["weighting"] == "uniform" and meta["weighting_chosen"] == {}
     assert all(".attn2." in k for k in tensors)
@@ -119,7 +119,7 @@ def test_a_file_without_a_bf16_fingerprint_says_so(erased_run, tiny_pipeline_dir
     tensors, meta = read_erased_file(erased_run / "unet-erased.safetensors")
     del meta["base_fingerprint_bf16"]
     old = tmp_path / "old.safetensors"
-    meta["content_sha256"] = content_hash(tensors)
+    meta["content_sha256"] = content_hash(tensors, meta)
     save_file(tensors, str(old), {METADATA_KEY: json.dumps(meta)})
     apply_erased_weights(load_pipeline(str(tiny_pipeline_dir), torch_dtype=torch.float16), old)
     with pytest.raises(ValueError, match="records no base_fingerprint_bf16.*older loreun"):
@@ -133,14 +133,17 @@ def test_other_base_is_refused_unless_forced(erased_run, other_pipeline_dir):
     apply_erased_weights(pipe, erased_run / "unet-erased.safetensors", force=True)
 
 
-def _rewrite(src, dst, change, rehash=True):
-    """A changed copy; ``rehash`` keeps it self-consistent, as a file made elsewhere would be."""
+def _rewrite(src, dst, change, rehash=True, recount=False):
+    """A changed copy; ``rehash`` (and ``recount``) keep it self-consistent, as a file made
+    elsewhere would be."""
     from loreun.pipelines.loading import content_hash
 
     tensors, meta = read_erased_file(src)
     tensors = change(dict(tensors))
+    if recount:
+        meta["num_tensors"] = len(tensors)
     if rehash:
-        meta["content_sha256"] = content_hash(tensors)
+        meta["content_sha256"] = content_hash(tensors, meta)
     save_file(tensors, str(dst), metadata={"loreun": json.dumps(meta)})
     return dst
 
@@ -177,6 +180,47 @@ def test_tampered_or_non_finite_files_are_refused(erased_run, tmp_path, change, 
         read_erased_file(bad)
 
 
+def _header_edit(src, dst, edit):
+    """A copy whose header object is changed by ``edit`` and not rehashed, as a hand edit is."""
+    tensors, meta = read_erased_file(src)
+    edit(meta)
+    save_file(tensors, str(dst), metadata={"loreun": json.dumps(meta)})
+    return dst
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda m: m.pop("content_sha256"), "has no content hash, which every format-2 file has"),
+        (lambda m: m.update(content_sha256=None), "has no content hash"),
+        (lambda m: m.update(concepts=["<script>x</script>"]), "tensors or header do not match"),
+        (lambda m: m.update(num_tensors="4"), "header lists '4'"),
+        (lambda m: m.update(num_tensors=m["num_tensors"] + 1), "incomplete or was edited"),
+        (lambda m: m.update(format_version=9), "unknown erased-file format 9"),
+    ],
+)
+def test_the_integrity_check_cannot_be_switched_off(erased_run, tmp_path, edit, needle):
+    """Deleting or nulling the hash, or editing any header field, is refused by name; the hash
+    covers the header since format 2 (it detects corruption, not a recomputed forgery)."""
+    bad = _header_edit(erased_run / "unet-erased.safetensors", tmp_path / "h.safetensors", edit)
+    with pytest.raises(ValueError, match=needle):
+        read_erased_file(bad)
+
+
+def test_format_1_files_still_load(erased_run, tmp_path):
+    """Files of format 1 hashed their tensors only (and the first ones nothing)."""
+    from loreun.pipelines.loading import content_hash
+
+    tensors, meta = read_erased_file(erased_run / "unet-erased.safetensors")
+    meta["format_version"], meta["content_sha256"] = 1, content_hash(tensors)
+    v1 = tmp_path / "v1.safetensors"
+    save_file(tensors, str(v1), metadata={"loreun": json.dumps(meta)})
+    assert read_erased_file(v1)[1]["format_version"] == 1
+    del meta["content_sha256"]
+    save_file(tensors, str(v1), metadata={"loreun": json.dumps(meta)})
+    read_erased_file(v1)  # predates the hash: still loads
+
+
 def test_metadata_that_is_not_an_object_is_refused(erased_run, tmp_path):
     tensors, _ = read_erased_file(erased_run / "unet-erased.safetensors")
     save_file(tensors, str(tmp_path / "l.safetensors"), metadata={"loreun": "[1, 2]"})
@@ -207,7 +251,8 @@ def test_extra_key_is_refused(erased_run, tiny_pipeline_dir, tmp_path):
         t["down_blocks.9.attn2.to_q.weight"] = torch.zeros(2, 2)
         return t
 
-    bad = _rewrite(erased_run / "unet-erased.safetensors", tmp_path / "bad.safetensors", extra)
+    src = erased_run / "unet-erased.safetensors"
+    bad = _rewrite(src, tmp_path / "bad.safetensors", extra, recount=True)
     with pytest.raises(ValueError, match="not in this UNet.*down_blocks.9"):
         apply_erased_weights(load_pipeline(str(tiny_pipeline_dir)), bad, force=True)
 
@@ -344,7 +389,7 @@ def test_every_loading_error_names_the_file_and_says_what_to_do(
     save_file({**tensors, name: tensors[name] + 1}, str(edited), {METADATA_KEY: json.dumps(meta)})
     _says(
         ValueError,
-        f"{edited}: its tensors do not match the content hash in its header; "
+        f"{edited}: its tensors or header do not match the content hash in its header; "
         "the file was edited or corrupted after export",
         read_erased_file,
         edited,
@@ -352,7 +397,9 @@ def test_every_loading_error_names_the_file_and_says_what_to_do(
     nan = tmp_path / "nan.safetensors"
     bad = {**tensors, name: tensors[name] * float("nan")}
     save_file(
-        bad, str(nan), {METADATA_KEY: json.dumps({**meta, "content_sha256": content_hash(bad)})}
+        bad,
+        str(nan),
+        {METADATA_KEY: json.dumps({**meta, "content_sha256": content_hash(bad, meta)})},
     )
     _says(
         ValueError,
