@@ -55,13 +55,22 @@ def add_parser(sub, name: str) -> None:
 
 
 def named_runs(args) -> dict:
-    """{"original": None, name: erased file, ...} from the repeated --erased flag."""
+    """{"original": None, name: erased file, ...} from the repeated --erased flag.
+
+    A name is a folder under --out and a column of the report, so "original" (the base model's)
+    and a name given twice are refused rather than one run silently replacing another.
+    """
     runs = {"original": None}
     for value in args.erased:
         name, sep, path = value.partition("=")
-        runs[name if sep else f"erased-{len(runs)}" if len(args.erased) > 1 else "erased"] = (
-            path if sep else value
-        )
+        if not sep:
+            name, path = f"erased-{len(runs)}" if len(args.erased) > 1 else "erased", value
+        if name in runs:
+            why = "is the base model's column" if name == "original" else "is given twice"
+            raise ValueError(f"--erased: the name {name!r} {why}; give each erased file its own")
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"--erased: {value!r}: a name is one folder name, as in NAME=FILE")
+        runs[name] = path
     return runs
 
 

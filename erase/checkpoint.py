@@ -19,6 +19,7 @@ from loreun.pipelines.files import (
     FolderLock,
     atomic_save_safetensors,
     atomic_write_text,
+    check_apart,
     check_writable,
     make_dir,
     refuse_link,
@@ -385,6 +386,15 @@ def start_run(cfg: EraseConfig, acc) -> tuple[Path, FolderLock | None, Path | No
     Returns:
         (the output folder, its lock on the main process, the checkpoint to resume or None)
     """
+    inputs = {
+        "--model": cfg.model,
+        "--config": cfg.model_config,
+        "--concepts-file": cfg.concepts_file,
+        "--forget-images": cfg.forget_images,
+        "--retain-images": cfg.retain_images,
+        "--saliency-mask": cfg.saliency_mask,
+    }
+    check_apart(cfg.out, inputs)
     with acc.main_process_first():  # one process creates and locks, the others check
         out, lock = prepare_output_dir(
             cfg.out, cfg.overwrite, cfg.resume, create=acc.is_main_process

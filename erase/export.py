@@ -12,8 +12,10 @@ from loreun.pipelines._meta import package_version
 from loreun.pipelines.files import (
     ERASE_CONFIG,
     ERASED_FILE,
+    FolderLock,
     atomic_save_safetensors,
     atomic_write_text,
+    check_apart,
     recover_folder,
     refuse_link,
     replace_folder,
@@ -202,13 +204,17 @@ def export_shared(
     path = erased_file(run)
     _, meta = read_erased_file(path)
     summary = _audit_summary(audit)
+    base = model or _run_base(path, meta)
     targets = [Path(p) for p in (single_file, pipeline) if p]
+    inputs = {"--model": base, "--config": model_config, "RUN": run, "--audit": audit}
+    for flag, target in (("--single-file", single_file), ("--pipeline", pipeline)):
+        if target:
+            check_apart(target, inputs, flag)
     for target in targets:
         if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
             raise FileExistsError(f"export: {target} exists; pass --overwrite to replace it")
     if single_file and Path(single_file).suffix != ".safetensors":
         raise ValueError(f"--single-file: {single_file} must end in .safetensors")
-    base = model or _run_base(path, meta)
     pipe = load_erased_pipeline(base, path, force=force, config=model_config)
     written = []
     if single_file:
@@ -219,8 +225,9 @@ def export_shared(
         tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in to_ldm(pipe).items()}
         atomic_save_safetensors(Path(single_file), tensors, metadata=header)
         written.append(Path(single_file))
-    if pipeline:
-        written.append(save_pipeline_folder(pipe, Path(pipeline), meta, summary, base, base_id))
+    if pipeline:  # locked: a second export into the same folder is refused, not interleaved
+        with FolderLock(pipeline, flag="--pipeline", remove=True):
+            written.append(save_pipeline_folder(pipe, Path(pipeline), meta, summary, base, base_id))
     return written
 
 

@@ -53,7 +53,7 @@ def attack(
     ``detector``: the judge already built from ``audit`` (``build_judge``), so a caller
     attacking several models loads it once. ``force`` applies ``erased`` even when its base
     fingerprint differs from the model's."""
-    from loreun.pipelines.files import FolderLock, check_writable
+    from loreun.pipelines.files import FolderLock, check_apart, check_writable
     from loreun.pipelines.generate import _claim_output, _prepare_pipeline, mixes_guidance
     from loreun.pipelines.generate_settings import GenerateSettings
     from loreun.pipelines.loading import copy_into, erased_file, file_sha256
@@ -69,6 +69,9 @@ def attack(
         prompts,
     )
     out = Path(out)
+    prompt_file = prompts if isinstance(prompts, (str, Path)) else None
+    inputs = {"--model": model, "--config": model_config, "--erased": erased}
+    check_apart(out, {**inputs, "--prompts": prompt_file})
     erased = erased_file(erased) if erased else None
     info = {
         "model": str(model),

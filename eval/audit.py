@@ -229,12 +229,13 @@ def audit(
     Returns:
         The summary written to summary.json.
     """
-    from loreun.pipelines.files import check_writable
+    from loreun.pipelines.files import check_apart, check_writable
 
     from .report import write_report
 
     settings = settings or AuditSettings()
     out = Path(out)
+    check_apart(out, {f"--images {name}": path for name, path in sources.items()}, may_hold=True)
     _claim(out, overwrite)
     check_writable(out)  # a read-only --out fails now, not after every image is scored
     detectors = build_detectors(settings)

@@ -134,8 +134,10 @@ class FolderLock:
 
     NAME = ".loreun.lock"
 
-    def __init__(self, folder: str | Path, flag: str = "--out"):
-        self.folder, self.flag, self._fh = Path(folder), flag, None
+    def __init__(self, folder: str | Path, flag: str = "--out", remove: bool = False):
+        """``remove``: delete the lock file on release (a folder that is shared, such as an
+        exported pipeline, keeps no trace of it)."""
+        self.folder, self.flag, self._fh, self.remove = Path(folder), flag, None, remove
 
     def acquire(self) -> FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -179,6 +181,8 @@ class FolderLock:
         )
 
     def release(self) -> None:
+        if self._fh is not None and self.remove:
+            (self.folder / self.NAME).unlink(missing_ok=True)  # while still held
         if self._fh is not None:
             # closing drops the flock; filelock's lock is released the same way
             (self._fh.release if hasattr(self._fh, "release") else self._fh.close)()
@@ -257,6 +261,31 @@ def recover_folder(final: str | Path) -> list[Path]:
                     os.replace(old, dest)
         shutil.rmtree(left)
     return found
+
+
+def check_apart(
+    output: str | Path, inputs: dict, flag: str = "--out", may_hold: bool = False
+) -> None:
+    """Refuse an output that is, contains, or lies inside one of the command's inputs, with or
+    without --overwrite: writing it would replace or mix into what the command reads (a base
+    model's weights, the erase run being exported).
+
+    Args:
+        inputs: flag -> path (or a hub id or built-in name, which names no local path).
+        may_hold: an input inside the output is fine (an audit's report beside the folders of
+            images it scores, as ``loreun evaluate`` lays them out).
+    """
+    out = Path(output).expanduser().resolve()
+    for name, value in inputs.items():
+        if not value or not Path(str(value)).expanduser().exists():
+            continue
+        src = Path(str(value)).expanduser().resolve()
+        if out == src or out.is_relative_to(src) or (src.is_relative_to(out) and not may_hold):
+            how = "is" if out == src else "lies inside" if out.is_relative_to(src) else "holds"
+            raise ValueError(
+                f"{flag}: {output} {how} the input {name} {value}; loreun never writes over "
+                "what it reads. Choose another place"
+            )
 
 
 def check_writable(folder: str | Path, flag: str = "--out") -> Path:

@@ -21,9 +21,11 @@ from .files import (
     FolderLock,
     atomic_write_bytes,
     atomic_write_text,
+    check_apart,
     check_writable,
     make_dir,
     open_append,
+    refuse_link,
 )
 from .generate_settings import SCHEDULERS, GenerateSettings
 from .loading import apply_erased_weights, erased_file, file_sha256
@@ -116,6 +118,9 @@ def generate(
     rows = prompts if isinstance(prompts, list) else load_prompts(prompts)
     state = PartialState(cpu=multi_cpu_launch())
     out = Path(out)
+    prompt_file = prompts if isinstance(prompts, (str, Path)) else None
+    inputs = {"--model": model, "--config": model_config, "--erased": erased}
+    check_apart(out, {**inputs, "--prompts": prompt_file})
     erased = erased_file(erased) if erased else None
     erased_hash = file_sha256(erased) if erased else None
     info = {
@@ -149,7 +154,7 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
     """Generate the jobs not yet in the manifest, split over processes, then merge."""
     from tqdm.auto import tqdm
 
-    done = {rec["key"] for rec in read_manifest(out)}
+    done = {rec["key"] for rec in read_manifest(out) if is_image_record(rec, out)}
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     jobs = [j for j in plan_jobs(rows, settings, native) if j.key not in done]
     mine = jobs[state.process_index :: state.num_processes]
@@ -168,7 +173,7 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
     with open_append(part) as manifest:
         for batch in batches(mine, settings.batch_size, mixes_guidance(pipe)):
             for job, image in zip(batch, run_batch(pipe, batch, settings.steps)):
-                manifest.write(json.dumps(_save(out, job, image, common)) + "\n")
+                manifest.write(json.dumps(_save(out, job, image, common), allow_nan=False) + "\n")
                 manifest.flush()
                 bar.update(1)
     bar.close()
@@ -305,15 +310,32 @@ def _rows_hash(rows) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def read_json(path: Path, where: str) -> dict:
+    """A JSON object loreun wrote, or a one-line error naming the file (a torn or edited one)."""
+    try:
+        data = json.loads(refuse_link(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{where}: {path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: {path}: not a JSON object")
+    return data
+
+
 def _claim_output(
     out: Path, info: dict, create: bool, config: str = GENERATE_CONFIG, kind: str = "generation"
 ) -> None:
     """Refuse a folder that holds anything but this same run (its ``config`` file says which);
-    shared by generate and attack, so both resume only their own run."""
+    shared by generate and attack, so both resume only their own run. A run that stopped before
+    its first image (its config and nothing else) does not hold the folder: the corrected
+    command replaces its config."""
     path = out / config
-    if path.is_file():
-        old = json.loads(path.read_text())
+    if refuse_link(path).is_file():
+        old = read_json(path, f"--out: {out}")
         diff = [k for k in info if old.get(k) != info[k]]
+        if diff and never_started(out, config):
+            diff = []
+            if create:
+                atomic_write_text(path, json.dumps(info, indent=2))
         if diff:
             raise FileExistsError(
                 f"--out: {out} holds another {kind} run ({', '.join(diff)}"
@@ -331,20 +353,55 @@ def _claim_output(
         atomic_write_text(path, json.dumps(info, indent=2))
 
 
+def never_started(out: Path, config: str) -> bool:
+    """Whether ``out`` holds only a generate or attack run's config, an empty manifest or log,
+    and empty image folders: what a run that failed before its first image leaves."""
+    for entry in out.iterdir():
+        if entry.name in (config, FolderLock.NAME):
+            continue
+        if entry.is_symlink():
+            return False
+        if entry.is_dir() and not any(entry.iterdir()):
+            continue
+        if entry.is_file() and entry.suffix == ".jsonl" and entry.stat().st_size == 0:
+            continue
+        return False
+    return True
+
+
 def read_manifest(out: Path, include_parts: bool = False) -> list[dict]:
-    """Records of ``manifest.jsonl`` (and unmerged per-process parts); a torn last line is
-    ignored, since the image it describes is generated again."""
+    """Records of ``manifest.jsonl`` (and unmerged per-process parts); a torn line is ignored,
+    since the image it describes is generated again. The audit checks each record's path;
+    generate's resume keeps only ``is_image_record`` ones."""
     files = [out / MANIFEST] + (sorted(out.glob(".manifest-rank*.jsonl")) if include_parts else [])
     records = []
     for f in files:
         if not f.is_file():
             continue
-        for line in f.read_text(encoding="utf-8").splitlines():
+        for line in refuse_link(f).read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                records.append(json.loads(line))
+                rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            records.append(rec)
     return records
+
+
+RECORD_KEYS = {"path": str, "key": str, "index": int, "sample": int}
+
+
+def is_image_record(rec, out: Path) -> bool:
+    """A manifest record as generate writes it, whose image lies inside ``out/images`` (a
+    record pointing elsewhere would make a resume skip a row it never generated)."""
+    if not isinstance(rec, dict):
+        return False
+    if any(
+        not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool)
+        for k, t in RECORD_KEYS.items()
+    ):
+        return False
+    images = (out / "images").resolve()
+    return (out / rec["path"]).resolve().parent == images
 
 
 def merge_manifest(out: Path) -> None:
@@ -353,9 +410,10 @@ def merge_manifest(out: Path) -> None:
     by_key = {
         rec["key"]: rec
         for rec in read_manifest(out, include_parts=True)
-        if (out / rec["path"]).is_file()
+        if is_image_record(rec, out) and (out / rec["path"]).is_file()
     }
     ordered = sorted(by_key.values(), key=lambda r: (r["index"], r["sample"]))
-    atomic_write_text(out / MANIFEST, "".join(json.dumps(r) + "\n" for r in ordered))
+    lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in ordered)
+    atomic_write_text(out / MANIFEST, lines)
     for part in out.glob(".manifest-rank*.jsonl"):
         part.unlink()

@@ -3,6 +3,7 @@ CLI builds its flags from them without importing torch."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from loreun.prompts.reader import MAX_SIZE
@@ -15,6 +16,11 @@ SCHEDULERS = {
     "euler-a": "EulerAncestralDiscreteScheduler",
     "dpm": "DPMSolverMultistepScheduler",
 }
+
+
+# Bounds no real run reaches, so a typo fails at once instead of never starting: a billion
+# samples per prompt planned a billion jobs first; schedulers train on 1000 timesteps.
+UPPER_BOUNDS = {"steps": 1_000, "samples_per_prompt": 10_000, "batch_size": 4_096}
 
 
 @dataclass
@@ -33,9 +39,20 @@ class GenerateSettings:
     def __post_init__(self):
         if self.force_size and self.size is None:
             raise ValueError("--force-size: needs --size")
-        for name in ("steps", "samples_per_prompt", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')}: must be > 0")
+        for name, limit in UPPER_BOUNDS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(
+                    f"--{name.replace('_', '-')}: expected a whole number, got {value!r}"
+                )
+            if not 0 < value <= limit:
+                raise ValueError(f"--{name.replace('_', '-')}: must be in 1..{limit}, got {value}")
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)):
+            raise ValueError(f"--guidance: expected a number, got {self.guidance!r}")
+        if not math.isfinite(self.guidance):
+            raise ValueError(f"--guidance: must be a finite number, got {self.guidance}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed: must be in [0, 2^32-1], got {self.seed}")
         if self.size is not None and not (0 < self.size <= MAX_SIZE and self.size % 8 == 0):
             raise ValueError(
                 f"--size: must be a positive multiple of 8 up to {MAX_SIZE}, got {self.size}"

@@ -113,7 +113,7 @@ def test_output_with_another_run_is_refused(tiny_pipeline_dir, prompt_file, tmp_
 @pytest.mark.parametrize(
     "flag, value, needle",
     [
-        ("--steps", "0", "--steps: must be > 0"),
+        ("--steps", "0", "--steps: must be in 1..1000, got 0"),
         ("--size", "30", "--size: must be a positive multiple of 8"),
         ("--scheduler", "magic", "--scheduler: unknown value 'magic'"),
     ],
