@@ -253,11 +253,11 @@ def start_log(out: Path, resume_step: int | None) -> None:
         atomic_write_text(path, "")
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in refuse_link(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             if json.loads(line)["step"] <= resume_step:
                 kept.append(line + "\n")
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             continue  # a line torn by a kill
     atomic_write_text(path, "".join(kept))
 
@@ -311,13 +311,24 @@ def check_finite_state(trained: dict[str, torch.Tensor], optimizer, step: int, c
 
 
 def recovery_hint(cfg) -> str:
-    """What to do after a divergence, naming the last good checkpoint if there is one."""
-    found = list_checkpoints(cfg.out)
-    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was kept"
+    """What to do after a divergence, naming the last checkpoint whose weights are finite (one
+    written elsewhere, or edited, may not be: it is read before it is called good)."""
+    good = next((c for c in reversed(list_checkpoints(cfg.out)) if _finite_checkpoint(c)), None)
+    kept = f"the last good checkpoint is {good}" if good else "no good checkpoint was kept"
     return (
         f"{kept.capitalize()}; lower --lr (or set --max-grad-norm) and start again with "
         "--overwrite, which reuses the cached samples"
     )
+
+
+def _finite_checkpoint(folder: Path) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(folder / "trained.safetensors"), framework="pt") as f:
+            return all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+    except (SafetensorError, OSError):
+        return False
 
 
 def restore_checkpoint(run, folder: Path | None) -> bool:

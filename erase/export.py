@@ -253,7 +253,13 @@ def _audit_summary(audit: str | Path | None) -> dict | None:
     path = path / "summary.json" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"--audit: {audit}: no summary.json from loreun audit or evaluate")
-    return json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--audit: {path}: not readable JSON ({e})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("sources", {}), dict):
+        raise ValueError(f"--audit: {path}: not a summary.json from loreun audit or evaluate")
+    return summary
 
 
 def _shareable(meta: dict) -> dict:

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import torch
 
-from loreun.pipelines.files import atomic_write_bytes, atomic_write_text, make_dir, open_append
+from loreun.pipelines.files import (
+    atomic_write_bytes,
+    atomic_write_text,
+    make_dir,
+    open_append,
+    refuse_link,
+)
 
 from .audit import AuditSettings, build_detectors, write_csv
 from .prefix_attack import AttackSettings, PrefixAttack
@@ -200,19 +206,32 @@ def _save_png(out: Path, rel: str, latents, pipe, job):
 
 def make_targets(pipe, jobs: list, out: Path, steps: int) -> None:
     """Pass 1: the original model's latent and image for each row not yet done."""
-    from safetensors.torch import load_file
-
     from loreun.pipelines.files import atomic_save_safetensors
 
     make_dir(out / TARGETS)
     make_dir(out / "images")
     for job in jobs:
         path = out / TARGETS / f"{job.index:06d}.safetensors"
-        if path.is_file() and (out / _image_path(job, "original")).is_file():
+        latents = read_target(path)
+        if latents is not None and (out / _image_path(job, "original")).is_file():
             continue
-        latents = load_file(path)["latent"] if path.is_file() else _latents(pipe, job, steps)
+        latents = _latents(pipe, job, steps) if latents is None else latents
         _save_png(out, _image_path(job, "original"), latents, pipe, job)
         atomic_save_safetensors(path, {"latent": latents.cpu().contiguous()})
+
+
+def read_target(path: Path):
+    """A row's saved target latent, or None when it is missing, torn or not loreun's (then it
+    is made again: it is the original model's output, which the same seed reproduces)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not refuse_link(path).is_file():
+        return None
+    try:
+        return load_file(path)["latent"]
+    except (SafetensorError, OSError, KeyError):
+        return None
 
 
 def attack_rows(pipe, jobs, out: Path, settings, steps, detector, audit, unerased) -> None:
@@ -248,11 +267,10 @@ def _judge(detector, image, job, audit) -> tuple[bool, dict]:
 def attack_one(pipe, job, out, settings, steps, detector, audit, unerased, bar) -> dict:
     """One row, start to end; returns its log record."""
     from PIL import Image
-    from safetensors.torch import load_file
 
     start = time.perf_counter()
     device = pipe._execution_device
-    target = load_file(out / TARGETS / f"{job.index:06d}.safetensors")["latent"].to(device)
+    target = read_target(out / TARGETS / f"{job.index:06d}.safetensors").to(device)
     with Image.open(out / _image_path(job, "original")) as im:
         original_hit, original_result = _judge(detector, im.convert("RGB"), job, audit)
     if unerased:  # the erased model is the original one: its pre-attack image is the target's
@@ -316,18 +334,28 @@ def _attack(pipe, job, out, target, settings, steps, detector, audit, bar) -> di
     }
 
 
+# What every record of attack.jsonl holds; a line without them is torn or edited, and its row
+# runs again.
+LOG_KEYS = (
+    "index", "seed", "original_image", "original_success", "pre_image", "pre_success",
+    "adv_prompt", "adv_token_ids", "attacked_image", "attacked_success", "losses", "rounds",
+    "seconds",
+)  # fmt: skip
+
+
 def read_log(out: Path) -> list[dict]:
     """Finished rows in file order, one per row (a torn last line is dropped, so that row
     runs again)."""
     path = out / ATTACK_LOG
     by_index = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+    if refuse_link(path).is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            by_index[rec["index"]] = rec
+            if isinstance(rec, dict) and set(LOG_KEYS) <= set(rec):  # else torn or edited
+                by_index[rec["index"]] = rec
     return [by_index[i] for i in sorted(by_index)]
 
 

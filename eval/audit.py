@@ -118,6 +118,8 @@ def read_source(path: str | Path) -> list[dict]:
             rec["file"] = str(inside(path, rec.get("path"), f"{path / MANIFEST}: record {n}"))
     else:
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        for p in files:  # a FIFO or a device would block the read for ever
+            regular_file(p, f"--images: {p}")
         records = [
             {"path": str(p.relative_to(path)), "file": str(p), "prompt": None, "class": None}
             for p in files
@@ -125,6 +127,13 @@ def read_source(path: str | Path) -> list[dict]:
     if not records:
         raise ValueError(f"--images: {path}: holds no images and no manifest.jsonl")
     return records
+
+
+def regular_file(path: Path, where: str) -> Path:
+    """``path``, unless it exists and is no regular file (a FIFO named b.png hung the audit)."""
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{where}: not a regular file")
+    return path
 
 
 def inside(folder: Path, rel, where: str) -> Path:
@@ -135,7 +144,7 @@ def inside(folder: Path, rel, where: str) -> Path:
     target = (folder / rel).resolve()
     if Path(rel).is_absolute() or not target.is_relative_to(folder.resolve()):
         raise ValueError(f"{where}: image path {rel!r} is outside {folder}")
-    return folder / rel
+    return regular_file(folder / rel, f"{where}: {rel}")
 
 
 def open_images(records: list[dict], workers: int | None = None) -> tuple[list, list, list]:
