@@ -185,7 +185,8 @@ def load_checkpoint(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict, d
     try:
         optim = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
     except Exception as e:  # torch reports a torn or foreign file in many ways
-        raise ValueError(f"--resume: {path}: not a readable optimizer state ({e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--resume: {path}: not a readable optimizer state ({first})") from None
     return state["step"], trained, optim, state["weighting"]
 
 

@@ -211,7 +211,11 @@ def export_shared(
         if target:
             check_apart(target, inputs, flag)
     for target in targets:
-        if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
+        if (
+            refuse_link(target).exists()
+            and not overwrite
+            and (target.is_file() or any(target.iterdir()))
+        ):
             raise FileExistsError(f"export: {target} exists; pass --overwrite to replace it")
     if single_file and Path(single_file).suffix != ".safetensors":
         raise ValueError(f"--single-file: {single_file} must end in .safetensors")
