@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -25,7 +26,9 @@ class AttackSettings:
         ):
             if value < 1:
                 raise ValueError(f"{flag}: must be >= 1, got {value}")
-        if not self.lr > 0:
-            raise ValueError(f"--attack-lr: must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"--attack-weight-decay: must be >= 0, got {self.weight_decay}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"--attack-lr: must be > 0 and finite, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(
+                f"--attack-weight-decay: must be >= 0 and finite, got {self.weight_decay}"
+            )

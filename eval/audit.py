@@ -45,6 +45,8 @@ class AuditSettings:
             raise ValueError(f"--grid-limit: must be >= 1, got {self.grid_limit}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if not 0 <= self.nudity_threshold <= 1:  # NaN fails too
+            raise ValueError(f"--nudity-threshold: must be in [0, 1], got {self.nudity_threshold}")
 
 
 class Detector(Protocol):

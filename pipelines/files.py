@@ -25,6 +25,17 @@ GENERATE_CONFIG = "generate_config.json"  # the generation run's identity
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files loreun writes get the permissions any program's would (0644 under the usual umask),
+# though they are made through mkstemp: a web UI run by another user must read an export.
+UMASK = _umask()
+
+
 def refuse_link(path: str | Path) -> Path:
     """``path``, unless it is a symlink: loreun never writes, moves or removes through a link it
     did not make (one planted at a name loreun writes would redirect the write to its target).
@@ -51,6 +62,8 @@ def temp_file(path: Path) -> tuple[int, Path]:
     import tempfile
 
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    if hasattr(os, "fchmod"):  # mkstemp makes 0600; others (a web UI's user) must read it
+        os.fchmod(fd, 0o666 & ~UMASK)
     return fd, Path(name)
 
 
@@ -58,7 +71,9 @@ def temp_dir(path: Path) -> Path:
     """A new, exclusively created folder beside ``path`` (``.NAME.tmp-*``), as ``temp_file``."""
     import tempfile
 
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    folder.chmod(0o777 & ~UMASK)  # mkdtemp makes 0700; a shared folder is read by others
+    return folder
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -98,6 +113,7 @@ def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict | No
     try:
         data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(data, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~UMASK)  # safetensors writes 0600: a web UI's user must read it
         os.replace(tmp, path)
     except SafetensorError as e:
         tmp.unlink(missing_ok=True)

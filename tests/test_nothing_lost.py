@@ -143,6 +143,39 @@ def test_audit_follows_no_link_on_overwrite(tiny_pipeline_dir, tmp_path, capsys,
     _untouched(victim, folder)
 
 
+@pytest.fixture(scope="module")
+def attack_run(tmp_path_factory):
+    from .test_attack import attack_argv
+
+    folder = tmp_path_factory.mktemp("attack")
+    prompts = folder / "p.csv"
+    prompts.write_text('case_number,prompt,evaluation_seed,class\n0,"a handwritten 3",0,3\n')
+    argv = attack_argv(folder / "run")
+    argv[argv.index("--prompts") + 1] = str(prompts)
+    assert main(argv) == 0
+    return folder / "run", argv
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, is_dir",
+    [("attack.jsonl", False), ("targets", True), ("images", True), ("attack_config.json", False),
+     ("summary.json", False), ("report.html", False), ("results.csv", False)],
+)  # fmt: skip
+def test_attack_follows_no_link_on_resume(attack_run, tmp_path, capsys, name, is_dir):
+    import shutil
+
+    run, argv = attack_run
+    out = tmp_path / "run"
+    shutil.copytree(run, out, symlinks=True)
+    victim, folder = _victims(tmp_path)
+    _plant(out / name, victim, folder, is_dir)
+    argv = [*argv]
+    argv[argv.index("--out") + 1] = str(out)
+    _refused(capsys, main(argv))
+    _untouched(victim, folder)
+
+
 def test_export_follows_no_link(finished, tmp_path, capsys):
     victim, folder = _victims(tmp_path)
     (tmp_path / "linked.safetensors").symlink_to(victim)
@@ -497,3 +530,16 @@ def test_a_corrupt_attack_log_and_target_are_rebuilt(tmp_path):
         json.loads(x)[k] for x in first.splitlines() for k in keep
     ]
     assert torch.isfinite(load_file(target)["latent"]).all()
+
+
+def test_files_are_written_with_the_usual_permissions(finished, tmp_path):
+    """Random temporary names (mkstemp, 0600) must not leave outputs unreadable to others: a
+    web UI run by another user reads an exported single file."""
+    from loreun.pipelines.files import UMASK
+
+    single = tmp_path / "shared.safetensors"
+    assert main(["export", str(finished), "--single-file", str(single), "--pipeline",
+                 str(tmp_path / "p")]) == 0  # fmt: skip
+    for path in (single, finished / "unet-erased.safetensors", tmp_path / "p" / "README.md"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~UMASK, path
+    assert (tmp_path / "p").stat().st_mode & 0o777 == 0o777 & ~UMASK
