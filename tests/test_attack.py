@@ -93,7 +93,7 @@ def test_attack_settings_refuse_bad_values():
         ({"steps": 0}, "--attack-steps: must be >= 1, got 0"),
         ({"rounds": 0}, "--attack-rounds: must be >= 1, got 0"),
         ({"lr": 0.0}, "--attack-lr: must be > 0 and finite, got 0.0"),
-        ({"weight_decay": -1.0}, "--attack-weight-decay: must be >= 0, got -1.0"),
+        ({"weight_decay": -1.0}, "--attack-weight-decay: must be >= 0 and finite, got -1.0"),
     ):
         with pytest.raises(ValueError) as err:
             AttackSettings(**kwargs)
