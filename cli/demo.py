@@ -42,6 +42,11 @@ def run(args) -> int:
     from loreun.pipelines.generate import GenerateSettings, generate
 
     out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(
+            f"--out: {out} holds an earlier demo; pass --overwrite to run it again, or choose "
+            "another --out"
+        )
     cfg = EraseConfig(
         model="digits",
         out=str(out / "erase"),

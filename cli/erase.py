@@ -19,6 +19,10 @@ def add_parser(sub, name: str) -> None:
         help="erase concepts from a Stable Diffusion UNet",
         description="Fine-tune UNet weights so that the model forgets concepts, "
         "and export them as safetensors.",
+        # --model and --out are needed, but a --config-file may give them, so argparse cannot
+        # mark them required; the usage line says so
+        usage="loreun erase --model MODEL --out OUT (--concept TEXT ... | --concepts-file FILE "
+        "| --forget-images DIR) [options]",
     )
     p.add_argument(
         "--config-file",
@@ -66,9 +70,8 @@ GROUPS = {
         "xt_source",
         "trajectory_pool",
         "trajectory_cache_mb",
-        "lora_rank",
-        "lora_alpha",
     ),
+    "LoRA (train low-rank adapters instead of the full tensors)": ("lora_rank", "lora_alpha"),
     "weighting": (
         "weighting",
         "loreun_variant",

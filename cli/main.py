@@ -30,6 +30,18 @@ SUBCOMMANDS = {
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Shows each flag's default where it has one worth showing and its help does not already
+    say it (argparse's own formatter also prints "(default: None)")."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from loreun.pipelines._meta import package_version
 
@@ -44,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in SUBCOMMANDS.items():
         module.add_parser(sub, name)
         add_common_flags(sub.choices[name])
+        if sub.choices[name].formatter_class is argparse.HelpFormatter:
+            sub.choices[name].formatter_class = DefaultsFormatter
     return parser
 
 
@@ -110,19 +124,29 @@ def add_common_flags(p) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        help="CPU threads for torch (default: torch's own; for the small built-in model 1, "
-        "or 2 when generating in batches)",
+        help="CPU threads for torch (default: torch's own; 1 for the small built-in model, "
+        "which two threads slow down threefold when the cores are busy)",
     )
 
 
 def builtin_model_threads(args) -> int | None:
-    """Threads for the small built-in model: its layers at batch size 1 are too small to share
-    (a digits UNet forward took 37 ms on one thread and 938 ms on two busy ones), while a batch
-    of 8 images gains from two (docs/benchmarks.md). None: torch's own choice."""
+    """Threads for the small built-in model: one. Its layers are too small to share: a digits
+    UNet forward took 37 ms on one thread and 938 ms on two busy ones, and generating 200 images
+    took 52 s on one thread and 156 s on two while two other processes kept the cores busy,
+    against 32 s and 26 s on an idle machine (docs/benchmarks.md). None: torch's own choice."""
     if args.command != "demo" and getattr(args, "model", None) != "digits":
         return None
-    batched = (getattr(args, "batch_size", None) or 1) > 1 and args.command != "erase"
-    return min(2, os.cpu_count() or 1) if batched else 1
+    return 1
+
+
+class _DropFallbackNotice:
+    """transformers says on every command that its CLIP image processor falls back to PIL
+    without torchvision; the fallback is what loreun uses (docs/design-notes.md), so there is
+    nothing for the user to act on. Shown with -v."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
 
 
 def apply_common_flags(args) -> int | None:
@@ -139,6 +163,10 @@ def apply_common_flags(args) -> int | None:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     elif args.verbose:
         os.environ["TRANSFORMERS_VERBOSITY"] = os.environ["DIFFUSERS_VERBOSITY"] = "info"
+    if not args.verbose:
+        import logging
+
+        logging.getLogger("transformers.utils.import_utils").addFilter(_DropFallbackNotice)
     if args.quiet or args.verbose:  # the libraries' own bars and messages (loading, ...)
         import importlib
 
@@ -149,6 +177,11 @@ def apply_common_flags(args) -> int | None:
                 logging.disable_progress_bar()
     threads = args.threads if args.threads is not None else builtin_model_threads(args)
     if threads is None:
+        return None
+    if "torch" not in sys.modules:
+        # torch reads it when it is first imported; importing torch here would make every
+        # argument error wait for it
+        os.environ["OMP_NUM_THREADS"] = str(threads)
         return None
     import torch
 

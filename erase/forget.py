@@ -183,9 +183,15 @@ def _per_prompt(run, pipe, forget: ForgetSet, n: int, steps, resolution, seed, s
     drawn from stream ``stream - i`` so that each cache is reproducible on its own; the
     results stacked on the CPU: -> [N, n, ...]."""
     ddim = make_ddim(pipe.scheduler.config, steps)
+    from tqdm.auto import tqdm
+
+    from loreun.pipelines._meta import quiet
+
     shape = latent_shape(pipe, resolution)
     out = []
-    for i in range(len(forget)):
+    # one prompt's n samples at a time: a bar, since caching can take minutes on a large model
+    bar = tqdm(range(len(forget)), desc="sampling", unit="prompt", disable=quiet(), leave=False)
+    for i in bar:
         g = step_generator(seed, 0, stream - i)
         noise = torch.randn((n, *shape), generator=g).to(device)
         cond = forget.cond[i : i + 1].expand(n, -1, -1)

@@ -65,10 +65,19 @@ def load_pipeline(model: str, config: str | None = None, torch_dtype=None):
     kwargs = {} if torch_dtype is None else {_dtype_kwarg(): torch_dtype}
     if Path(ref).is_file():
         return _load_single_file(ref, config, kwargs)
+    unreachable = None if Path(ref).is_dir() else hub_unreachable()
+    if unreachable:  # the cache only, at once, instead of minutes of retries
+        kwargs["local_files_only"] = True
     try:
-        cls = pipeline_class(ref, model)
+        cls = pipeline_class(ref, model, local_files_only=bool(unreachable))
         pipe = cls.from_pretrained(ref, **kwargs, **_no_safety_checker(cls))
     except (OSError, ValueError) as e:
+        if unreachable:
+            raise ValueError(
+                f"--model: {model!r} is not in the local Hugging Face cache, and the hub "
+                f"cannot be reached ({unreachable}); download it where the hub is reachable, "
+                "or give a local folder"
+            ) from e
         raise ValueError(f"--model: could not load {model!r}: {_first_line(e)}") from e
     check_tokenizer(pipe.tokenizer, model)
     return pipe
@@ -89,7 +98,30 @@ def _no_safety_checker(cls) -> dict:
     return {}
 
 
-def pipeline_class(ref: str, model: str):
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None when it answers (or when
+    ``HF_HUB_OFFLINE`` already makes diffusers read the cache only).
+
+    Without it, a hub id on a machine without network retried for over a minute before failing,
+    and the message did not say the network was the cause.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.scheme}://{url.hostname}:{port}: {e.strerror or type(e).__name__}"
+    return None
+
+
+def pipeline_class(ref: str, model: str, local_files_only: bool = False):
     """The pipeline class that the model's own ``model_index.json`` names, if loreun supports it.
 
     Raises:
@@ -97,7 +129,8 @@ def pipeline_class(ref: str, model: str):
     """
     import diffusers
 
-    name = diffusers.DiffusionPipeline.load_config(ref).get("_class_name", "")
+    config = diffusers.DiffusionPipeline.load_config(ref, local_files_only=local_files_only)
+    name = config.get("_class_name", "")
     if name not in SUPPORTED_PIPELINES:
         raise ValueError(
             f"its model_index.json names {name or 'no pipeline class'}; loreun supports "
