@@ -330,6 +330,30 @@ def spreadsheet_safe(value):
     return value
 
 
+def erasure_of(records: list[dict]) -> dict | None:
+    """What was erased from the model that made a source's images, from the header of the
+    erased file its manifest names (None: the base model, or images without a manifest)."""
+    path = next((r.get("erased") for r in records if r.get("erased")), None)
+    if not path:
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("loreun", "{}"))
+    except (SafetensorError, OSError, ValueError):
+        return {"file": str(path)}  # moved or unreadable since: the report says which file
+    hp = meta.get("hyperparameters", {}) if isinstance(meta, dict) else {}
+    return {
+        "file": str(path),
+        "concepts": meta.get("concepts") or [hp.get("forget_caption") or "images"],
+        "method": meta.get("method"),
+        "objective": meta.get("objective"),
+        "weighting": meta.get("weighting"),
+        "steps": meta.get("steps_done"),
+    }
+
+
 def build_summary(audited: list[dict], settings: AuditSettings) -> dict:
     from dataclasses import asdict
 
@@ -345,6 +369,7 @@ def build_summary(audited: list[dict], settings: AuditSettings) -> dict:
                 "images": len(s["records"]),
                 "unreadable": len(s["failures"]),
                 "failures": s["failures"],
+                "erasure": erasure_of(s["records"]),
                 **s["summaries"],
             }
             for s in audited

@@ -26,7 +26,8 @@ figure{margin:0;width:96px;overflow:hidden}
 figure img{width:96px;height:96px;object-fit:cover;display:block;
 image-rendering:pixelated;background:#eee}figcaption{font-size:10px;overflow:hidden;
 white-space:nowrap;text-overflow:ellipsis}
-figure.flagged img{filter:blur(10px)}figure.flagged{outline:2px solid #d1603d}
+figure.flagged img{filter:blur(10px)}figure.flagged,figure.shows{outline:2px solid #d1603d}
+figure.erased{box-shadow:0 0 0 3px #3b6ea8}figure.erased figcaption{color:#3b6ea8}
 .blur-off figure.flagged img{filter:none}small{color:#666}
 """
 SCRIPT = """
@@ -129,34 +130,69 @@ def bar_chart(title: str, cats: list[str], vals: dict[str, list[float]]) -> str:
     return f"<h2>{esc(title)}</h2>" + "".join(parts)
 
 
-def grid_indices(n: int, limit: int) -> list[int]:
+def grid_indices(n: int, limit: int, first: list[int] | None = None) -> list[int]:
     """Evenly spaced picks, so the grid spans the whole prompt file, not its first rows; sources
-    made from the same prompt file get the same picks, so their grids line up."""
-    if n <= limit:
-        return list(range(n))
-    if limit == 1:
-        return [0]
-    return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
+    made from the same prompt file get the same picks, so their grids line up. ``first`` (the
+    erased classes' rows) are kept before any even pick, up to ``limit``."""
+    keep = list(first or [])[:limit]
+    rest = [i for i in range(n) if i not in set(keep)]
+    room = limit - len(keep)
+    if len(rest) <= room:
+        return sorted(keep + rest)
+    if room <= 0:
+        return sorted(keep)
+    if room == 1:
+        return sorted(keep + rest[:1])
+    return sorted(set(keep) | {rest[round(i * (len(rest) - 1) / (room - 1))] for i in range(room)})
 
 
-def image_grid(src: dict, report_dir: Path, limit: int) -> str:
+def erased_rows(records: list[dict], classes) -> list[int]:
+    """Indices of the records of the erased classes, so the grid shows what was erased."""
+    wanted = {str(c).lower() for c in classes or ()}
+    return [j for j, r in enumerate(records) if str(r.get("class") or "").lower() in wanted]
+
+
+def image_grid(src: dict, report_dir: Path, limit: int, classes=()) -> str:
     figs = []
-    for j in grid_indices(len(src["records"]), limit):
+    erased = erased_rows(src["records"], classes)
+    for j in grid_indices(len(src["records"]), limit, erased):
         rec = src["records"][j]
         rel = os.path.relpath(rec["file"], report_dir)
-        cls = ' class="flagged"' if src["flagged"][j] else ""
+        marks = (["flagged"] if src["flagged"][j] else []) + (["erased"] if j in erased else [])
+        cls = f' class="{" ".join(marks)}"' if marks else ""
         cap = rec.get("prompt") or rec["path"]
+        cap = f"erased: {cap}" if j in erased else cap
         figs.append(
             f'<figure{cls}><img src="{esc(Path(rel).as_posix())}" alt="{esc(cap)}" '
             f'loading="eager"><figcaption title="{esc(cap)}">{esc(cap)}</figcaption>'
             "</figure>"
         )
-    more = len(src["records"]) - limit
+    more = len(src["records"]) - len(figs)
     note = f"<small>{more} more in results.csv</small>" if more > 0 else ""
     return (
         f'<div class="source"><h3>{esc(src["name"])}</h3>'
         f'<div class="grid">{"".join(figs)}</div>{note}</div>'
     )
+
+
+def what_was_erased(summary: dict) -> str:
+    """One line per source: the base model, or what its erased file says was erased and how."""
+    items = []
+    for name, s in summary["sources"].items():
+        e = s.get("erasure")
+        if e is None:
+            items.append(f"<li><b>{esc(name)}</b>: no erased weights (the base model)</li>")
+        elif "concepts" not in e:
+            items.append(f"<li><b>{esc(name)}</b>: {esc(e['file'])} (unreadable now)</li>")
+        else:
+            how = f"{e['method']}, {e['objective']}, {e['weighting']}, {e['steps']} steps"
+            items.append(
+                f"<li><b>{esc(name)}</b>: erased {esc(', '.join(e['concepts']))} "
+                f"({esc(how)}) <small>{esc(e['file'])}</small></li>"
+            )
+    classes = summary["settings"].get("erased_classes") or []
+    line = f"<p>Erased classes: {esc(', '.join(classes))}</p>" if classes else ""
+    return f"<h2>What was erased</h2><ul>{''.join(items)}</ul>{line}"
 
 
 def failures_list(audited: list[dict]) -> str:
@@ -172,24 +208,36 @@ def write_report(path: Path, audited: list[dict], summary: dict, settings) -> No
     """Write report.html next to results.csv."""
     title, cats, vals = chart_series(summary)
     versions = ", ".join(f"{k} {v}" for k, v in summary["versions"].items())
-    grids = "".join(image_grid(s, path.parent, settings.grid_limit) for s in audited)
+    classes = settings.erased_classes
+    grids = "".join(image_grid(s, path.parent, settings.grid_limit, classes) for s in audited)
     blur = "" if settings.blur else ' class="blur-off"'
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>loreun audit</title>"
         f"<style>{CSS}</style></head><body{blur}>"
         "<h1>loreun audit</h1>"
         f"<p><small>{esc(summary['protocol'])}<br>{esc(versions)}</small></p>"
+        f"{what_was_erased(summary)}"
         f"<h2>Summary</h2>{summary_table(summary)}"
         f"{bar_chart(title, cats, vals)}"
-        f"<h2>Images</h2><p><small>Flagged images are outlined"
-        f"{' and blurred' if settings.blur else ''}.</small></p>"
+        f"<h2>Images</h2><p><small>{grid_note(settings)}</small></p>"
         f'<div class="sources" id="grids">{grids}</div>'
         f"{failures_list(audited)}<script>{SCRIPT}</script></body></html>"
     )
     atomic_write_text(path, page)
 
 
-def _figure(rel: str | None, caption: str, flagged: bool) -> str:
+def grid_note(settings) -> str:
+    """What the marks on the grid mean, for the detectors that ran."""
+    notes = []
+    if settings.erased_classes:
+        notes.append("The erased classes' images come first, framed in blue.")
+    if "nudenet" in settings.detectors:
+        blurred = " and blurred" if settings.blur else ""
+        notes.append(f"Images NudeNet flags as exposed are outlined in red{blurred}.")
+    return " ".join(notes)
+
+
+def _figure(rel: str | None, caption: str, flagged: bool, unsafe: bool = True) -> str:
     """One image of an attack row; ``rel`` is relative to the attack folder, the report's."""
     if rel is None:
         return (
@@ -197,23 +245,24 @@ def _figure(rel: str | None, caption: str, flagged: bool) -> str:
             f"<figcaption>{esc(caption)}</figcaption></figure>"
         )
     src = Path(rel).as_posix()
-    cls = ' class="flagged"' if flagged else ""
+    cls = (' class="flagged"' if unsafe else ' class="shows"') if flagged else ""
     return (
         f'<figure{cls}><img src="{esc(src)}" alt="{esc(caption)}" loading="eager">'
         f"<figcaption>{esc(caption)}</figcaption></figure>"
     )
 
 
-def attack_rows_html(records: list[dict], limit: int = 48) -> str:
+def attack_rows_html(records: list[dict], limit: int = 48, unsafe: bool = True) -> str:
     """One table row per prompt: the original model's image, the erased model's on the plain
-    prompt and on the found one, side by side; images that show the concept are flagged."""
+    prompt and on the found one, side by side; images that show the concept are outlined, and
+    blurred only when ``unsafe`` (a nudity judge; an erased digit is shown)."""
     body = []
     for j in grid_indices(len(records), limit):
         r = records[j]
         figs = (
-            _figure(r["original_image"], "original", r["original_success"])
-            + _figure(r["pre_image"], "pre-attack", r["pre_success"])
-            + _figure(r["attacked_image"], "attacked", bool(r["attacked_success"]))
+            _figure(r["original_image"], "original", r["original_success"], unsafe)
+            + _figure(r["pre_image"], "pre-attack", r["pre_success"], unsafe)
+            + _figure(r["attacked_image"], "attacked", bool(r["attacked_success"]), unsafe)
         )
         adv = r["adv_prompt"] if r["adv_prompt"] is not None else "(pre-attack already shows it)"
         body.append(
@@ -239,6 +288,7 @@ def write_attack_report(path: Path, records: list[dict], summary: dict, blur: bo
     ]
     table = "".join(f'<tr><td>{esc(k)}</td><td class="num">{fmt(v)}</td></tr>' for k, v in rates)
     settings = esc(json.dumps({"attack": summary["attack"], "judge": summary["judge"]}))
+    unsafe = summary["judge"].get("detector") == "nudenet"  # an erased digit is safe to show
     body = "" if blur else ' class="blur-off"'
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>loreun attack</title>"
@@ -249,7 +299,7 @@ def write_attack_report(path: Path, records: list[dict], summary: dict, blur: bo
         f"{esc(summary['erased'] or 'no erasure')}<br>{settings}</small></p>"
         f'<h2>Summary</h2><table id="summary">{table}</table>'
         "<h2>Rows</h2><p><small>Images that show the concept are outlined"
-        f"{' and blurred' if blur else ''}.</small></p>"
-        f"{attack_rows_html(records)}<script>{SCRIPT}</script></body></html>"
+        f"{' and blurred' if blur and unsafe else ''}.</small></p>"
+        f"{attack_rows_html(records, unsafe=unsafe)}<script>{SCRIPT}</script></body></html>"
     )
     atomic_write_text(path, page)

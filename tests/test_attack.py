@@ -156,9 +156,11 @@ def test_attack_writes_rates_rows_images_and_report(attacked, digits_pipe):
         assert col in header
     page = (attacked / "report.html").read_text()
     assert page.count('<img src="images/') == sum(3 if r["attacked_image"] else 2 for r in log)
-    assert page.count('class="flagged"') == sum(
+    # a digit judge outlines what shows the digit without blurring it: the target must be seen
+    assert page.count('class="shows"') == sum(
         r["original_success"] + r["pre_success"] + bool(r["attacked_success"]) for r in log
     )
+    assert 'class="flagged"' not in page and "and blurred" not in page
 
 
 def test_attack_prompt_regenerates_its_image(attacked):

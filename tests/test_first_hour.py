@@ -3,6 +3,7 @@ that fails fast, no warnings nobody can act on, help that shows defaults."""
 
 import argparse
 import io
+import json
 import os
 import subprocess
 import sys
@@ -133,3 +134,42 @@ def test_help_shows_defaults_and_what_is_required(capsys):
         "--lora-rank" in lora
         and "--lora-rank" not in out[out.index("objective:") : out.index("LoRA (")]
     )
+
+
+@pytest.mark.slow
+def test_reports_say_what_was_erased_and_show_it(tmp_path, capsys):
+    """The audit report names the erased concepts and how they were erased, keeps the erased
+    classes' images in the grid (first, marked), blurs nothing on a digits page, and the
+    console gives each erased class its own figure."""
+    run = tmp_path / "erase"
+    argv = ["erase", "--model", "digits", "--concept", "a handwritten 3", "--concept"]
+    argv += ["a handwritten 7", "--steps", "3", "--out", str(run), "-q"]
+    assert main(argv) == 0
+    prompts = tmp_path / "p.csv"
+    rows = [("a handwritten 1", 1), ("a handwritten 5", 5), ("a handwritten 3", 3)]
+    rows += [("a handwritten 7", 7), ("a handwritten 0", 0)]
+    prompts.write_text(
+        "prompt,class,seed\n" + "".join(f"{p},{c},{i}\n" for i, (p, c) in enumerate(rows))
+    )
+    argv = ["evaluate", "--model", "digits", "--erased", str(run), "--prompts", str(prompts)]
+    argv += ["--detector", "digits", "--erased-class", "3", "--erased-class", "7", "--steps", "5"]
+    argv += ["--grid-limit", "2", "--out", str(tmp_path / "ev")]
+    capsys.readouterr()
+    assert main(argv) == 0
+    console = capsys.readouterr().out
+    assert "digits top1 class 3" in console and "digits top1 class 7" in console
+    page = (tmp_path / "ev" / "report.html").read_text()
+    assert "What was erased" in page
+    assert "erased a handwritten 3, a handwritten 7 (esd-x, esd, uniform, 3 steps)" in page
+    assert "no erased weights (the base model)" in page and "Erased classes: 3, 7" in page
+    grid = page[page.index('id="grids"') :]
+    assert grid.count('<figure class="erased">') == 4  # two per source: classes 3 and 7
+    assert "erased: a handwritten 3" in grid and "erased: a handwritten 7" in grid
+    assert "a handwritten 1" not in grid  # the two-image grid keeps the erased classes
+    assert "blurred" not in page and "NudeNet" not in page[page.index("<h2>Images") :]
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["sources"]["erased"]["erasure"]["concepts"] == [
+        "a handwritten 3",
+        "a handwritten 7",
+    ]
+    assert summary["sources"]["original"]["erasure"] is None
