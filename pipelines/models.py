@@ -140,24 +140,50 @@ def pipeline_class(ref: str, model: str, local_files_only: bool = False):
 
 
 def _load_single_file(path: str, config: str | None, kwargs: dict):
+    """A web-UI checkpoint: its configs come from ``config`` (a local diffusers folder, read
+    offline) or, without one, from the hub, as diffusers' ``from_single_file`` fetches them."""
     if not path.endswith(".safetensors"):
         raise ValueError(
             f"--model: {path}: only .safetensors single-file checkpoints are "
             "loaded; pickled .ckpt/.pt files can run code when opened"
         )
     if config is None:
-        raise ValueError(
-            f"--model: {path} is a single file; pass --config with a local "
-            "diffusers folder that holds its configs"
-        )
-    resolve_model(config)
+        from huggingface_hub import constants
+
+        unreachable = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else hub_unreachable()
+        if unreachable:
+            raise ValueError(
+                f"--model: {path} is a single file, whose configs diffusers fetches from the "
+                f"hub, which cannot be reached ({unreachable}); pass --config with a local "
+                "diffusers folder of the same architecture"
+            )
+        cls = single_file_class(path)
+    else:
+        resolve_model(config)
     try:
-        cls = pipeline_class(config, config)  # the family comes from the configs' folder
-        pipe = cls.from_single_file(path, config=config, **kwargs, **_no_safety_checker(cls))
+        if config is not None:
+            cls = pipeline_class(config, config)  # the family comes from the configs' folder
+            kwargs = {**kwargs, "config": config}
+        pipe = cls.from_single_file(path, **kwargs, **_no_safety_checker(cls))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"--model: could not load {path}: {_first_line(e)}") from e
     check_tokenizer(pipe.tokenizer, path)
     return pipe
+
+
+def single_file_class(path: str):
+    """The pipeline class of a web-UI checkpoint, from its key names alone: SDXL's has a second
+    text encoder under ``conditioner.embedders.1``; SD 1.x and 2.x share one class."""
+    import diffusers
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            sdxl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"--model: {path}: not a readable safetensors file ({e})") from None
+    name = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    return getattr(diffusers, name)
 
 
 def check_tokenizer(tokenizer, source: str, prompt: str = "a photo of a cat") -> None:

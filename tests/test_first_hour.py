@@ -173,3 +173,27 @@ def test_reports_say_what_was_erased_and_show_it(tmp_path, capsys):
         "a handwritten 7",
     ]
     assert summary["sources"]["original"]["erasure"] is None
+
+
+def test_a_single_file_without_config_says_why_it_needs_one(tmp_path):
+    """Where the hub answers, diffusers fetches a single file's configs and --config is not
+    needed; where it does not, the error says that the hub is the reason."""
+    from loreun.pipelines.models import single_file_class
+
+    ckpt = tmp_path / "model.safetensors"
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"conditioner.embedders.1.model.x": torch.zeros(1)}, str(ckpt))
+    assert single_file_class(str(ckpt)).__name__ == "StableDiffusionXLPipeline"
+    save_file({"model.diffusion_model.x": torch.zeros(1)}, str(ckpt))
+    assert single_file_class(str(ckpt)).__name__ == "StableDiffusionPipeline"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    argv = ["generate", "--model", str(ckpt), "--prompts", "digits", "--out", str(tmp_path / "g")]
+    done = subprocess.run(
+        [sys.executable, "-m", "loreun.cli", *argv], capture_output=True, text=True, env=env
+    )
+    line = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "cannot be reached (http://127.0.0.1:9" in line
+    assert "pass --config" in line
