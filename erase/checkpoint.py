@@ -22,6 +22,7 @@ from loreun.pipelines.files import (
     check_apart,
     check_writable,
     make_dir,
+    read_json,
     refuse_link,
     remove_ours,
     replace_folder,
@@ -193,12 +194,9 @@ def load_checkpoint(folder: Path) -> tuple[int, dict[str, torch.Tensor], dict, d
 def read_state(folder: Path) -> dict:
     """A checkpoint's ``state.json``, checked: a step that is a whole number agreeing with the
     folder's name, and a weighting state. An edited or torn file is refused by name."""
-    path = refuse_link(folder / "state.json")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--resume: {path}: not a readable checkpoint state ({e})") from None
-    step = state.get("step") if isinstance(state, dict) else None
+    path = folder / "state.json"
+    state = read_json(path, "--resume")
+    step = state.get("step")
     if (
         not isinstance(step, int)
         or isinstance(step, bool)
@@ -216,15 +214,7 @@ def read_state(folder: Path) -> dict:
 def checkpoint_config(folder: Path) -> dict | None:
     """The config saved with a checkpoint, or None for one written before configs were kept."""
     path = folder / ERASE_CONFIG
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(refuse_link(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--resume: {path}: not a readable config ({e})") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"--resume: {path}: not an erase config")
-    return saved
+    return read_json(path, "--resume") if path.is_file() else None
 
 
 def check_log_reaches(out: Path, step: int, checkpoint: Path) -> None:

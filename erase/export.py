@@ -16,6 +16,7 @@ from loreun.pipelines.files import (
     atomic_save_safetensors,
     atomic_write_text,
     check_apart,
+    read_json,
     recover_folder,
     refuse_link,
     replace_folder,
@@ -257,11 +258,8 @@ def _audit_summary(audit: str | Path | None) -> dict | None:
     path = path / "summary.json" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"--audit: {audit}: no summary.json from loreun audit or evaluate")
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--audit: {path}: not readable JSON ({e})") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("sources", {}), dict):
+    summary = read_json(path, "--audit")
+    if not isinstance(summary.get("sources", {}), dict):
         raise ValueError(f"--audit: {path}: not a summary.json from loreun audit or evaluate")
     return summary
 

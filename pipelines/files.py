@@ -123,6 +123,21 @@ def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict | No
         raise
 
 
+def read_json(path: str | Path, where: str) -> dict:
+    """A JSON object loreun wrote, or a one-line error naming ``where`` (the flag) and the file,
+    for a torn, edited or foreign one."""
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(refuse_link(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{where}: {path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: {path}: not a JSON object")
+    return data
+
+
 def open_append(path: str | Path):
     """A log opened for appending (text, UTF-8), never through a symlink."""
     path = refuse_link(path)

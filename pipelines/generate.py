@@ -25,6 +25,7 @@ from .files import (
     check_writable,
     make_dir,
     open_append,
+    read_json,
     refuse_link,
 )
 from .generate_settings import SCHEDULERS, GenerateSettings
@@ -319,17 +320,6 @@ def _rows_hash(rows) -> str:
     for r in rows:
         h.update(json.dumps([r.id, r.prompt, r.seed, r.guidance, r.width, r.height]).encode())
     return "sha256:" + h.hexdigest()
-
-
-def read_json(path: Path, where: str) -> dict:
-    """A JSON object loreun wrote, or a one-line error naming the file (a torn or edited one)."""
-    try:
-        data = json.loads(refuse_link(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{where}: {path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: {path}: not a JSON object")
-    return data
 
 
 def _claim_output(
