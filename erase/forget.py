@@ -306,11 +306,16 @@ def probe_grid(
     All items see the same timesteps and the same noise, so their difficulties differ only
     through the items themselves.
     """
+    from tqdm.auto import tqdm
+
+    from loreun.pipelines._meta import quiet
+
     n_train = len(schedule)
     t_grid = torch.arange(k) * n_train // k + n_train // (2 * k)
     shape = forget.x0.shape[2:]
     cols = []
-    for j, t in enumerate(t_grid):
+    # k x N forward passes: on an SD-sized model and a large forget set, minutes
+    for j, t in enumerate(tqdm(t_grid, desc="probing", unit="t", disable=quiet(), leave=False)):
         noise = torch.randn((1, *shape), generator=step_generator(seed, 0, PROBE_STREAM - j))
         cols.append(
             torch.cat(

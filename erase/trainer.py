@@ -24,7 +24,7 @@ from loreun.pipelines.conditioning import NoiseSchedule
 from loreun.pipelines.files import TRAIN_LOG, open_append
 from loreun.pipelines.loading import base_fingerprints
 from loreun.pipelines.models import load_pipeline
-from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, say
+from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, restart_rate, say
 
 from .batches import draw_batch, observe_difficulty
 from .checkpoint import (
@@ -273,6 +273,8 @@ def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
                 seconds = time.perf_counter() - started
                 step += 1
                 bar.update(1)
+                if step == run.start_step + 1:
+                    restart_rate(bar)  # the first step (warm-up) would skew the ETA
                 bar.set_postfix(loss=f"{stats['loss']:.4g}", ess=f"{stats['ess_fraction']:.2f}")
                 if log:
                     log.write(json.dumps({"step": step, **stats, "seconds": seconds}) + "\n")

@@ -31,7 +31,7 @@ from .files import (
 from .generate_settings import SCHEDULERS, GenerateSettings
 from .loading import apply_erased_weights, erased_file, file_sha256
 from .models import load_pipeline
-from .runtime import multi_cpu_launch
+from .runtime import multi_cpu_launch, restart_rate
 
 
 @dataclass
@@ -184,15 +184,6 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
     if state.is_main_process:
         merge_manifest(out)  # one manifest in prompt-file order, however the work was split
     state.wait_for_everyone()
-
-
-def restart_rate(bar) -> None:
-    """Count the bar's rate from now on: the first batch (kernel warm-up, first allocations)
-    can take many times a later one, and an ETA from it said 1 h 10 min for a 3:40 job."""
-    done = bar.n
-    bar.reset(total=bar.total)
-    bar.initial = bar.n = done
-    bar.refresh()
 
 
 def _prepare_pipeline(model, model_config, torch_dtype, erased, settings, device, force=False):

@@ -56,3 +56,12 @@ class StopFlag:
         if acc.num_processes > 1:
             flag = acc.reduce(flag, reduction="sum")
         return flag.item() > 0
+
+
+def restart_rate(bar) -> None:
+    """Count the bar's rate from now on: the first batch (kernel warm-up, first allocations)
+    can take many times a later one, and an ETA from it said 1 h 10 min for a 3:40 job."""
+    done = bar.n
+    bar.reset(total=bar.total)
+    bar.initial = bar.n = done
+    bar.refresh()

@@ -88,7 +88,7 @@ def test_the_built_in_model_runs_on_one_thread_by_default():
 def test_the_eta_is_not_taken_from_the_first_batch():
     from tqdm import tqdm
 
-    from loreun.pipelines.generate import restart_rate
+    from loreun.pipelines.runtime import restart_rate
 
     bar = tqdm(total=100, file=io.StringIO(), mininterval=0)
     time.sleep(1.0)  # the slow first batch: warm-up and first allocations
