@@ -89,15 +89,17 @@ def erase_cli(model, out, *extra):
 
 
 QUIET_ENV = ("LOREUN_QUIET", "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
+# As the session started: a module-scoped fixture that runs ``main([..., "-q"])`` sets them
+# before any test's own snapshot is taken, so each test is restored to these instead.
+SESSION_ENV = {k: os.environ.get(k) for k in QUIET_ENV}
 
 
 @pytest.fixture(autouse=True)
 def _restore_verbosity_env():
     """``main([..., "-q"])`` run in-process sets LOREUN_QUIET and the libraries' verbosity in
     os.environ, as it must for a real process; put them back so no test inherits another's."""
-    before = {k: os.environ.get(k) for k in QUIET_ENV}
     yield
-    for key, value in before.items():
+    for key, value in SESSION_ENV.items():
         if value is None:
             os.environ.pop(key, None)
         else:

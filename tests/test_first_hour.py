@@ -102,7 +102,8 @@ def test_the_eta_is_not_taken_from_the_first_batch():
     assert d["n"] == 60 and eta < 0.5  # the first batch's pace would say about 4 s
 
 
-def test_sampling_the_forget_set_shows_a_bar(tiny_pipeline_dir, tmp_path, capsys):
+def test_sampling_the_forget_set_shows_a_bar(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LOREUN_QUIET", raising=False)  # as a user runs it: not -q
     assert main(erase_args(tiny_pipeline_dir, tmp_path / "o")) == 0
     assert "sampling" in capsys.readouterr().err
 
