@@ -107,12 +107,16 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     """
     import socket
     from urllib.parse import urlparse
+    from urllib.request import getproxies, proxy_bypass
 
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return None
     url = urlparse(constants.ENDPOINT)
+    if url.hostname and not proxy_bypass(url.hostname):
+        # behind a proxy the hub is reached through it: that is the connection to try
+        url = urlparse(getproxies().get(url.scheme) or constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=timeout).close()

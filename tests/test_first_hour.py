@@ -198,3 +198,20 @@ def test_a_single_file_without_config_says_why_it_needs_one(tmp_path):
     line = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and "cannot be reached (http://127.0.0.1:9" in line
     assert "pass --config" in line
+
+
+def test_the_hub_probe_goes_through_a_proxy_when_one_is_set(monkeypatch):
+    """Behind a proxy the direct connection fails while the hub works: the probe must try the
+    proxy, or every hub id would be forced to the cache."""
+    from huggingface_hub import constants
+
+    from loreun.pipelines.models import hub_unreachable
+
+    for var in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    assert hub_unreachable().startswith("http://127.0.0.1:9: ")  # the proxy, not hub.invalid
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_unreachable() is None  # offline: diffusers reads the cache by itself
