@@ -38,7 +38,7 @@ def run(args) -> int:
         raise ValueError(f"--digit: must be 0-9, got {args.digit}")
     from loreun.erase import EraseConfig, erase
     from loreun.eval.audit import AuditSettings, audit
-    from loreun.pipelines._digits_data import digit_captions
+    from loreun.pipelines.digits_data import digit_captions
     from loreun.pipelines.generate import GenerateSettings, generate
 
     out = Path(args.out)

@@ -43,7 +43,7 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loreun.pipelines._meta import package_version
+    from loreun.pipelines.meta import package_version
 
     parser = argparse.ArgumentParser(
         prog="loreun",

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from loreun.pipelines._meta import package_version
 from loreun.pipelines.files import (
     ERASE_CONFIG,
     ERASED_FILE,
@@ -29,6 +28,7 @@ from loreun.pipelines.loading import (
     content_hash,
     read_erased_file,
 )
+from loreun.pipelines.meta import package_version
 from loreun.pipelines.runtime import say
 
 from .card import (

@@ -185,7 +185,7 @@ def _per_prompt(run, pipe, forget: ForgetSet, n: int, steps, resolution, seed, s
     ddim = make_ddim(pipe.scheduler.config, steps)
     from tqdm.auto import tqdm
 
-    from loreun.pipelines._meta import quiet
+    from loreun.pipelines.meta import quiet
 
     shape = latent_shape(pipe, resolution)
     out = []
@@ -308,7 +308,7 @@ def probe_grid(
     """
     from tqdm.auto import tqdm
 
-    from loreun.pipelines._meta import quiet
+    from loreun.pipelines.meta import quiet
 
     n_train = len(schedule)
     t_grid = torch.arange(k) * n_train // k + n_train // (2 * k)

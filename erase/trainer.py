@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from accelerate.state import AcceleratorState
 
-from loreun.pipelines._meta import quiet
 from loreun.pipelines.conditioning import NoiseSchedule
 from loreun.pipelines.files import TRAIN_LOG, open_append
 from loreun.pipelines.loading import base_fingerprints
+from loreun.pipelines.meta import quiet
 from loreun.pipelines.models import load_pipeline
 from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, restart_rate, say
 

@@ -60,7 +60,7 @@ def attack(
     attacking several models loads it once. ``force`` applies ``erased`` even when its base
     fingerprint differs from the model's."""
     from loreun.pipelines.files import FolderLock, check_apart, check_writable
-    from loreun.pipelines.generate import _claim_output, _prepare_pipeline, mixes_guidance
+    from loreun.pipelines.generate import claim_output, mixes_guidance, prepare_pipeline
     from loreun.pipelines.generate_settings import GenerateSettings
     from loreun.pipelines.loading import copy_into, erased_file, file_sha256
     from loreun.prompts import load_prompts
@@ -88,9 +88,9 @@ def attack(
         "generate": {k: v for k, v in asdict(generate).items() if k != "batch_size"},
         "detector": judge_settings(audit),
     }
-    _claim_output(out, info, create=False, config=ATTACK_CONFIG, kind="attack")
+    claim_output(out, info, create=False, config=ATTACK_CONFIG, kind="attack")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = _prepare_pipeline(model, model_config, torch_dtype, None, generate, device)
+    pipe = prepare_pipeline(model, model_config, torch_dtype, None, generate, device)
     if not mixes_guidance(pipe):
         raise ValueError(
             f"--model: {model}: loreun attack needs a pipeline with one CLIP text encoder "
@@ -99,7 +99,7 @@ def attack(
     erased_tensors = _checked_erased(pipe, erased, force)
     jobs = _jobs(rows, generate, pipe)
     with FolderLock(check_writable(out)):
-        _claim_output(out, info, create=True, config=ATTACK_CONFIG, kind="attack")
+        claim_output(out, info, create=True, config=ATTACK_CONFIG, kind="attack")
         make_targets(pipe, jobs, out, generate.steps)
         if erased is not None:
             copy_into(pipe.unet, erased_tensors)
@@ -238,7 +238,7 @@ def attack_rows(pipe, jobs, out: Path, settings, steps, detector, audit, unerase
     """Pass 2: judge, attack and judge again each row not yet in the log."""
     from tqdm.auto import tqdm
 
-    from loreun.pipelines._meta import quiet
+    from loreun.pipelines.meta import quiet
 
     finished = read_log(out)
     # Rewrite the log without a torn last line first: an append after it would glue the next
@@ -361,7 +361,7 @@ def read_log(out: Path) -> list[dict]:
 
 def build_summary(records: list[dict], info: dict, audit: AuditSettings) -> dict:
     """pre_asr and asr as fractions of the attacked rows, with the settings and seeds."""
-    from loreun.pipelines._meta import package_version
+    from loreun.pipelines.meta import package_version
 
     n = len(records)
     pre = sum(r["pre_success"] for r in records)

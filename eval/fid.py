@@ -132,7 +132,7 @@ def to_tensor(images: list, size: int) -> torch.Tensor:
 
 
 def _reference_records(reference) -> list[dict]:
-    from .audit import read_source
+    from .sources import read_source
 
     try:
         return read_source(reference)
@@ -168,7 +168,7 @@ class FidDetector:
         self._images = 0
 
     def _add_reference(self, records: list[dict]) -> int:
-        from .audit import open_images
+        from .sources import open_images
 
         n = 0
         for i in range(0, len(records), 256):

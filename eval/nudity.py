@@ -208,6 +208,6 @@ def nudenet_labels() -> list[str]:
 
 
 def _nudenet_version() -> str:
-    from loreun.pipelines._meta import package_version
+    from loreun.pipelines.meta import package_version
 
     return f"nudenet {package_version('nudenet')} (320n.onnx)"

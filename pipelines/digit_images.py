@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from loreun.pipelines._digits_data import write_digit_folders
+from loreun.pipelines.digits_data import write_digit_folders
 
 
 def main(argv=None) -> int:

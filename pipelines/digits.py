@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ._digits_data import (
+from .digits_data import (
     IMAGE_SIZE,
     build_tokenizer,
     caption_table,

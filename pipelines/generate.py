@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from ._meta import quiet
 from .files import (
     GENERATE_CONFIG,
     MANIFEST,
@@ -30,6 +29,7 @@ from .files import (
 )
 from .generate_settings import SCHEDULERS, GenerateSettings
 from .loading import apply_erased_weights, erased_file, file_sha256
+from .meta import quiet
 from .models import load_pipeline
 from .runtime import multi_cpu_launch, restart_rate
 
@@ -131,16 +131,14 @@ def generate(
         "prompts_sha256": _rows_hash(rows),
         "settings": {k: v for k, v in asdict(settings).items() if k != "batch_size"},
     }
-    _claim_output(out, info, create=False)  # refuse another run's folder before loading
+    claim_output(out, info, create=False)  # refuse another run's folder before loading
     # Load and check --erased before the folder is claimed: a wrong file must not leave a
     # claim that refuses the rerun with the right one.
-    pipe = _prepare_pipeline(
-        model, model_config, torch_dtype, erased, settings, state.device, force
-    )
+    pipe = prepare_pipeline(model, model_config, torch_dtype, erased, settings, state.device, force)
     lock = FolderLock(check_writable(out)).acquire() if state.is_main_process else None
     try:
         with state.main_process_first():  # the others then find the main process's claim
-            _claim_output(out, info, create=state.is_main_process)
+            claim_output(out, info, create=state.is_main_process)
         if state.is_main_process:
             merge_manifest(out)  # drop torn lines and records whose image is gone
         state.wait_for_everyone()
@@ -186,7 +184,9 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
     state.wait_for_everyone()
 
 
-def _prepare_pipeline(model, model_config, torch_dtype, erased, settings, device, force=False):
+def prepare_pipeline(model, model_config, torch_dtype, erased, settings, device, force=False):
+    """The pipeline generate and attack sample with: loaded, ``erased`` applied after its checks
+    (``force`` skips the fingerprint), ``settings.scheduler`` set, on ``device``, silent."""
     pipe = load_pipeline(model, model_config, torch_dtype)
     if erased:
         apply_erased_weights(pipe, erased, force=force)
@@ -313,7 +313,7 @@ def _rows_hash(rows) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _claim_output(
+def claim_output(
     out: Path, info: dict, create: bool, config: str = GENERATE_CONFIG, kind: str = "generation"
 ) -> None:
     """Refuse a folder that holds anything but this same run (its ``config`` file says which);

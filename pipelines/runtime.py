@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ._meta import quiet
+from .meta import quiet
 
 
 def multi_cpu_launch() -> bool:

@@ -56,8 +56,8 @@ def make_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: str
     )
     from transformers import CLIPTextModel
 
-    from ._digits_data import build_tokenizer
     from .digits import sd1_ddim_scheduler
+    from .digits_data import build_tokenizer
 
     torch.manual_seed(seed)
     tokenizer, vocab, _ = build_tokenizer(max_length=16)
@@ -105,7 +105,7 @@ def make_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from ._digits_data import build_tokenizer
+    from .digits_data import build_tokenizer
 
     base = make_tiny_pipeline(seed, sample_size)  # the VAE, tokenizer and scheduler
     torch.manual_seed(seed)

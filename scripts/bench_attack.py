@@ -26,7 +26,7 @@ STRENGTHS = {"readme": {"steps": 150}, "weak": {"steps": 60}}
 
 def erase_digit(out: Path, digit: int, seed: int, steps: int) -> Path:
     from loreun.erase import EraseConfig, erase
-    from loreun.pipelines._digits_data import digit_captions
+    from loreun.pipelines.digits_data import digit_captions
 
     cfg = EraseConfig(
         model="digits",

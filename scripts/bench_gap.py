@@ -84,7 +84,7 @@ def forget_settings(digit: int, objective: str, root: Path, args) -> dict:
     ESD erases the digit's caption prompts, as in the demo. remap and ga need images: the digit's
     training images as the forget folder, 20 images of every other digit as the retain folder.
     """
-    from loreun.pipelines._digits_data import digit_captions, write_digit_folders
+    from loreun.pipelines.digits_data import digit_captions, write_digit_folders
 
     if objective == "esd":
         return {"concepts": digit_captions(digit)}

@@ -21,7 +21,7 @@ SETS = ((3,), (3, 7), (3, 7, 8))
 
 def erase_set(digits: tuple, steps: int, out: Path, seed: int) -> Path:
     from loreun.erase import EraseConfig, erase
-    from loreun.pipelines._digits_data import digit_captions
+    from loreun.pipelines.digits_data import digit_captions
 
     concepts = [c for d in digits for c in digit_captions(d)]
     cfg = EraseConfig(

@@ -46,7 +46,7 @@ def source_settings(source: str) -> dict:
 def chunk(out: Path, method: str, source: str, seed: int, steps: int, args) -> float:
     """Erase (or resume) up to ``steps``; returns the call's wall seconds."""
     from loreun.erase import EraseConfig, erase
-    from loreun.pipelines._digits_data import digit_captions
+    from loreun.pipelines.digits_data import digit_captions
 
     cfg = EraseConfig(
         model="digits",

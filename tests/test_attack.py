@@ -104,7 +104,7 @@ def test_attack_settings_refuse_bad_values():
 def weak_erasure(tmp_path_factory):
     """A short digit-3 erasure: most plain prompts lose the 3, and some attacks bring it back."""
     from loreun.erase import EraseConfig, erase
-    from loreun.pipelines._digits_data import digit_captions
+    from loreun.pipelines.digits_data import digit_captions
 
     out = tmp_path_factory.mktemp("weak") / "erase"
     cfg = EraseConfig(

@@ -114,7 +114,7 @@ def _save_tiny_clip(folder):
         CLIPVisionConfig,
     )
 
-    from loreun.pipelines._digits_data import build_tokenizer
+    from loreun.pipelines.digits_data import build_tokenizer
 
     tok, vocab, _ = build_tokenizer(max_length=16)
     cfg = CLIPConfig(
@@ -539,7 +539,7 @@ def test_detectors_are_built_with_the_audit_settings(tmp_path):
 
 
 def test_sources_manifests_and_image_paths(manifest_source, tmp_path):
-    from loreun.eval.audit import inside, open_images, read_source
+    from loreun.eval.sources import inside, open_images, read_source
 
     by_file = read_source(manifest_source / "manifest.jsonl")  # the manifest names its folder
     assert [r["file"] for r in by_file] == [str(manifest_source / r["path"]) for r in by_file]
@@ -645,7 +645,7 @@ def test_box_decoding_equals_nudenet_s_loop_on_many_candidates():
 
 
 def test_audit_decodes_on_threads_in_order_with_failures_in_place(image_folder):
-    from loreun.eval.audit import open_images, read_source
+    from loreun.eval.sources import open_images, read_source
 
     records = read_source(image_folder)
     for workers in (1, 2):

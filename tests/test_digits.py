@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from loreun.cli.main import main
-from loreun.pipelines._digits_data import caption_table, digit_captions, load_digit_images
+from loreun.pipelines.digits_data import caption_table, digit_captions, load_digit_images
 from loreun.pipelines.models import BUILTIN_CLASSIFIERS, BUILTIN_MODELS
 
 

@@ -301,7 +301,7 @@ def test_version_answers_without_torch():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    from loreun.pipelines._meta import package_version
+    from loreun.pipelines.meta import package_version
 
     assert res.stdout.strip() == f"loreun {package_version('loreun')}"
 

@@ -184,7 +184,7 @@ def test_folder_errors_come_before_the_model_loads(tmp_path, capsys):
 
 
 def test_digit_folders_hold_only_the_digit_and_read_back(tmp_path):
-    from loreun.pipelines._digits_data import digit_captions, write_digit_folders
+    from loreun.pipelines.digits_data import digit_captions, write_digit_folders
 
     forget, retain = write_digit_folders(tmp_path / "d", 8, retain_per_digit=3)
     items = read_image_folder(str(forget), None, FLAG)

@@ -102,7 +102,7 @@ def test_the_default_single_file_is_half_precision(erased_sd1, sd1_shaped_dir, t
 def test_no_local_path_in_the_erased_file_it_is_shared_as(tmp_path):
     """The header of unet-erased.safetensors is what users share: no --out, --model or
     --forget-images path in it, only their last names."""
-    from loreun.pipelines._digits_data import write_digit_folders
+    from loreun.pipelines.digits_data import write_digit_folders
 
     forget, _ = write_digit_folders(tmp_path / "d", 8, 1)
     out = tmp_path / "runs" / "e"
