@@ -293,19 +293,6 @@ def test_erase_settings_file_takes_the_flag_names(tiny_pipeline_dir, tmp_path):
     assert json.loads((tmp_path / "o" / "erase_config.json").read_text())["concepts"] == ["a cat"]
 
 
-def test_version_answers_without_torch():
-    code = (
-        "import sys\nfrom loreun.cli.main import main\n"
-        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    from loreun.pipelines.meta import package_version
-
-    assert res.stdout.strip() == f"loreun {package_version('loreun')}"
-
-
 @pytest.mark.parametrize(
     "argv, pointer",
     [

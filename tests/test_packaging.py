@@ -26,15 +26,26 @@ def test_folder_import_fails_clearly(folder):
     assert res.returncode != 0 and f"loreun.{folder}" in res.stderr
 
 
-def test_help_does_not_import_torch():
+def _without_torch(argv: list[str]) -> str:
+    """stdout of ``loreun ARGV`` run in a fresh process, asserting torch was never imported."""
     code = (
         "import sys\nfrom loreun.cli.main import main\n"
-        "try:\n    main(['erase', '--help'])\nexcept SystemExit:\n    pass\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "--weighting" in res.stdout
+    return res.stdout
+
+
+def test_help_does_not_import_torch():
+    assert "--weighting" in _without_torch(["erase", "--help"])
+
+
+def test_version_answers_without_torch():
+    from loreun.pipelines.meta import package_version
+
+    assert _without_torch(["--version"]).strip() == f"loreun {package_version('loreun')}"
 
 
 def test_console_script_and_module_entry():
