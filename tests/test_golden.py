@@ -4,8 +4,8 @@ and SDXL erasure from fixed seeds.
 They pin the numbers a refactoring must not change: the noise schedule, the samplers, the prompt
 encoding, the objectives, the weighting and the optimizer step. The hash covers the tensors' names,
 dtypes, shapes and bytes in name order, not the file's header, which also records the package
-version; the erasure runs on one thread, since
-the thread count changes how float sums are split. A change that moves them on purpose updates them in the same commit and says why.
+version. The erasure runs on one thread, since the thread count changes how float sums are split.
+A change that moves them on purpose updates them in the same commit and says why.
 """
 
 import hashlib
