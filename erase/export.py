@@ -139,10 +139,10 @@ def export_run(run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
         check_finite_state(trained, None, steps_done, cfg)
         chosen = run.weighting.summary()
         kind, world = run.schedule.prediction_type, acc.num_processes
-        unet = run.pipe.unet
+        denoiser = run.family.denoiser(run.pipe)
         if cfg.lora_rank:  # the erased file holds the merged tensors; the LoRA files the adapters
-            save_lora_files(unet, out, type(run.pipe), kind)
-            trained = merged_tensors(unet)
+            save_lora_files(denoiser, out, type(run.pipe), run.family, kind)
+            trained = merged_tensors(denoiser)
         path = export_erased(
             out, trained, cfg, run.base_fingerprints, steps_done, chosen, kind, world
         )
@@ -165,8 +165,9 @@ def _erased_pipeline(run, cfg: EraseConfig, path: Path):
 
         return load_erased_pipeline(cfg.model, path, config=cfg.model_config)
     if cfg.lora_rank:
-        run.pipe.unet.fuse_lora()
-        run.pipe.unet.unload_lora()
+        denoiser = run.family.denoiser(run.pipe)
+        denoiser.fuse_lora()
+        denoiser.unload_lora()
     return run.pipe
 
 

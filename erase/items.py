@@ -3,32 +3,172 @@
 A forget (or retain) item is a concept prompt with one cached base-model sample, or one image
 with its caption (DESIGN.md section 3). This module reads the folders, encodes every prompt
 once, and samples or encodes the latents x_0, caching them under ``OUT/cache``; the trainer only
-consumes the ``ForgetSet`` it returns.
+consumes the ``ItemSet`` it returns. The retain set is an ``ItemSet`` too, without an anchor.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from loreun.pipelines.conditioning import encode_prompts
+from loreun.pipelines.family import encode_prompts, family_of
+from loreun.pipelines.files import atomic_save_safetensors, make_dir, refuse_link
 from loreun.pipelines.runtime import say
+from loreun.pipelines.schedule import schedule_of
 
 from .config import EraseConfig, check_anchor
-from .forget import (
-    ForgetSet,
-    encode_captions,
-    encode_images,
-    latent_shape,
-    load_or_sample_cache,
-    per_sample_items,
-    pixel_size,
-    sample_forget_latents,
-    sample_trajectory_pool,
-)
 from .images import ImageItem, folder_key, read_image_folder
+from .streams import SAMPLE_STREAM, TRAJECTORY_STREAM, step_generator
+
+
+@dataclass
+class ItemSet:
+    """Embeddings of the forget (or retain) items and, when known, their x_0 latents.
+
+    An item is a concept prompt (x_0: S base-model samples of it) or one image with its caption
+    (x_0: the image's latent, S = 1).
+
+    Attributes:
+        cond: [N, L, D] one embedding per item: its prompt or caption (a ``Cond`` for SDXL).
+        uncond: [1, L, D] the empty prompt.
+        anchor: [1, L, D] the --erase-from or --anchor prompt, or None.
+        x0: [N, S, C, H, W] S latents per item, or None.
+        pool: [Q, P, K, C, H, W] for ``--xt-source trajectory``: P base-model sampling trajectories
+            of each of the Q concept prompts, every latent a step can stop at, or None.
+        pool_of: [N] the pool row of each item (items of one prompt share its trajectories).
+    """
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    anchor: torch.Tensor | None
+    x0: torch.Tensor | None = None
+    pool: torch.Tensor | None = None
+    pool_of: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.cond)
+
+
+def encode_captions(pipe, captions: list[str], device, size: int | None = None):
+    """Encode each distinct caption once: -> [N, L, D] (or a ``Cond``), one row per caption."""
+    unique = sorted(set(captions))
+    emb = encode_prompts(pipe, unique, device, size)
+    index = torch.tensor([unique.index(c) for c in captions])
+    return emb[index]
+
+
+@torch.no_grad()
+def encode_images(pipe, paths: list[Path], size: int, device, batch: int = 16) -> torch.Tensor:
+    """Latents of images, the VAE posterior mean times its scaling factor: -> [N, 1, C, H, W].
+
+    The mean rather than a sample keeps the cache deterministic; the forward noise added at
+    every step dominates the posterior's spread anyway.
+    """
+    from .images import load_image_tensor
+
+    vae = pipe.vae.to(device)
+    out = []
+    for start in range(0, len(paths), batch):
+        x = torch.stack([load_image_tensor(p, size) for p in paths[start : start + batch]])
+        dist = vae.encode(x.to(device, vae.dtype)).latent_dist
+        out.append((dist.mean * vae.config.scaling_factor).float().cpu())
+    pipe.vae.to("cpu")
+    return torch.cat(out).unsqueeze(1)
+
+
+def per_sample_items(items: ItemSet) -> ItemSet:
+    """One item per (prompt, cached sample) pair: [P, S, ...] samples -> P * S items.
+
+    LoReUn weighs items, and a concept prompt's samples differ in how well the model fits
+    them, so each sample is an item with its own difficulty and weight; a single concept then
+    still gives S items to weigh.
+    """
+    p, s = items.x0.shape[:2]
+    return ItemSet(
+        cond=items.cond.repeat_interleave(s, dim=0),
+        uncond=items.uncond,
+        anchor=items.anchor,
+        x0=items.x0.reshape(p * s, 1, *items.x0.shape[2:]),
+        pool=items.pool,
+        pool_of=None if items.pool_of is None else items.pool_of.repeat_interleave(s),
+    )
+
+
+def sample_forget_latents(
+    eps,
+    pipe,
+    forget: ItemSet,
+    samples: int,
+    steps: int,
+    guidance: float,
+    resolution: int | None,
+    seed: int,
+    device,
+) -> torch.Tensor:
+    """Sample ``samples`` x_0 latents per concept with ``eps``: -> [N, S, C, H, W]."""
+
+    def run(sampler, cond, uncond, noise):
+        return sampler.sample(eps, cond, uncond, noise, guidance)
+
+    return _per_prompt(run, pipe, forget, samples, steps, resolution, seed, SAMPLE_STREAM, device)
+
+
+def sample_trajectory_pool(
+    eps, pipe, forget: ItemSet, pool: int, steps: int, guidance: float, resolution, seed, device
+) -> torch.Tensor:
+    """``pool`` full guided DDIM trajectories per concept prompt: -> [Q, P, K, C, H, W].
+
+    Partial sampling (ESD) runs DDIM from fresh noise to a random stop at every step; keeping
+    each step's latent of a fixed set of runs gives the same x_t distribution, drawn from a
+    finite pool, for the cost of sampling the pool once.
+    """
+
+    def run(sampler, cond, uncond, noise):
+        return sampler.trajectory(eps, cond, uncond, noise, guidance)
+
+    return _per_prompt(run, pipe, forget, pool, steps, resolution, seed, TRAJECTORY_STREAM, device)
+
+
+def _per_prompt(run, pipe, forget: ItemSet, n: int, steps, resolution, seed, stream, device):
+    """``run(sampler, cond [n], uncond [n], noise [n, C, H, W])`` for each prompt i, its noise
+    drawn from stream ``stream - i`` so that each cache is reproducible on its own; the
+    results stacked on the CPU: -> [N, n, ...]."""
+    sampler = schedule_of(pipe).sampler(steps)
+    from tqdm.auto import tqdm
+
+    from loreun.pipelines.meta import quiet
+
+    shape = family_of(pipe).latent_shape(pipe, resolution)
+    out = []
+    # one prompt's n samples at a time: a bar, since caching can take minutes on a large model
+    bar = tqdm(range(len(forget)), desc="sampling", unit="prompt", disable=quiet(), leave=False)
+    for i in bar:
+        g = step_generator(seed, 0, stream - i)
+        noise = torch.randn((n, *shape), generator=g).to(device)
+        cond = forget.cond[i : i + 1].expand(n, -1, -1)
+        out.append(run(sampler, cond, forget.uncond.expand(n, -1, -1), noise).cpu())
+    return torch.stack(out)
+
+
+def load_or_sample_cache(path: Path, key: dict, sample_fn) -> torch.Tensor:
+    """Reuse cached latents whose key (concepts, steps, guidance, seed...) matches, else sample."""
+    from safetensors import SafetensorError, safe_open
+
+    wanted = json.dumps(key, sort_keys=True)
+    make_dir(path.parent)
+    if refuse_link(path).is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("key") == wanted:
+                    return f.get_tensor("x0")
+        except (SafetensorError, OSError, KeyError):
+            pass  # a torn or foreign cache file is sampled again and replaced
+    x0 = sample_fn()
+    atomic_save_safetensors(path, {"x0": x0}, metadata={"key": wanted})
+    return x0
 
 
 @dataclass
@@ -58,14 +198,14 @@ def read_folders(cfg: EraseConfig) -> Folders:
 
 def build_forget_set(
     cfg: EraseConfig, pipe, teacher, acc, out: Path, images: list[ImageItem] | None
-) -> ForgetSet:
+) -> ItemSet:
     """Encode every prompt once; take x_0 from the images, or sample and cache it when needed."""
     anchor_prompt = cfg.erase_from if cfg.objective == "esd" else cfg.anchor
     extra = [""] + ([anchor_prompt] if anchor_prompt else [])
-    size = pixel_size(pipe, cfg.resolution)
+    size = cfg.resolution or family_of(pipe).native_size(pipe)
     emb = encode_prompts(pipe, extra, acc.device, size)
     captions = [it.caption for it in images] if images else cfg.concepts
-    forget = ForgetSet(
+    forget = ItemSet(
         cond=encode_captions(pipe, captions, acc.device, size),
         uncond=emb[:1],
         anchor=emb[1:2] if anchor_prompt else None,
@@ -88,7 +228,7 @@ def build_forget_set(
 
 def build_retain_set(
     cfg: EraseConfig, pipe, teacher, acc, out: Path, images: list[ImageItem] | None, uncond
-) -> ForgetSet | None:
+) -> ItemSet | None:
     """Retain items from a folder or from base-model samples of --retain-concept prompts.
 
     ``uncond`` ([1, L, D], the empty prompt) is the forget set's, encoded once.
@@ -96,8 +236,8 @@ def build_retain_set(
     if not cfg.retain_weight:
         return None
     captions = [it.caption for it in images] if images else cfg.retain_concepts
-    size = pixel_size(pipe, cfg.resolution)
-    retain = ForgetSet(encode_captions(pipe, captions, acc.device, size), uncond, anchor=None)
+    size = cfg.resolution or family_of(pipe).native_size(pipe)
+    retain = ItemSet(encode_captions(pipe, captions, acc.device, size), uncond, anchor=None)
     if images:
         retain.x0 = cached_image_latents(cfg, pipe, acc, out / "cache" / "retain-images", images)
     else:
@@ -109,7 +249,7 @@ def build_retain_set(
 
 def cached_image_latents(cfg, pipe, acc, stem: Path, images: list[ImageItem]) -> torch.Tensor:
     """VAE latents of a folder's images, cached under OUT/cache and reused while unchanged."""
-    size = pixel_size(pipe, cfg.resolution)
+    size = cfg.resolution or family_of(pipe).native_size(pipe)
     key = {"model": cfg.model, "images": folder_key(images, size)}
 
     def encode():
@@ -120,7 +260,7 @@ def cached_image_latents(cfg, pipe, acc, stem: Path, images: list[ImageItem]) ->
         return load_or_sample_cache(stem.with_suffix(".safetensors"), key, encode)
 
 
-def cached_samples(cfg, pipe, teacher, acc, stem: Path, items: ForgetSet, prompts) -> torch.Tensor:
+def cached_samples(cfg, pipe, teacher, acc, stem: Path, items: ItemSet, prompts) -> torch.Tensor:
     """Base-model samples of each prompt, cached under OUT/cache and reused by a rerun."""
     key = {
         "model": cfg.model,
@@ -154,11 +294,11 @@ def cached_samples(cfg, pipe, teacher, acc, stem: Path, items: ForgetSet, prompt
 
 def trajectory_pool_bytes(cfg: EraseConfig, pipe, prompts: int) -> int:
     """Bytes of the pool: prompts x pool x sample steps float32 latents."""
-    c, h, w = latent_shape(pipe, cfg.resolution)
+    c, h, w = family_of(pipe).latent_shape(pipe, cfg.resolution)
     return prompts * cfg.trajectory_pool * cfg.sample_steps * c * h * w * 4
 
 
-def cached_trajectories(cfg, pipe, teacher, acc, stem: Path, items: ForgetSet, prompts):
+def cached_trajectories(cfg, pipe, teacher, acc, stem: Path, items: ItemSet, prompts):
     """The trajectory pool [Q, P, K, C, H, W], sampled once with the frozen base and kept
     under OUT/cache, where a rerun (or --overwrite) finds and reuses it."""
     size = trajectory_pool_bytes(cfg, pipe, len(prompts))

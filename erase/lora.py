@@ -21,29 +21,30 @@ from pathlib import Path
 
 import torch
 
-from .presets import select_parameters
+from loreun.pipelines.family import Family
 
 ADAPTER = "default"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora-kohya.safetensors"
 
 
-def preset_modules(unet: torch.nn.Module, method: str) -> list[str]:
+def preset_modules(preset: dict[str, torch.nn.Parameter]) -> list[str]:
     """Names of the modules whose tensors the preset trains (each owns weight and maybe bias)."""
-    return sorted({name.rsplit(".", 1)[0] for name in select_parameters(unet, method)})
+    return sorted({name.rsplit(".", 1)[0] for name in preset})
 
 
 def add_lora(
-    unet: torch.nn.Module, method: str, rank: int, alpha: float, seed: int
+    unet: torch.nn.Module, preset: dict, rank: int, alpha: float, seed: int
 ) -> dict[str, torch.nn.Parameter]:
-    """Add adapters of ``rank`` to the preset's modules; returns name -> adapter parameter.
+    """Add adapters of ``rank`` to the modules of ``preset`` (``select_parameters``' result);
+    returns name -> adapter parameter.
 
-    ``lora_B`` starts at zero, so the adapted UNet starts as the base; ``lora_A`` is drawn from
+    ``lora_B`` starts at zero, so the adapted model starts as the base; ``lora_A`` is drawn from
     ``seed`` so that two runs with the same settings start alike.
     """
     from peft import LoraConfig
 
-    modules = preset_modules(unet, method)
+    modules = preset_modules(preset)
     check_rank(unet, modules, rank)
     config = LoraConfig(
         r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=modules
@@ -67,31 +68,6 @@ def check_rank(unet: torch.nn.Module, modules: list[str], rank: int) -> None:
             f"--lora-rank: {rank} is above the full rank of every module it adapts (at most "
             f"{full}); train the full tensors instead (no --lora-rank), or a rank of {full} or less"
         )
-
-
-class AdapterOffTeacher:
-    """The original model as the same UNet with its adapters switched off, without gradient.
-
-    ``base`` holds the adapters' initial values, which a saliency mask restores untrained
-    entries to; they are tiny, so the copy is exact.
-    """
-
-    exact = True
-
-    def __init__(self, unet: torch.nn.Module, trained: dict[str, torch.nn.Parameter]):
-        self.unet = unet
-        self.base = {n: p.detach().clone() for n, p in trained.items()}
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, emb) -> torch.Tensor:
-        """[B, C, H, W], [B], conditioning -> [B, C, H, W] the base model's prediction."""
-        from loreun.pipelines.conditioning import unet_kwargs
-
-        self.unet.disable_adapters()
-        try:
-            with torch.no_grad():
-                return self.unet(x, t, **unet_kwargs(emb)).sample
-        finally:
-            self.unet.enable_adapters()
 
 
 def merged_tensors(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -127,7 +103,7 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_lora_files(
-    unet: torch.nn.Module, out: Path, pipeline_class, prediction_type: str = "epsilon"
+    unet: torch.nn.Module, out: Path, pipeline_class, family: Family, prediction_type: str
 ) -> list[Path]:
     """Write diffusers' LoRA file and a kohya-format copy into ``out``; returns their paths.
 
@@ -146,12 +122,13 @@ def save_lora_files(
     try:
         pipeline_class.save_lora_weights(
             save_directory=str(tmp),
-            unet_lora_layers=convert_state_dict_to_diffusers(state),
+            **{family.lora_layers: convert_state_dict_to_diffusers(state)},
             weight_name=LORA_FILE,
             safe_serialization=True,
         )
-        kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
-        meta = kohya_metadata(pipeline_class.__name__, unet, prediction_type)
+        prefixed = {f"{family.lora_prefix}.{k}": v for k, v in state.items()}
+        kohya = convert_state_dict_to_kohya(prefixed)
+        meta = kohya_metadata(family.kohya_version(unet), unet, prediction_type)
         atomic_save_safetensors(tmp / KOHYA_FILE, kohya, metadata=meta)
         for final in finals:
             os.replace(tmp / final.name, final)
@@ -169,17 +146,14 @@ KOHYA_VERSIONS = {
 }
 
 
-def kohya_metadata(pipeline_name: str, unet: torch.nn.Module, prediction_type: str) -> dict:
+def kohya_metadata(version: str, unet: torch.nn.Module, prediction_type: str) -> dict:
     """The ``ss_*`` and ``modelspec.*`` header fields kohya's trainer writes, as strings.
 
-    The rank is also the network alpha: ``lora_state_dict`` folds ``alpha / rank`` into
-    ``lora_B``, and the ``.alpha`` tensors diffusers writes equal the rank (scale 1).
+    ``version`` is kohya's base model version, which the family gives. The rank is also the
+    network alpha: ``lora_state_dict`` folds ``alpha / rank`` into ``lora_B``, and the
+    ``.alpha`` tensors diffusers writes equal the rank (scale 1).
     """
     config = unet.peft_config[ADAPTER]
-    if "XL" in pipeline_name:
-        version = "sdxl_base_v1-0"
-    else:  # SD 2.x's text encoder (OpenCLIP ViT-H) is 1024 wide, SD 1.x's 768
-        version = "sd_v2" if unet.config.cross_attention_dim == 1024 else "sd_v1"
     return {
         "ss_network_module": "networks.lora",
         "ss_base_model_version": version,

@@ -12,9 +12,11 @@ from typing import Protocol
 
 import torch
 
-from loreun.pipelines.conditioning import cat_cond
+from loreun.pipelines.family import cat_cond
 
-EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# A denoiser: (x_t [B, C, H, W], t [B], conditioning of B) -> [B, C, H, W], in the model's own
+# parametrisation (the noise, v, or later a flow's velocity).
+PredictFn = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
 class Objective(Protocol):
@@ -23,12 +25,12 @@ class Objective(Protocol):
     ``batch.xt``, which dynamic LoReUn reuses as its difficulty."""
 
     def __call__(
-        self, student: EpsFn, teacher: EpsFn, batch: ForgetBatch
+        self, student: PredictFn, teacher: PredictFn, batch: ItemBatch
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
-class ForgetBatch:
+class ItemBatch:
     """One batch of forget items, already noised.
 
     Attributes:
@@ -67,7 +69,7 @@ def esd_target(
     return eps_anchor - eta * (eps_concept - eps_uncond)
 
 
-def teacher_predictions(teacher: EpsFn, batch: ForgetBatch) -> tuple[torch.Tensor, ...]:
+def teacher_predictions(teacher: PredictFn, batch: ItemBatch) -> tuple[torch.Tensor, ...]:
     """Frozen predictions for c, the empty prompt and (if set) the anchor, in one forward pass.
 
     Returns:
@@ -81,7 +83,7 @@ def teacher_predictions(teacher: EpsFn, batch: ForgetBatch) -> tuple[torch.Tenso
 
 
 def esd_loss(
-    student: EpsFn, teacher: EpsFn, batch: ForgetBatch, eta: float
+    student: PredictFn, teacher: PredictFn, batch: ItemBatch, eta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ESD per-sample loss.
 
@@ -96,7 +98,7 @@ def esd_loss(
     return per_sample_mse(pred, target), pred
 
 
-def denoising_loss(student: EpsFn, batch: ForgetBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def denoising_loss(student: PredictFn, batch: ItemBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """The ordinary diffusion loss of each item under its own prompt: ||eps_theta(x_t, c) - y||^2,
     where y is the noise or, for a v-prediction model, the velocity (``batch.target``).
 
@@ -111,7 +113,9 @@ def denoising_loss(student: EpsFn, batch: ForgetBatch) -> tuple[torch.Tensor, to
     return per_sample_mse(pred, batch.target), pred
 
 
-def remap_loss(student: EpsFn, teacher: EpsFn, batch: ForgetBatch) -> tuple[torch.Tensor, ...]:
+def remap_loss(
+    student: PredictFn, teacher: PredictFn, batch: ItemBatch
+) -> tuple[torch.Tensor, ...]:
     """SalUn-style remapping (Fan et al., ICLR 2024): ||eps_theta(x_t, c) - sg eps*(x_t, a)||^2.
 
     The forget image, noised and prompted with its own caption c, should be denoised as the frozen
@@ -129,7 +133,7 @@ def remap_loss(student: EpsFn, teacher: EpsFn, batch: ForgetBatch) -> tuple[torc
 
 
 def ga_loss(
-    student: EpsFn, teacher: EpsFn, batch: ForgetBatch, bound: float
+    student: PredictFn, teacher: PredictFn, batch: ItemBatch, bound: float
 ) -> tuple[torch.Tensor, ...]:
     """Bounded gradient ascent: -min(||eps_theta(x_t, c) - eps||^2, bound) per item.
 
@@ -157,5 +161,5 @@ def build_objective(name: str, *, eta: float = 1.0, ga_bound: float = 1.0):
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     fn = OBJECTIVES[name]
-    params = {"esd": (eta,), "ga": (ga_bound,)}.get(name, ())
-    return lambda student, teacher, batch: fn(student, teacher, batch, *params)
+    settings = {"esd": {"eta": eta}, "ga": {"bound": ga_bound}}.get(name, {})
+    return lambda student, teacher, batch: fn(student, teacher, batch, **settings)

@@ -20,12 +20,13 @@ import torch
 from loreun.pipelines.files import SALIENCY_MASK, atomic_save_safetensors
 from loreun.pipelines.runtime import say
 
-from .forget import SALIENCY_STREAM, ForgetSet, cached_batch, step_generator
-from .sampling import unet_eps
+from .items import ItemSet
+from .streams import SALIENCY_STREAM, step_generator
+from .xt_sources import cached_batch
 
 
 def forget_gradient(
-    objective, student, teacher, forget: ForgetSet, trained: dict, schedule, seed: int, device
+    objective, student, teacher, forget: ItemSet, trained: dict, schedule, seed: int, device
 ) -> dict[str, torch.Tensor]:
     """Gradient of the mean forget loss over every (item, cached sample) pair: name -> tensor.
 
@@ -38,7 +39,7 @@ def forget_gradient(
     for i in range(n):
         for j in range(s):
             g = step_generator(seed, 0, SALIENCY_STREAM - i * s - j)
-            sub = ForgetSet(
+            sub = ItemSet(
                 forget.cond[i : i + 1],
                 forget.uncond,
                 forget.anchor,
@@ -141,7 +142,7 @@ def restore_masked(trained: dict, mask: dict, base: dict) -> None:
         p.copy_(torch.where(m, p, base[name].to(p.device, p.dtype)))
 
 
-def build_mask(cfg, acc, out, *, objective, unet, teacher, forget, trained, schedule, base_fp):
+def build_mask(cfg, acc, out, *, objective, student, teacher, forget, trained, schedule, base_fp):
     """The saliency mask: loaded from --saliency-mask, reused from OUT, or computed and saved."""
     if cfg.saliency_mask:
         return load_mask(cfg.saliency_mask, trained, base_fp, "--saliency-mask")
@@ -161,7 +162,7 @@ def build_mask(cfg, acc, out, *, objective, unet, teacher, forget, trained, sche
         say(acc, f"saliency: the forget gradient of {len(forget)} items")
         with acc.autocast():
             grads = forget_gradient(
-                objective, unet_eps(unet), teacher, forget, trained, schedule, cfg.seed, acc.device
+                objective, student, teacher, forget, trained, schedule, cfg.seed, acc.device
             )
         mask = top_fraction_mask({n: g.abs() for n, g in grads.items()}, cfg.saliency)
         if acc.is_main_process:

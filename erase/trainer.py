@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from accelerate.state import AcceleratorState
 
-from loreun.pipelines.conditioning import NoiseSchedule
+from loreun.pipelines.family import Family, family_of
 from loreun.pipelines.files import TRAIN_LOG, open_append
 from loreun.pipelines.loading import base_fingerprints
 from loreun.pipelines.meta import quiet
 from loreun.pipelines.models import load_pipeline
 from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, restart_rate, say
+from loreun.pipelines.schedule import Sampler, Schedule, schedule_of
 
-from .batches import draw_batch, observe_difficulty
 from .checkpoint import (
     TrainingDiverged,
     check_finite_loss,
@@ -35,22 +35,18 @@ from .checkpoint import (
     start_run,
 )
 from .config import EraseConfig
+from .difficulty import observe_difficulty, probe_grid
 from .export import export_run
-from .forget import (
-    ForgetSet,
-    cached_batch,
-    item_ids,
-    probe_grid,
-    step_generator,
-)
-from .items import Folders, build_forget_set, build_retain_set, read_folders
-from .lora import AdapterOffTeacher, add_lora
-from .objectives import build_objective, denoising_loss
+from .items import Folders, ItemSet, build_forget_set, build_retain_set, read_folders
+from .lora import add_lora
+from .objectives import Objective, build_objective, denoising_loss
 from .optim import StepInBackward, build_optimizer
 from .presets import select_parameters
 from .saliency import build_mask, mask_gradients, restore_masked
-from .sampling import FrozenTeacher, make_ddim, unet_eps
-from .weighting import build_weighting, can_differ, weighting_stats
+from .streams import item_ids, step_generator
+from .teachers import AdapterOffTeacher, FrozenTeacher
+from .weighting import Weighting, can_differ, weighting_for, weighting_stats
+from .xt_sources import cached_batch, draw_batch
 
 __all__ = ["erase", "TrainingDiverged", "TrainingInterrupted"]
 
@@ -66,17 +62,18 @@ class Run:
     """Everything the loop needs, built once by ``setup``."""
 
     pipe: object
-    unet: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    family: Family
+    denoiser: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
     trained: dict[str, torch.nn.Parameter]
-    teacher: FrozenTeacher
-    forget: ForgetSet
-    weighting: object = None  # see docs/architecture.md for the weighting contract
+    teacher: FrozenTeacher | AdapterOffTeacher
+    forget: ItemSet
+    weighting: Weighting
+    objective: Objective
+    schedule: Schedule
     optimizer: torch.optim.Optimizer | None = None
     base_fingerprints: dict[str, str] | None = None  # header key -> fingerprint
-    schedule: NoiseSchedule | None = None
-    ddim: object | None = None  # a DDIM scheduler for the partial-sampling x_t sources
-    objective: object = None  # fn(student, teacher, batch) -> (losses [B], pred)
-    retain: ForgetSet | None = None
+    sampler: Sampler | None = None  # for the sampling x_t sources (partial, trajectory)
+    retain: ItemSet | None = None
     mask: dict[str, torch.Tensor] | None = None
     start_step: int = 0
 
@@ -140,48 +137,44 @@ def setup(
     """Load the model, pick trained tensors, build forget/retain items, mask, resume."""
     folders = folders or read_folders(cfg)
     pipe = load_pipeline(cfg.model, cfg.model_config)
-    unet = pipe.unet.to(acc.device)
-    unet.requires_grad_(False)
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe).to(acc.device)
+    denoiser.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    trained, teacher, fingerprints = trainable(cfg, unet)
+        denoiser.enable_gradient_checkpointing()
+    trained, teacher, fingerprints = trainable(cfg, family, denoiser)
     base_fp = fingerprints["base_fingerprint"]
     forget = build_forget_set(cfg, pipe, teacher, acc, out, folders.forget)
     retain = build_retain_set(cfg, pipe, teacher, acc, out, folders.retain, forget.uncond)
-    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+    schedule = schedule_of(pipe)
     objective = build_objective(cfg.objective, eta=cfg.negative_guidance, ga_bound=cfg.ga_bound)
-    parts = dict(unet=unet, teacher=teacher, forget=forget, trained=trained, schedule=schedule)
-    mask = build_mask(cfg, acc, out, objective=objective, base_fp=base_fp, **parts)
-    weighting = build_weighting(
-        cfg.weighting,
-        len(forget),
-        temperature=cfg.temperature,
-        variant=cfg.loreun_variant,
-        momentum=cfg.loreun_momentum,
-        normalize=cfg.difficulty_norm == "timestep",
-        num_train_timesteps=len(schedule),
-        target_ess=cfg.target_ess,
+    student = family.predictor(denoiser)
+    parts = dict(student=student, teacher=teacher, forget=forget, trained=trained)
+    mask = build_mask(
+        cfg, acc, out, objective=objective, schedule=schedule, base_fp=base_fp, **parts
     )
+    weighting = weighting_for(cfg, len(forget), schedule)
     if weighting.needs_difficulty and resume is None and can_differ(cfg):
         # a resumed run reloads its memory; at tau = inf every weight is 1 whatever the memory
         say(acc, f"probing the difficulty of {len(forget)} forget items")
         with acc.autocast():
             grid, t_grid = probe_grid(teacher, forget, schedule, cfg.seed, acc.device)
         weighting.fill(grid, t_grid)
-    prepared, optimizer = prepare_optimizer(cfg, acc, unet, trained, mask)
-    ddim = make_ddim(pipe.scheduler.config, cfg.sample_steps) if cfg.xt_source != "cached" else None
+    prepared, optimizer = prepare_optimizer(cfg, acc, denoiser, trained, mask)
+    sampler = schedule.sampler(cfg.sample_steps) if cfg.xt_source != "cached" else None
     run = Run(
         pipe=pipe,
-        unet=prepared,
+        family=family,
+        denoiser=prepared,
         trained=trained,
         teacher=teacher,
         forget=forget,
         weighting=weighting,
+        objective=objective,
+        schedule=schedule,
         optimizer=optimizer,
         base_fingerprints=fingerprints,
-        schedule=schedule,
-        ddim=ddim,
-        objective=objective,
+        sampler=sampler,
         retain=retain,
         mask=mask,
     )
@@ -190,27 +183,28 @@ def setup(
     return run
 
 
-def trainable(cfg: EraseConfig, unet) -> tuple[dict, object, dict[str, str]]:
+def trainable(cfg: EraseConfig, family: Family, denoiser) -> tuple[dict, object, dict[str, str]]:
     """(name -> trained parameter, the teacher, the base fingerprints of the preset's tensors).
 
     Full training trains the preset's tensors against frozen copies of them; ``--lora-rank``
-    trains adapters on the same modules against the UNet with its adapters off.
+    trains adapters on the same modules against the denoiser with its adapters off.
     """
-    preset = select_parameters(unet, cfg.method)
+    preset = select_parameters(denoiser, cfg.method, family.presets)
     base_fp = base_fingerprints({n: p.detach() for n, p in preset.items()})
     if cfg.lora_rank:
         alpha = cfg.lora_alpha or cfg.lora_rank
-        trained = add_lora(unet, cfg.method, cfg.lora_rank, alpha, cfg.seed)
-        cast_untrained(unet, trained, TORCH_DTYPES.get(cfg.mixed_precision))
-        return trained, AdapterOffTeacher(unet, trained), base_fp
+        trained = add_lora(denoiser, preset, cfg.lora_rank, alpha, cfg.seed)
+        cast_untrained(denoiser, trained, TORCH_DTYPES.get(cfg.mixed_precision))
+        return trained, AdapterOffTeacher(family, denoiser, trained), base_fp
     for p in preset.values():
         p.requires_grad_(True)
-    cast_untrained(unet, preset, TORCH_DTYPES.get(cfg.mixed_precision))
-    return preset, FrozenTeacher(unet, preset, TORCH_DTYPES[cfg.frozen_dtype]), base_fp
+    cast_untrained(denoiser, preset, TORCH_DTYPES.get(cfg.mixed_precision))
+    teacher = FrozenTeacher(family, denoiser, preset, TORCH_DTYPES[cfg.frozen_dtype])
+    return preset, teacher, base_fp
 
 
-def cast_untrained(unet: torch.nn.Module, trained: dict, dtype: torch.dtype | None) -> None:
-    """Hold the UNet's untrained floating-point parameters in ``dtype`` (``--mixed-precision``).
+def cast_untrained(denoiser: torch.nn.Module, trained: dict, dtype: torch.dtype | None) -> None:
+    """Hold the denoiser's untrained floating-point parameters in ``dtype`` (``--mixed-precision``).
 
     Under autocast every convolution and matmul casts its weight to that dtype on each call, so
     a full-precision copy of a weight that never trains buys nothing but memory: this is what
@@ -225,15 +219,15 @@ def cast_untrained(unet: torch.nn.Module, trained: dict, dtype: torch.dtype | No
     if dtype is None:
         return
     keep = {id(p) for p in trained.values()}
-    for p in unet.parameters():
+    for p in denoiser.parameters():
         cast = id(p) not in keep and p.is_floating_point() and not p.requires_grad
         p.data = p.data.to(dtype) if cast else p.data.clone()
-    for b in unet.buffers():
+    for b in denoiser.buffers():
         b.data = b.data.clone()
 
 
-def prepare_optimizer(cfg: EraseConfig, acc, unet, trained: dict, mask: dict | None):
-    """(the UNet as accelerate prepares it, the optimizer over the trained tensors).
+def prepare_optimizer(cfg: EraseConfig, acc, denoiser, trained: dict, mask: dict | None):
+    """(the denoiser as accelerate prepares it, the optimizer over the trained tensors).
 
     With ``--step-in-backward`` the optimizer is a ``StepInBackward`` that updates during
     backward; accelerate does not wrap it (it would step and clip it again).
@@ -243,13 +237,13 @@ def prepare_optimizer(cfg: EraseConfig, acc, unet, trained: dict, mask: dict | N
         return build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
 
     if not cfg.step_in_backward:
-        return acc.prepare(unet, make(list(trained.values())))
+        return acc.prepare(denoiser, make(list(trained.values())))
     if acc.num_processes > 1:
         raise ValueError(
             "--step-in-backward: runs on one process (several would update before the "
             "gradients are averaged)"
         )
-    return acc.prepare(unet), StepInBackward(make, trained, mask)
+    return acc.prepare(denoiser), StepInBackward(make, trained, mask)
 
 
 def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
@@ -304,7 +298,7 @@ def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> dict[str, float]:
     sums = torch.zeros(3, device=acc.device)
     for micro in range(cfg.gradient_accumulation_steps):
         k = step * cfg.gradient_accumulation_steps + micro
-        with acc.accumulate(run.unet):
+        with acc.accumulate(run.denoiser):
             loss, forget_term, retain_term = micro_batch_loss(run, cfg, acc, k)
             check_finite_loss(loss, step, acc, cfg)
             acc.backward(loss)
@@ -339,10 +333,10 @@ def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Ten
     g = step_generator(cfg.seed, acc.process_index, k)
     ids = item_ids(len(run.forget), cfg.batch_size, cfg.seed, acc.process_index, k)
     batch = draw_batch(run, cfg, acc, ids, g)
-    student = unet_eps(run.unet)
+    student = run.family.predictor(run.denoiser)
     with acc.autocast():
         losses, pred = run.objective(student, run.teacher, batch)
-    observe_difficulty(run, cfg, acc, batch, pred, g)
+    observe_difficulty(run, acc, batch, pred, g)
     w = run.weighting.weights(ids).to(losses.device)
     loss = (w * losses).sum() / len(losses)
     forget_term, retain_term = loss.detach(), torch.zeros((), device=loss.device)

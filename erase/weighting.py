@@ -40,7 +40,9 @@ class Weighting(Protocol):
     """
 
     name: str
-    needs_difficulty: bool
+    needs_difficulty: bool  # a fill of every item's difficulty before training
+    observes: bool  # each step's difficulties, through ``observe``
+    gathers: bool  # those of every process, not only its own
 
     def weights(self, ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -125,21 +127,29 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum()) / denom if denom else 1.0
 
 
-class TimestepNormalizer:
-    """Running mean of the denoising loss per timestep bucket.
+def thousand_steps(t: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Buckets of integer times 0..999, for a weighting built without a schedule (the
+    classification testbed, tests); an erase run passes its schedule's own ``bucket``."""
+    return (t.long().cpu() * buckets // 1000).clamp(0, buckets - 1)
 
-    Dividing an item's loss by the mean loss at its timestep makes items observed at different
-    timesteps comparable, which a memory filled one item at a time needs.
+
+class TimestepNormalizer:
+    """Running mean of the denoising loss per time bucket.
+
+    Dividing an item's loss by the mean loss at its time makes items observed at different
+    times comparable, which a memory filled one item at a time needs.
+
+    Args:
+        bucket: fn(t [B], buckets) -> [B] bucket indices; the schedule's ``bucket``.
     """
 
-    def __init__(self, num_train_timesteps: int = 1000, buckets: int = 10, momentum: float = 0.9):
-        self.num_train_timesteps = num_train_timesteps
+    def __init__(self, bucket=thousand_steps, buckets: int = 10, momentum: float = 0.9):
+        self._bucket = bucket
         self.momentum = momentum
         self.means = torch.full((buckets,), float("nan"))
 
     def bucket(self, t: torch.Tensor) -> torch.Tensor:
-        n = len(self.means)
-        return (t.long().cpu() * n // self.num_train_timesteps).clamp(0, n - 1)
+        return self._bucket(t, len(self.means))
 
     def update(self, t: torch.Tensor, loss: torch.Tensor) -> None:
         means, m = self.means.tolist(), self.momentum  # plain floats: this runs every step
@@ -164,6 +174,8 @@ class UniformWeighting:
 
     name = "uniform"
     needs_difficulty = False
+    observes = False
+    gathers = False
 
     def weights(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.ones(len(ids))
@@ -200,6 +212,7 @@ class LoReUnWeighting:
         momentum: EMA momentum of the dynamic memory: the share an item's old value keeps at
             each visit. After P visits the fill keeps ``momentum ** P`` of the memory.
         normalize: divide each observation by the running mean loss at its timestep.
+        bucket: the schedule's ``bucket`` (time -> slice of the time range) for ``normalize``.
         target_ess: if given, tau is chosen at ``fill`` so that the filled memory's weights
             have ESS = target_ess * N.
     """
@@ -214,7 +227,7 @@ class LoReUnWeighting:
         variant: str = LOREUN_VARIANT,
         momentum: float = LOREUN_MOMENTUM,
         normalize: bool = True,
-        num_train_timesteps: int = 1000,
+        bucket=thousand_steps,
         target_ess: float | None = None,
     ):
         if variant not in VARIANTS:
@@ -224,8 +237,10 @@ class LoReUnWeighting:
         self.temperature = temperature
         self.target_ess = target_ess
         self.variant = variant
+        self.observes = variant != "static"  # wants each step's difficulties
+        self.gathers = variant == "dynamic"  # its memory folds in every process's items
         self.momentum = momentum
-        self.normalizer = TimestepNormalizer(num_train_timesteps) if normalize else None
+        self.normalizer = TimestepNormalizer(bucket) if normalize else None
         self.memory = torch.full((num_items,), float("nan"))
         self.filled: torch.Tensor | None = None
         self._batch = None  # (ids [B], weights [B]) of the last observed batch ("batch")
@@ -351,6 +366,20 @@ def build_weighting(name: str, num_items: int, **settings):
     if name not in table:
         raise ValueError(f"unknown weighting {name!r}; choose one of {', '.join(table)}")
     return table[name]()
+
+
+def weighting_for(cfg, num_items: int, schedule):
+    """The run's weighting from its config: the one place that reads the LoReUn settings."""
+    return build_weighting(
+        cfg.weighting,
+        num_items,
+        temperature=cfg.temperature,
+        variant=cfg.loreun_variant,
+        momentum=cfg.loreun_momentum,
+        normalize=cfg.difficulty_norm == "timestep",
+        bucket=schedule.bucket,
+        target_ess=cfg.target_ess,
+    )
 
 
 def weighting_stats(weighting, num_items: int) -> dict[str, float]:

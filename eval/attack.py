@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from loreun.pipelines.family import denoiser, family_of, native_size
 from loreun.pipelines.files import (
     atomic_write_bytes,
     atomic_write_text,
@@ -91,7 +92,7 @@ def attack(
     claim_output(out, info, create=False, config=ATTACK_CONFIG, kind="attack")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = prepare_pipeline(model, model_config, torch_dtype, None, generate, device)
-    if not mixes_guidance(pipe):
+    if not (family_of(pipe).attack and mixes_guidance(pipe)):
         raise ValueError(
             f"--model: {model}: loreun attack needs a pipeline with one CLIP text encoder "
             "(SD 1.x or 2.x)"
@@ -102,7 +103,7 @@ def attack(
         claim_output(out, info, create=True, config=ATTACK_CONFIG, kind="attack")
         make_targets(pipe, jobs, out, generate.steps)
         if erased is not None:
-            copy_into(pipe.unet, erased_tensors)
+            copy_into(denoiser(pipe), erased_tensors)
         attack_rows(pipe, jobs, out, settings, generate.steps, detector, audit, erased is None)
         records = read_log(out)
         summary = build_summary(records, info, audit)
@@ -159,7 +160,7 @@ def _checked_erased(pipe, erased, force: bool = False):
     from loreun.pipelines.loading import check_compatible, read_erased_file
 
     tensors, meta = read_erased_file(erased)
-    check_compatible(pipe.unet, tensors, meta, force=force, source=str(erased))
+    check_compatible(denoiser(pipe), tensors, meta, force=force, source=str(erased))
     return tensors
 
 
@@ -168,7 +169,7 @@ def _jobs(rows, generate, pipe) -> list:
 
     from loreun.pipelines.generate import plan_jobs
 
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native_size(pipe)
     return plan_jobs(rows, replace(generate, samples_per_prompt=1), native)
 
 
@@ -246,7 +247,7 @@ def attack_rows(pipe, jobs, out: Path, settings, steps, detector, audit, unerase
     atomic_write_text(out / ATTACK_LOG, "".join(json.dumps(r) + "\n" for r in finished))
     done = {rec["index"] for rec in finished}
     todo = [j for j in jobs if j.index not in done]
-    pipe.unet.requires_grad_(False)
+    denoiser(pipe).requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     bar = tqdm(total=len(todo), desc="attack", disable=quiet())
     with open_append(out / ATTACK_LOG) as log:
@@ -307,9 +308,9 @@ def attack_one(pipe, job, out, settings, steps, detector, audit, unerased, bar) 
 
 def _attack(pipe, job, out, target, settings, steps, detector, audit, bar) -> dict:
     """Rounds of prefix optimisation, each judged by generating from the found prompt."""
-    from loreun.pipelines.conditioning import NoiseSchedule
+    from loreun.pipelines.schedule import schedule_of
 
-    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+    schedule = schedule_of(pipe)
     found = PrefixAttack(pipe, schedule, job.row.prompt, target, settings, job.seed)
     losses, rel = [], _image_path(job, "attacked")
     for r in range(settings.rounds):

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loreun.pipelines.family import family_of
+
 from .attack_settings import AttackSettings
 
 
@@ -111,7 +113,7 @@ class PrefixAttack:
 
     Args:
         pipe: an SD 1.x/2.x pipeline holding the erased UNet; its weights are not trained.
-        schedule: the model's ``NoiseSchedule`` (noising and the epsilon/v target).
+        schedule: the model's ``DDPMSchedule`` (noising and the epsilon/v target).
         prompt: the row's prompt.
         target: [1, C, h, w] the original model's final latent for the row.
         seed: seeds every draw (timesteps, noise, tokens).
@@ -133,13 +135,14 @@ class PrefixAttack:
     def loss(self) -> torch.Tensor:
         """The erased UNet's denoising error on the target at a drawn timestep, conditioned on
         a prompt drawn from the prefix distribution; a scalar."""
-        t = torch.randint(0, len(self.schedule), (1,), generator=self.generator)
+        t = self.schedule.draw_times(1, self.generator)
         noise = torch.randn(self.target.shape, generator=self.generator).to(self.target)
         one_hot = SampledOneHot.apply(self.probs, self.generator)
         cond = encode_with_prefix(self.pipe.text_encoder, self.ids, one_hot @ self.table())
-        unet = self.pipe.unet
+        family = family_of(self.pipe)
+        model = family.denoiser(self.pipe)
         x_t = self.schedule.add_noise(self.target, t, noise)
-        pred = unet(x_t, t.to(x_t.device), encoder_hidden_states=cond.to(unet.dtype)).sample
+        pred = family.predict(model, x_t, t.to(x_t.device), cond.to(model.dtype))
         return F.mse_loss(pred.float(), self.schedule.target(self.target, t, noise))
 
     def table(self) -> torch.Tensor:

@@ -24,6 +24,7 @@ from .digits_data import (
     load_digit_images,
     save_tokenizer,
 )
+from .schedule import DDPMSchedule, sd1_scheduler
 
 
 @dataclass
@@ -83,21 +84,7 @@ def build_components(vocab_size: int, max_length: int):
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    return text_encoder, vae, unet, sd1_ddim_scheduler()
-
-
-def sd1_ddim_scheduler():
-    """DDIM with Stable Diffusion 1.x's noise schedule, as its pipelines are configured."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return text_encoder, vae, unet, sd1_scheduler()
 
 
 def _log(msg: str) -> None:
@@ -159,8 +146,7 @@ def train_unet(text_encoder, unet, scheduler, tokenizer, latents, labels, cfg: D
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / cfg.unet_steps))
     )
-    n_train = scheduler.config.num_train_timesteps
-    acp = scheduler.alphas_cumprod
+    schedule = DDPMSchedule.from_scheduler(scheduler)
     for step in range(cfg.unet_steps):
         idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
         x0, y = latents[idx], labels[idx]
@@ -168,12 +154,13 @@ def train_unet(text_encoder, unet, scheduler, tokenizer, latents, labels, cfg: D
         ids = torch.stack([per_digit[int(d)][int(p)] for d, p in zip(y, pick)])
         drop = torch.rand(len(y), generator=gen) < cfg.uncond_prob
         ids[drop] = empty
-        t = torch.randint(0, n_train, (len(y),), generator=gen)
+        t = schedule.draw_times(len(y), gen)
         noise = torch.randn(x0.shape, generator=gen)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt = schedule.add_noise(x0, t, noise)
         emb = text_encoder(ids)[0]
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=emb).sample, noise)
+        loss = F.mse_loss(
+            unet(xt, t, encoder_hidden_states=emb).sample, schedule.target(x0, t, noise)
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

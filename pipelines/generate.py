@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .family import family_of
 from .files import (
     GENERATE_CONFIG,
     MANIFEST,
@@ -82,12 +83,12 @@ def batches(jobs: list[Job], batch_size: int, mixed_guidance: bool = False) -> l
 
 
 def mixes_guidance(pipe) -> bool:
-    """Whether loreun's own loop can give each image of a batch its own guidance: SD 1.x/2.x
-    pipelines with classifier-free guidance (one text encoder, no guidance embedding)."""
-    return (
-        getattr(pipe, "text_encoder_2", None) is None
-        and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
-    )
+    """Whether loreun's own loop can give each image of a batch its own guidance: families
+    whose table says so (SD 1.x/2.x: classifier-free guidance, one text encoder), without a
+    guidance embedding (LCM-distilled UNets have one)."""
+    family = family_of(pipe)
+    config = family.denoiser(pipe).config
+    return family.own_loop and getattr(config, "time_cond_proj_dim", None) is None
 
 
 def generate(
@@ -154,7 +155,7 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
     from tqdm.auto import tqdm
 
     done = {rec["key"] for rec in read_manifest(out) if is_image_record(rec, out)}
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = family_of(pipe).native_size(pipe)
     jobs = [j for j in plan_jobs(rows, settings, native) if j.key not in done]
     mine = jobs[state.process_index :: state.num_processes]
     part = out / (
@@ -257,8 +258,10 @@ def sample_latents(
     """
     device = pipe._execution_device
     cond, uncond = pipe.encode_prompt(prompts, device, 1, True, prompt_embeds=prompt_embeds)
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
     latents = pipe.prepare_latents(
-        len(cond), pipe.unet.config.in_channels, height, width, cond.dtype, device, generators
+        len(cond), denoiser.config.in_channels, height, width, cond.dtype, device, generators
     )
     pipe.scheduler.set_timesteps(steps, device=device)
     extra = pipe.prepare_extra_step_kwargs(generators, 0.0)
@@ -266,7 +269,7 @@ def sample_latents(
     emb = torch.cat([uncond, cond])
     for t in pipe.scheduler.timesteps:
         x = pipe.scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        e_u, e_c = pipe.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0].chunk(2)
+        e_u, e_c = family.predict(denoiser, x, t, emb).chunk(2)
         eps = torch.where(g > 1, e_u + g * (e_c - e_u), e_c)
         latents = pipe.scheduler.step(eps, t, latents, **extra).prev_sample
     return latents

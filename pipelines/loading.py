@@ -236,7 +236,10 @@ def apply_erased_weights(pipe_or_unet, path: str | Path, force: bool = False):
     Returns:
         The object passed in, for chaining.
     """
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    from .family import FAMILIES, denoiser
+
+    named = type(pipe_or_unet).__name__ in FAMILIES
+    unet = denoiser(pipe_or_unet) if named else pipe_or_unet
     tensors, meta = read_erased_file(path)
     check_compatible(unet, tensors, meta, force=force, source=str(path))
     copy_into(unet, tensors)
@@ -261,9 +264,10 @@ def check_erased_files(
     so a run over several fails before it has done any work."""
     if not paths:
         return
+    from .family import denoiser
     from .models import load_pipeline
 
-    unet = load_pipeline(model, model_config, torch_dtype).unet
+    unet = denoiser(load_pipeline(model, model_config, torch_dtype))
     for path in paths:
         tensors, meta = read_erased_file(path)
         check_compatible(unet, tensors, meta, force=force, source=str(path))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .family import FAMILIES
+
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits"}
 BUILTIN_CLASSIFIERS = {"digits": BUILTIN_DIR / "digits-classifier"}
@@ -83,9 +85,8 @@ def load_pipeline(model: str, config: str | None = None, torch_dtype=None):
     return pipe
 
 
-# Pipelines whose conditioning loreun implements (``conditioning.encode_prompts``): SD 1.x/2.x
-# with one CLIP text encoder, SDXL with two; epsilon or v-prediction targets.
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# Pipelines loreun implements: the family table's keys (``pipelines/family.py``).
+SUPPORTED_PIPELINES = tuple(FAMILIES)
 
 
 def _no_safety_checker(cls) -> dict:

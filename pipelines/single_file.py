@@ -132,12 +132,15 @@ def to_ldm(pipe) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"single-file export writes SD 1.x layouts; {type(pipe).__name__} is not one"
         )
-    if pipe.unet.config.use_linear_projection:
+    from .family import denoiser
+
+    unet = denoiser(pipe)
+    if unet.config.use_linear_projection:
         raise ValueError("single-file export writes SD 1.x layouts; this UNet is SD 2.x-shaped")
     out = {}
-    layers = pipe.unet.config.layers_per_block
-    has_attn = ["CrossAttn" in t for t in pipe.unet.config.up_block_types]
-    for k, v in pipe.unet.state_dict().items():
+    layers = unet.config.layers_per_block
+    has_attn = ["CrossAttn" in t for t in unet.config.up_block_types]
+    for k, v in unet.state_dict().items():
         out[UNET_PREFIX + unet_key(k, layers, has_attn)] = v
     n_up = len(pipe.vae.config.up_block_types)
     for k, v in pipe.vae.state_dict().items():

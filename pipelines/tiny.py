@@ -56,8 +56,8 @@ def make_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: str
     )
     from transformers import CLIPTextModel
 
-    from .digits import sd1_ddim_scheduler
     from .digits_data import build_tokenizer
+    from .schedule import sd1_scheduler
 
     torch.manual_seed(seed)
     tokenizer, vocab, _ = build_tokenizer(max_length=16)
@@ -74,7 +74,7 @@ def make_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: str
         layers_per_block=1,
     )
     text_encoder = CLIPTextModel(_tiny_text_config(len(vocab)))
-    scheduler = sd1_ddim_scheduler()
+    scheduler = sd1_scheduler()
     scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
     return StableDiffusionPipeline(
         vae=vae,

@@ -54,20 +54,23 @@ def naive_loss(student, teacher_unet, batch, eta):
 def worker(model: str, preset: str, variant: str, steps: int) -> dict:
     import torch
 
-    from loreun.erase.objectives import ForgetBatch, esd_loss
+    from loreun.erase.objectives import ItemBatch, esd_loss
     from loreun.erase.optim import build_optimizer
     from loreun.erase.presets import select_parameters
-    from loreun.erase.sampling import FrozenTeacher, unet_eps
+    from loreun.erase.teachers import FrozenTeacher
+    from loreun.pipelines.family import FAMILIES, UNET_PRESETS
+
+    SD = FAMILIES["StableDiffusionPipeline"]
 
     unet, shape, seq, dim = build_unet(model)
     unet.requires_grad_(False)
-    trained = select_parameters(unet, preset)
+    trained = select_parameters(unet, preset, UNET_PRESETS)
     for p in trained.values():
         p.requires_grad_(True)
     if variant == "naive":
         teacher_unet = copy.deepcopy(unet).requires_grad_(False)
     else:
-        teacher = FrozenTeacher(unet, trained)
+        teacher = FrozenTeacher(SD, unet, trained)
     if variant == "naive":
         opt = torch.optim.AdamW(list(trained.values()), lr=1e-5)
     else:
@@ -75,7 +78,7 @@ def worker(model: str, preset: str, variant: str, steps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     times = []
     for _ in range(steps + 1):  # the first step warms up and is not timed
-        batch = ForgetBatch(
+        batch = ItemBatch(
             xt=torch.randn(1, *shape, generator=g),
             t=torch.randint(0, 1000, (1,), generator=g),
             cond=torch.randn(1, seq, dim, generator=g),
@@ -86,9 +89,9 @@ def worker(model: str, preset: str, variant: str, steps: int) -> dict:
         )
         start = time.perf_counter()
         if variant == "naive":
-            loss = naive_loss(unet_eps(unet), teacher_unet, batch, 1.0).mean()
+            loss = naive_loss(SD.predictor(unet), teacher_unet, batch, 1.0).mean()
         else:
-            loss = esd_loss(unet_eps(unet), teacher, batch, 1.0)[0].mean()
+            loss = esd_loss(SD.predictor(unet), teacher, batch, 1.0)[0].mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -51,7 +51,7 @@ def build_run(method: str, weighting: str, out: Path):
 
 def floor_step(unet, batch, uncond) -> None:
     """Student forward + backward at [B], teacher forward at [2B]; gradients left for the caller."""
-    from loreun.pipelines.conditioning import unet_kwargs
+    from loreun.pipelines.family import unet_kwargs
 
     b = len(batch.xt)
     with torch.no_grad():
@@ -73,9 +73,10 @@ def time_loop(fn, steps: int) -> float:
 
 def measure(method: str, weighting: str, rounds: int, steps: int, profile: Path | None) -> dict:
     """Alternate floor and loreun blocks of ``steps`` steps for ``rounds`` rounds."""
-    from loreun.erase.forget import cached_batch, step_generator
     from loreun.erase.optim import build_optimizer
+    from loreun.erase.streams import step_generator
     from loreun.erase.trainer import train_step
+    from loreun.erase.xt_sources import cached_batch
 
     with tempfile.TemporaryDirectory() as tmp:
         run, cfg, acc = build_run(method, weighting, Path(tmp))
@@ -88,7 +89,7 @@ def measure(method: str, weighting: str, rounds: int, steps: int, profile: Path 
 
         def floor(k: int) -> None:
             batch = cached_batch(run.forget, ids, step_generator(0, 0, k), run.schedule, "cpu")
-            floor_step(acc.unwrap_model(run.unet), batch, run.forget.uncond)
+            floor_step(acc.unwrap_model(run.denoiser), batch, run.forget.uncond)
             for p in params:
                 p.grad = None
 
@@ -126,12 +127,14 @@ def parts(method: str, repeats: int = 5, calls: int = 30) -> dict[str, float]:
     from torch.func import functional_call
 
     from loreun.erase.presets import select_parameters
-    from loreun.erase.sampling import FrozenTeacher
+    from loreun.erase.teachers import FrozenTeacher
+    from loreun.pipelines.family import FAMILIES, UNET_PRESETS, denoiser
     from loreun.pipelines.models import load_pipeline
 
-    unet = load_pipeline("digits").unet.requires_grad_(False)
-    trained = select_parameters(unet, method)
-    teacher = FrozenTeacher(unet, trained)
+    SD = FAMILIES["StableDiffusionPipeline"]
+    unet = denoiser(load_pipeline("digits")).requires_grad_(False)
+    trained = select_parameters(unet, method, UNET_PRESETS)
+    teacher = FrozenTeacher(SD, unet, trained)
     c = unet.config
     x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size)
     t, emb = torch.tensor([500, 500]), torch.randn(2, 8, c.cross_attention_dim)

@@ -50,10 +50,13 @@ def build_unet(arch: str, resolution: int):
 def worker(preset: str, recipe: str, a) -> dict:
     import torch
 
-    from loreun.erase.objectives import ForgetBatch, esd_loss
+    from loreun.erase.objectives import ItemBatch, esd_loss
     from loreun.erase.optim import StepInBackward, build_optimizer
     from loreun.erase.presets import select_parameters
-    from loreun.erase.sampling import FrozenTeacher, unet_eps
+    from loreun.erase.teachers import FrozenTeacher
+    from loreun.pipelines.family import FAMILIES, UNET_PRESETS
+
+    SD = FAMILIES["StableDiffusionPipeline"]
 
     device = a.device
     unet, side, seq, dim = build_unet(a.arch, a.resolution)
@@ -62,13 +65,13 @@ def worker(preset: str, recipe: str, a) -> dict:
     r = RECIPES[recipe]
     started = time.perf_counter()
     if r is not None:
-        trained = select_parameters(unet, preset)
+        trained = select_parameters(unet, preset, UNET_PRESETS)
         for p in trained.values():
             p.requires_grad_(True)
         if r["ckpt"]:
             unet.enable_gradient_checkpointing()
         dtype = {"bf16": torch.bfloat16, None: None}[r["frozen_dtype"]]
-        teacher = FrozenTeacher(unet, trained, dtype)
+        teacher = FrozenTeacher(SD, unet, trained, dtype)
 
         def make(params):
             return build_optimizer(r["optimizer"], params, lr=1e-5, weight_decay=0.0)
@@ -78,7 +81,7 @@ def worker(preset: str, recipe: str, a) -> dict:
         else:
             opt = make(list(trained.values()))
         g = torch.Generator().manual_seed(0)
-        batch = ForgetBatch(
+        batch = ItemBatch(
             xt=torch.randn(1, 4, side, side, generator=g).to(device),
             t=torch.tensor([500], device=device),
             cond=torch.randn(1, seq, dim, generator=g).to(device),
@@ -87,7 +90,7 @@ def worker(preset: str, recipe: str, a) -> dict:
             target=None,
             ids=torch.tensor([0]),
         )
-        loss = esd_loss(unet_eps(unet), teacher, batch, 1.0)[0].mean()
+        loss = esd_loss(SD.predictor(unet), teacher, batch, 1.0)[0].mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

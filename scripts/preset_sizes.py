@@ -80,7 +80,8 @@ def table() -> str:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from loreun.erase.presets import PRESETS, select_parameters
+    from loreun.erase.presets import select_parameters
+    from loreun.pipelines.family import UNET_PRESETS
 
     lines = [
         "| model | UNet parameters | preset | trained parameters | share | "
@@ -93,8 +94,8 @@ def table() -> str:
         with torch.device("meta"):
             unet = UNet2DConditionModel(**arch)
         total = sum(p.numel() for p in unet.parameters())
-        for preset in PRESETS:
-            trained = select_parameters(unet, preset)
+        for preset in UNET_PRESETS:
+            trained = select_parameters(unet, preset, UNET_PRESETS)
             n = sum(p.numel() for p in trained.values())
             gb = (total * BYTES_PER_WEIGHT + n * BYTES_PER_TRAINED) / 1e9
             ckpt, lean = n * CHECKPOINT_BYTES / 1e9, n * BYTES_PER_WEIGHT / 1e9

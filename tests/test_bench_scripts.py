@@ -43,10 +43,11 @@ def test_preset_table_has_the_low_memory_columns(scripts):
     from diffusers import UNet2DConditionModel
 
     from loreun.erase.presets import select_parameters
+    from loreun.pipelines.family import UNET_PRESETS
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**sizes.ARCHITECTURES["SD 1.x"])
-    trained = select_parameters(unet, "esd-u")
+    trained = select_parameters(unet, "esd-u", UNET_PRESETS)
     total = sum(p.numel() for p in unet.parameters())
     memory, checkpoint = sizes.low_memory_bytes(total, trained)
     # the recipe's goal: esd-u on SD 1.4 under 6 GB, before activations and the process itself

@@ -237,10 +237,10 @@ def test_every_config_field_has_one_help_group():
 
 def test_config_choice_lists_match_the_slots():
     """config.py names the choices without importing torch; each list must be its slot's keys."""
-    from loreun.erase import batches, config, objectives, presets, weighting
+    from loreun.erase import config, objectives, presets, weighting, xt_sources
 
-    assert config.METHODS == tuple(presets.PRESETS)
-    assert config.XT_SOURCES == tuple(batches.XT_SOURCES)
+    assert config.METHODS == presets.PRESET_NAMES
+    assert config.XT_SOURCES == tuple(xt_sources.XT_SOURCES)
     assert config.OBJECTIVES == tuple(objectives.OBJECTIVES)
     assert config.LOREUN_VARIANTS == weighting.VARIANTS
     for name in config.WEIGHTINGS:

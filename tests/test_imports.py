@@ -79,3 +79,32 @@ def test_no_import_circle():
     package_inits = {f"loreun.{p}" for p in PACKAGES}
     circles = [c for c in circles if not set(c) & package_inits]
     assert not circles, circles[0]
+
+
+# What only the two seams may know: a model family (pipelines/family.py) and a noise schedule
+# (pipelines/schedule.py). Anything else that reads these assumes a UNet under DDPM.
+SEAM_ONLY = {
+    "alphas_cumprod": r"\balphas_cumprod\b",
+    "num_train_timesteps": r"\bnum_train_timesteps\b",
+    "pipe.unet": r"\.unet\b(?!-)|[\"']unet[\"']\)",
+    "a DDIM scheduler": r"\bDDIMScheduler\s*[(.]",
+    "a native size": r"config\.sample_size\s*\*|vae_scale_factor",
+}
+SEAMS = {"pipelines/family.py", "pipelines/schedule.py"}
+
+
+def test_only_the_family_and_schedule_seams_know_unets_and_ddpm():
+    import re
+
+    bad = []
+    for package in ("erase", "eval", "pipelines"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            rel = f"{package}/{path.name}"
+            if rel in SEAMS:
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#", 1)[0]
+                for what, pattern in SEAM_ONLY.items():
+                    if re.search(pattern, code):
+                        bad.append(f"{rel}:{n} {what}: {line.strip()}")
+    assert not bad, "\n".join(bad)

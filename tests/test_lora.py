@@ -134,13 +134,16 @@ def test_lora_settings_that_cannot_work(tiny_pipeline_dir, tmp_path, capsys, ext
 
 def test_adapters_start_at_the_base_with_the_given_rank_alpha_and_seed(tiny_pipeline_dir):
     from loreun.erase.lora import add_lora
+    from loreun.erase.presets import select_parameters
     from loreun.pipelines import load_pipeline
+    from loreun.pipelines.family import UNET_PRESETS
 
     unets = [load_pipeline(str(tiny_pipeline_dir)).unet for _ in range(3)]
     x, t, emb = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 16, 16)
     with torch.no_grad():
         base = unets[0](x, t, encoder_hidden_states=emb).sample
-    trained = [add_lora(u, "esd-x", 2, 6.0, seed) for u, seed in zip(unets, (0, 0, 1))]
+    presets = [select_parameters(u, "esd-x", UNET_PRESETS) for u in unets]
+    trained = [add_lora(u, p, 2, 6.0, seed) for u, p, seed in zip(unets, presets, (0, 0, 1))]
     config = unets[0].peft_config["default"]
     assert (config.r, config.lora_alpha) == (2, 6.0)
     assert all(torch.equal(p, torch.zeros_like(p)) for k, p in trained[0].items() if "lora_B" in k)

@@ -11,9 +11,12 @@ from safetensors.torch import load_file
 from loreun.cli.main import main
 from loreun.erase.optim import Adafactor, StepInBackward, build_optimizer
 from loreun.erase.presets import select_parameters
-from loreun.erase.sampling import FrozenTeacher
+from loreun.erase.teachers import FrozenTeacher
+from loreun.pipelines.family import FAMILIES, UNET_PRESETS
 
 from .conftest import erase_args
+
+SD = FAMILIES["StableDiffusionPipeline"]
 
 
 def _linear_pair(seed=0):
@@ -74,7 +77,7 @@ def test_step_in_backward_gives_the_same_updates(tiny_unet, name):
     other = copy.deepcopy(tiny_unet)
     runs = []
     for unet in (tiny_unet, other):
-        trained = select_parameters(unet, "esd-u")
+        trained = select_parameters(unet, "esd-u", UNET_PRESETS)
         unet.requires_grad_(False)
         for p in trained.values():
             p.requires_grad_(True)
@@ -108,8 +111,8 @@ def test_step_in_backward_gives_the_same_updates(tiny_unet, name):
 
 def test_half_precision_teacher_matches_the_original_and_leaves_the_student(tiny_unet):
     original = copy.deepcopy(tiny_unet)
-    trained = select_parameters(tiny_unet, "esd-u")
-    teacher = FrozenTeacher(tiny_unet, trained, torch.bfloat16)
+    trained = select_parameters(tiny_unet, "esd-u", UNET_PRESETS)
+    teacher = FrozenTeacher(SD, tiny_unet, trained, torch.bfloat16)
     assert not teacher.exact and all(b.dtype == torch.bfloat16 for b in teacher.base.values())
     with torch.no_grad():
         for p in trained.values():
@@ -120,16 +123,16 @@ def test_half_precision_teacher_matches_the_original_and_leaves_the_student(tiny
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # bf16 rounding of the weights
     student = tiny_unet(x, t, encoder_hidden_states=emb).sample
     assert (student - want).abs().max() > 1.0  # the student's own weights are back
-    for name, p in select_parameters(tiny_unet, "esd-u").items():
+    for name, p in select_parameters(tiny_unet, "esd-u", UNET_PRESETS).items():
         assert p is trained[name]
 
 
 def test_half_precision_teacher_restores_the_student_after_an_error(tiny_unet):
-    trained = select_parameters(tiny_unet, "esd-x")
-    teacher = FrozenTeacher(tiny_unet, trained, torch.float16)
+    trained = select_parameters(tiny_unet, "esd-x", UNET_PRESETS)
+    teacher = FrozenTeacher(SD, tiny_unet, trained, torch.float16)
     with pytest.raises(RuntimeError):
         teacher(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 16, 99))  # bad dim
-    for name, p in select_parameters(tiny_unet, "esd-x").items():
+    for name, p in select_parameters(tiny_unet, "esd-x", UNET_PRESETS).items():
         assert p is trained[name] and p.dtype == torch.float32
 
 
@@ -220,7 +223,7 @@ def test_adafactor_defaults_clip_threshold_and_half_precision_weights():
 
 
 def test_step_in_backward_state_dict_names_each_tensor_and_refuses_a_plain_one(tiny_unet):
-    trained = dict(list(select_parameters(tiny_unet, "esd-x").items())[:2])
+    trained = dict(list(select_parameters(tiny_unet, "esd-x", UNET_PRESETS).items())[:2])
     hooked = StepInBackward(lambda ps: Adafactor(ps, lr=1e-3), trained)
     (sum(p.sum() for p in trained.values()) * 2).backward()
     state = hooked.state_dict()
@@ -247,10 +250,10 @@ def test_exact_teacher_is_the_original_and_allocates_no_tensor(tiny_unet):
     """The teacher's module tree reuses the student's untrained tensors and the frozen copies."""
     original = copy.deepcopy(tiny_unet)
     tiny_unet.requires_grad_(False)
-    trained = select_parameters(tiny_unet, "esd-x")
+    trained = select_parameters(tiny_unet, "esd-x", UNET_PRESETS)
     for p in trained.values():
         p.requires_grad_(True)
-    teacher = FrozenTeacher(tiny_unet, trained)
+    teacher = FrozenTeacher(SD, tiny_unet, trained)
     owned = {p.data_ptr() for p in tiny_unet.parameters() if not p.requires_grad}
     owned |= {b.data_ptr() for b in teacher.base.values()}
     assert all(p.data_ptr() in owned for p in teacher.module.parameters())
@@ -262,7 +265,7 @@ def test_exact_teacher_is_the_original_and_allocates_no_tensor(tiny_unet):
     assert torch.equal(teacher(x, t, emb), want)
     student = tiny_unet(x, t, encoder_hidden_states=emb).sample
     assert (student - want).abs().max() > 1.0 and student.requires_grad
-    for name, p in select_parameters(tiny_unet, "esd-x").items():
+    for name, p in select_parameters(tiny_unet, "esd-x", UNET_PRESETS).items():
         assert p is trained[name] and p.requires_grad
 
 
@@ -290,13 +293,15 @@ def test_mixed_precision_holds_untrained_weights_in_it_and_trained_in_fp32(tiny_
 
     original = copy.deepcopy(tiny_unet)
     tiny_unet.requires_grad_(False)
-    trained = select_parameters(tiny_unet, "esd-x")
+    trained = select_parameters(tiny_unet, "esd-x", UNET_PRESETS)
     for p in trained.values():
         p.requires_grad_(True)
     cast_untrained(tiny_unet, trained, torch.bfloat16)
     for name, p in tiny_unet.named_parameters():
         assert p.dtype == (torch.float32 if name in trained else torch.bfloat16), name
-    assert all(p is trained[n] for n, p in select_parameters(tiny_unet, "esd-x").items())
+    assert all(
+        p is trained[n] for n, p in select_parameters(tiny_unet, "esd-x", UNET_PRESETS).items()
+    )
     x, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = tiny_unet(x, t, encoder_hidden_states=emb).sample

@@ -8,19 +8,19 @@ import torch
 from safetensors import safe_open
 
 from loreun.cli.main import main
-from loreun.erase.objectives import ForgetBatch, denoising_loss
-from loreun.pipelines.conditioning import NoiseSchedule, prediction_type
+from loreun.erase.objectives import ItemBatch, denoising_loss
+from loreun.pipelines.schedule import DDPMSchedule, prediction_type
 
 from .conftest import erase_args
 
 
 def _schedule(kind):
     betas = torch.linspace(1e-4, 2e-2, 1000)
-    return NoiseSchedule(torch.cumprod(1 - betas, 0), kind)
+    return DDPMSchedule(torch.cumprod(1 - betas, 0), kind)
 
 
 def _batch(schedule, x0, t, noise):
-    return ForgetBatch(
+    return ItemBatch(
         xt=schedule.add_noise(x0, t, noise),
         t=t,
         cond=torch.zeros(len(t), 3, 4),
@@ -33,7 +33,7 @@ def _batch(schedule, x0, t, noise):
 
 def _perfect(schedule, x0, noise, kind):
     """A model that knows x_0 and the noise and answers in parametrisation ``kind``."""
-    other = NoiseSchedule(schedule.alphas_cumprod, kind)
+    other = DDPMSchedule(schedule.alphas_cumprod, kind)
     return lambda x, t, emb: other.target(x0, t, noise)
 
 

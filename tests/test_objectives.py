@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from loreun.erase.objectives import (
-    ForgetBatch,
+    ItemBatch,
     esd_loss,
     esd_target,
     per_sample_mse,
@@ -31,7 +31,7 @@ def _toy_eps():
 
 def _batch(anchor=None):
     b = 2
-    return ForgetBatch(
+    return ItemBatch(
         xt=torch.arange(b * 4, dtype=torch.float32).view(b, 1, 2, 2),
         t=torch.tensor([5, 7]),
         cond=torch.full((b, 3, 4), 2.0),

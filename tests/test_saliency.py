@@ -9,8 +9,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from loreun.cli.main import main
-from loreun.erase.forget import item_ids
 from loreun.erase.saliency import top_fraction_mask
+from loreun.erase.streams import item_ids
 
 from .conftest import erase_cli
 

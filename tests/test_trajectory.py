@@ -15,9 +15,9 @@ TRAJ = ["--xt-source", "trajectory", "--trajectory-pool", "3", "--erase-from", "
 
 
 def test_a_trajectory_keeps_every_stop_of_partial_sampling():
-    """pool[:, k] must be what ddim_sample stops at for stop=k from the same noise: the
+    """pool[:, k] must be what the sampler stops at for stop=k from the same noise: the
     pool then draws from exactly partial-base's x_t distribution."""
-    from loreun.erase.sampling import ddim_sample, ddim_trajectory, make_ddim
+    from loreun.pipelines.schedule import schedule_of
     from loreun.pipelines.tiny import make_tiny_pipeline
 
     pipe = make_tiny_pipeline(seed=0)
@@ -26,32 +26,33 @@ def test_a_trajectory_keeps_every_stop_of_partial_sampling():
     def eps(x, t, emb):
         return unet(x, t, encoder_hidden_states=emb).sample
 
-    ddim = make_ddim(pipe.scheduler.config, 5)
+    sampler = schedule_of(pipe).sampler(5)
     g = torch.Generator().manual_seed(0)
     dim = unet.config.cross_attention_dim
     cond, uncond = torch.randn(2, 4, dim, generator=g), torch.randn(1, 4, dim, generator=g)
     uncond = uncond.expand(2, -1, -1)
     noise = torch.randn(2, 4, 8, 8, generator=g)
     with torch.no_grad():
-        pool = ddim_trajectory(eps, ddim, cond, uncond, noise, 3.0)
+        pool = sampler.trajectory(eps, cond, uncond, noise, 3.0)
         assert pool.shape == (2, 5, 4, 8, 8)
         for k in range(5):
-            want = ddim_sample(eps, ddim, cond, uncond, noise, 3.0, stop=k)
+            want = sampler.sample(eps, cond, uncond, noise, 3.0, stop=k)
             assert torch.allclose(pool[:, k], want, atol=1e-6), k
 
 
 def test_trajectory_batches_draw_items_pool_rows_and_stops():
-    from loreun.erase.forget import ForgetSet, trajectory_batch
-    from loreun.erase.sampling import make_ddim
+    from loreun.erase.items import ItemSet
+    from loreun.erase.xt_sources import trajectory_batch
+    from loreun.pipelines.schedule import schedule_of
     from loreun.pipelines.tiny import make_tiny_pipeline
 
-    ddim = make_ddim(make_tiny_pipeline(seed=0).scheduler.config, 4)
+    ddim = schedule_of(make_tiny_pipeline(seed=0)).sampler(4)
     # pool value = 100 * row + 10 * trajectory + stop, so each draw can be read back
     q, p, k = 2, 3, 4
     idx = torch.arange(q * p * k, dtype=torch.float32).view(q, p, k)
     rows, traj, stop = idx // (p * k), (idx // k) % p, idx % k
     pool = (100 * rows + 10 * traj + stop).view(q, p, k, 1, 1, 1).expand(-1, -1, -1, 1, 2, 2)
-    forget = ForgetSet(
+    forget = ItemSet(
         cond=torch.zeros(4, 3, 5), uncond=torch.zeros(1, 3, 5), anchor=None,
         pool=pool, pool_of=torch.tensor([0, 0, 1, 1]),
     )  # fmt: skip

@@ -75,7 +75,7 @@ def test_timestep_normalisation_removes_the_timestep_confound():
 
 
 def test_normalizer_buckets_and_fallback():
-    n = TimestepNormalizer(1000, buckets=10, momentum=0.5)
+    n = TimestepNormalizer(buckets=10, momentum=0.5)
     n.update(torch.tensor([5, 15]), torch.tensor([2.0, 4.0]))
     assert n.means[0].item() == pytest.approx(3.0)
     out = n.normalize(torch.tensor([5, 995]), torch.tensor([3.0, 6.0]))
@@ -105,7 +105,7 @@ def test_memory_momentum_is_the_share_the_old_value_keeps():
 
 
 def test_normalizer_momentum_is_the_share_the_old_mean_keeps():
-    n = TimestepNormalizer(1000, buckets=10, momentum=0.8)
+    n = TimestepNormalizer(buckets=10, momentum=0.8)
     n.update(torch.tensor([5]), torch.tensor([1.0]))
     n.update(torch.tensor([5]), torch.tensor([6.0]))
     assert n.means[0].item() == pytest.approx(0.8 * 1.0 + 0.2 * 6.0)
@@ -188,11 +188,14 @@ def test_a_target_below_reach_names_the_flag():
 
 def test_timestep_buckets_and_their_defaults():
     from loreun.erase.weighting import TimestepNormalizer
+    from loreun.pipelines.schedule import DDPMSchedule
 
     norm = TimestepNormalizer()  # 1000 training steps, 10 buckets
     t = torch.tensor([-5, 0, 99, 100, 900, 999, 1500])
     assert norm.bucket(t).tolist() == [0, 0, 0, 1, 9, 9, 9]
-    assert TimestepNormalizer(num_train_timesteps=500, buckets=4).bucket(t).tolist() == [
+    assert DDPMSchedule(torch.ones(1000)).bucket(t, 10).tolist() == norm.bucket(t).tolist()
+    by_500 = DDPMSchedule(torch.ones(500)).bucket
+    assert TimestepNormalizer(by_500, buckets=4).bucket(t).tolist() == [
         0,
         0,
         0,
@@ -304,4 +307,4 @@ def test_a_target_that_near_ties_put_out_of_reach_is_refused_by_name():
         temperature_for_ess(torch.tensor([0.0, 1.0, 2.0]), 0.3)
     with pytest.raises(ValueError, match="^unknown LoReUn variant 'x'; choose one of"):
         LoReUnWeighting(3, variant="x")
-    assert LoReUnWeighting(2).normalizer.num_train_timesteps == 1000
+    assert LoReUnWeighting(2).normalizer.bucket(torch.tensor([999])).item() == 9

@@ -1,0 +1,146 @@
+"""The frozen teachers: the original model's predictions while the student trains.
+
+Both answer ``teacher(x_t [B, C, H, W], t [B], conditioning) -> [B, C, H, W]`` without gradient,
+through the family's own denoiser call, and hold ``base`` (name -> the trained tensors' original
+values, which a saliency mask restores untrained entries to) and ``exact`` (whether those
+originals are bit-exact).
+
+* ``FrozenTeacher``: full training; frozen copies of the trained tensors only.
+* ``AdapterOffTeacher``: LoRA training; the same module with its adapters off.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+
+from loreun.pipelines.family import Family
+
+
+class FrozenTeacher:
+    """The original model without a second denoiser: frozen copies of the trained tensors only.
+
+    Untrained tensors are shared with the student, so they are already the originals. The teacher
+    is a second module tree over the same storage (``shared_copy``): the student's untrained
+    tensors and the frozen copies of its trained ones, so a call is a plain forward. (Swapping the
+    copies in per call with ``torch.func.functional_call`` cost about 1 ms a call on the digits
+    model, 5% of an esd-x step: ``scripts/bench_floor.py --parts``.)
+
+    With ``dtype`` (``--frozen-dtype bf16``) the copies are kept at half size and each module's
+    own copies are cast back to the student's dtype only while that module runs, so the teacher
+    never holds a full-precision copy of more than one module (its outputs then differ from the
+    original model's by the rounding of the stored weights).
+
+    Args:
+        family: the model's ``Family``, which knows how its denoiser is called.
+        denoiser: the module being trained (unwrapped).
+        trained: name -> parameter for the tensors that training changes.
+        dtype: dtype of the frozen copies; None keeps the trained tensors' own.
+    """
+
+    def __init__(
+        self,
+        family: Family,
+        denoiser: torch.nn.Module,
+        trained: dict[str, torch.nn.Parameter],
+        dtype: torch.dtype | None = None,
+    ):
+        self.family = family
+        self.denoiser = denoiser
+        self.base = {n: p.detach().to(dtype or p.dtype, copy=True) for n, p in trained.items()}
+        self.exact = all(self.base[n].dtype == p.dtype for n, p in trained.items())
+        self._owners = _owners(denoiser, trained) if not self.exact else []
+        self.module = shared_copy(denoiser, self.base) if self.exact else None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """[B, C, H, W], [B], conditioning of B -> [B, C, H, W] the original model's
+        prediction, without gradient."""
+        with torch.no_grad():
+            if self.exact:
+                return self.family.predict(self.module, x, t, cond)
+            with self._cast_per_module():
+                return self.family.predict(self.denoiser, x, t, cond)
+
+    @contextmanager
+    def _cast_per_module(self):
+        """Hooks that swap each owning module's frozen copies in (cast) and its own tensors back."""
+        handles, originals = [], {}
+
+        def swap_in(names, module, args):
+            for local, full in names:
+                originals[(id(module), local)] = module._parameters[local]
+                module._parameters[local] = self.base[full].to(originals[(id(module), local)])
+
+        def swap_out(names, module, args, output):
+            for local, _ in names:
+                module._parameters[local] = originals.pop((id(module), local))
+
+        try:
+            for module, names in self._owners:
+                handles.append(module.register_forward_pre_hook(partial(swap_in, names)))
+                handles.append(module.register_forward_hook(partial(swap_out, names)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for module, names in self._owners:  # after an exception inside a module
+                for local, _ in names:
+                    if (id(module), local) in originals:
+                        module._parameters[local] = originals.pop((id(module), local))
+
+
+def shared_copy(module: torch.nn.Module, replace: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``module``'s tree that allocates no tensor: every parameter and buffer is the
+    original's own, except the parameters named in ``replace``, which become those tensors
+    (frozen, same storage).
+
+    ``deepcopy`` consults its memo before copying an object, so pre-filling the memo with each
+    tensor's stand-in makes it copy the modules and reuse the tensors.
+    """
+    memo: dict[int, object] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):  # tied tensors: any name
+        if name in replace:
+            memo[id(p)] = torch.nn.Parameter(replace[name], requires_grad=False)
+        else:
+            memo.setdefault(id(p), p)
+    for b in module.buffers():
+        memo[id(b)] = b
+    return copy.deepcopy(module, memo)
+
+
+def _owners(module: torch.nn.Module, trained: dict) -> list[tuple[torch.nn.Module, list]]:
+    """[(module, [(its parameter name, full name)])] for every module owning a trained tensor."""
+    owners: dict[str, list] = {}
+    for full in trained:
+        module_name, _, local = full.rpartition(".")
+        owners.setdefault(module_name, []).append((local, full))
+    return [(module.get_submodule(m), names) for m, names in owners.items()]
+
+
+class AdapterOffTeacher:
+    """The original model as the same denoiser with its adapters switched off, without gradient.
+
+    ``base`` holds the adapters' initial values, which a saliency mask restores untrained
+    entries to; they are tiny, so the copy is exact.
+    """
+
+    exact = True
+
+    def __init__(
+        self, family: Family, denoiser: torch.nn.Module, trained: dict[str, torch.nn.Parameter]
+    ):
+        self.family = family
+        self.denoiser = denoiser
+        self.base = {n: p.detach().clone() for n, p in trained.items()}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """[B, C, H, W], [B], conditioning -> [B, C, H, W] the base model's prediction."""
+        self.denoiser.disable_adapters()
+        try:
+            with torch.no_grad():
+                return self.family.predict(self.denoiser, x, t, cond)
+        finally:
+            self.denoiser.enable_adapters()
