@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from loreun.pipelines import outputs
 from loreun.pipelines.files import (
     CHECKPOINTS,
     ERASE_CONFIG,
@@ -28,6 +29,7 @@ from loreun.pipelines.files import (
     replace_folder,
     temp_dir,
 )
+from loreun.pipelines.outputs import read_jsonl
 
 from .config import EraseConfig, changed_settings
 
@@ -58,7 +60,7 @@ def prepare_output_dir(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out: {out} is a file, not a folder")
     found = [p for p in out.iterdir() if p.name != FolderLock.NAME] if out.is_dir() else []
-    if found and not (overwrite or resume or never_started(out, found)):
+    if found and not (overwrite or resume or never_started(out)):
         raise FileExistsError(
             f"--out: {out} is not empty; pass --overwrite to write into it "
             "(files loreun did not write are kept) or --resume latest"
@@ -74,19 +76,14 @@ def prepare_output_dir(
     return out, lock
 
 
-# What an erase run has written when it stops before its first step (a typo in --model, a bad
-# forget image, a failed sampling): its config, an empty log and its self-checking cache.
-START_FILES = (ERASE_CONFIG, TRAIN_LOG, "cache")
-
-
-def never_started(out: Path, found: list[Path]) -> bool:
-    """Whether ``out`` holds only what a run into this same folder left before its first step,
-    so that the corrected command may start there without --overwrite (the cache is reused
-    where its key still matches, and nothing else is there to lose)."""
-    if not {p.name for p in found} <= set(START_FILES) or not (out / ERASE_CONFIG).is_file():
-        return False
-    log = out / TRAIN_LOG
-    if log.is_symlink() or (log.exists() and (not log.is_file() or log.stat().st_size)):
+def never_started(out: Path) -> bool:
+    """Whether ``out`` holds only what a run into this same folder left before its first step
+    (a typo in --model, a bad forget image, a failed sampling): its config, an empty log and
+    its self-checking cache. The corrected command may then start there without --overwrite
+    (the cache is reused where its key still matches, and nothing else is there to lose)."""
+    if not (out / ERASE_CONFIG).is_file() or not outputs.never_started(
+        out, ERASE_CONFIG, ("cache",)
+    ):
         return False
     try:
         saved = json.loads((out / ERASE_CONFIG).read_text(encoding="utf-8"))
@@ -223,12 +220,7 @@ def check_log_reaches(out: Path, step: int, checkpoint: Path) -> None:
     path = Path(out) / TRAIN_LOG
     if not path.is_file() or checkpoint.resolve().parent != (Path(out) / CHECKPOINTS).resolve():
         return  # a checkpoint of another folder has its log there
-    steps = set()
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            steps.add(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a line torn by a kill
+    steps = {rec.get("step") for rec in read_jsonl(path) if isinstance(rec, dict)}
     if step not in steps:
         raise ValueError(
             f"--resume: {path} has no line for step {step}, which {checkpoint} was saved at; "
@@ -243,13 +235,11 @@ def start_log(out: Path, resume_step: int | None) -> None:
     if resume_step is None or not path.is_file():
         atomic_write_text(path, "")
         return
-    kept = []
-    for line in refuse_link(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            if json.loads(line)["step"] <= resume_step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue  # a line torn by a kill
+    kept = [
+        json.dumps(rec) + "\n"
+        for rec in read_jsonl(path)  # a line torn by a kill is dropped
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= resume_step
+    ]
     atomic_write_text(path, "".join(kept))
 
 

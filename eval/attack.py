@@ -31,6 +31,7 @@ from loreun.pipelines.files import (
     open_append,
     refuse_link,
 )
+from loreun.pipelines.outputs import read_jsonl
 
 from .audit import AuditSettings, build_detectors, write_csv
 from .prefix_attack import AttackSettings, PrefixAttack
@@ -61,9 +62,10 @@ def attack(
     attacking several models loads it once. ``force`` applies ``erased`` even when its base
     fingerprint differs from the model's."""
     from loreun.pipelines.files import FolderLock, check_apart, check_writable
-    from loreun.pipelines.generate import claim_output, mixes_guidance, prepare_pipeline
+    from loreun.pipelines.generate import mixes_guidance, prepare_pipeline
     from loreun.pipelines.generate_settings import GenerateSettings
     from loreun.pipelines.loading import copy_into, erased_file, file_sha256
+    from loreun.pipelines.outputs import claim_output
     from loreun.prompts import load_prompts
 
     settings, audit = settings or AttackSettings(), audit or AuditSettings()
@@ -347,16 +349,10 @@ LOG_KEYS = (
 def read_log(out: Path) -> list[dict]:
     """Finished rows in file order, one per row (a torn last line is dropped, so that row
     runs again)."""
-    path = out / ATTACK_LOG
     by_index = {}
-    if refuse_link(path).is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and set(LOG_KEYS) <= set(rec):  # else torn or edited
-                by_index[rec["index"]] = rec
+    for rec in read_jsonl(out / ATTACK_LOG):
+        if isinstance(rec, dict) and set(LOG_KEYS) <= set(rec):  # else torn or edited
+            by_index[rec["index"]] = rec
     return [by_index[i] for i in sorted(by_index)]
 
 

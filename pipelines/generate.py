@@ -25,13 +25,12 @@ from .files import (
     check_writable,
     make_dir,
     open_append,
-    read_json,
-    refuse_link,
 )
 from .generate_settings import SCHEDULERS, GenerateSettings
 from .loading import apply_erased_weights, erased_file, file_sha256
 from .meta import quiet
 from .models import load_pipeline
+from .outputs import claim_output, read_jsonl
 from .runtime import multi_cpu_launch, restart_rate
 
 
@@ -132,14 +131,14 @@ def generate(
         "prompts_sha256": _rows_hash(rows),
         "settings": {k: v for k, v in asdict(settings).items() if k != "batch_size"},
     }
-    claim_output(out, info, create=False)  # refuse another run's folder before loading
+    claim_output(out, info, False, GENERATE_CONFIG)  # refuse another run's folder before loading
     # Load and check --erased before the folder is claimed: a wrong file must not leave a
     # claim that refuses the rerun with the right one.
     pipe = prepare_pipeline(model, model_config, torch_dtype, erased, settings, state.device, force)
     lock = FolderLock(check_writable(out)).acquire() if state.is_main_process else None
     try:
         with state.main_process_first():  # the others then find the main process's claim
-            claim_output(out, info, create=state.is_main_process)
+            claim_output(out, info, state.is_main_process, GENERATE_CONFIG)
         if state.is_main_process:
             merge_manifest(out)  # drop torn lines and records whose image is gone
         state.wait_for_everyone()
@@ -316,70 +315,12 @@ def _rows_hash(rows) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def claim_output(
-    out: Path, info: dict, create: bool, config: str = GENERATE_CONFIG, kind: str = "generation"
-) -> None:
-    """Refuse a folder that holds anything but this same run (its ``config`` file says which);
-    shared by generate and attack, so both resume only their own run. A run that stopped before
-    its first image (its config and nothing else) does not hold the folder: the corrected
-    command replaces its config."""
-    path = out / config
-    if refuse_link(path).is_file():
-        old = read_json(path, f"--out: {out}")
-        diff = [k for k in info if old.get(k) != info[k]]
-        if diff and never_started(out, config):
-            diff = []
-            if create:
-                atomic_write_text(path, json.dumps(info, indent=2))
-        if diff:
-            raise FileExistsError(
-                f"--out: {out} holds another {kind} run ({', '.join(diff)}"
-                " differ); choose another folder"
-            )
-        return
-    if out.is_dir() and any(p.name != FolderLock.NAME for p in out.iterdir()):
-        raise FileExistsError(
-            f"--out: {out} is not empty and holds no loreun {kind}; choose an empty folder"
-        )
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out: {out} is a file")
-    if create:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(info, indent=2))
-
-
-def never_started(out: Path, config: str) -> bool:
-    """Whether ``out`` holds only a generate or attack run's config, an empty manifest or log,
-    and empty image folders: what a run that failed before its first image leaves."""
-    for entry in out.iterdir():
-        if entry.name in (config, FolderLock.NAME):
-            continue
-        if entry.is_symlink():
-            return False
-        if entry.is_dir() and not any(entry.iterdir()):
-            continue
-        if entry.is_file() and entry.suffix == ".jsonl" and entry.stat().st_size == 0:
-            continue
-        return False
-    return True
-
-
 def read_manifest(out: Path, include_parts: bool = False) -> list[dict]:
     """Records of ``manifest.jsonl`` (and unmerged per-process parts); a torn line is ignored,
     since the image it describes is generated again. The audit checks each record's path;
     generate's resume keeps only ``is_image_record`` ones."""
     files = [out / MANIFEST] + (sorted(out.glob(".manifest-rank*.jsonl")) if include_parts else [])
-    records = []
-    for f in files:
-        if not f.is_file():
-            continue
-        for line in refuse_link(f).read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            records.append(rec)
-    return records
+    return [rec for f in files for rec in read_jsonl(f)]
 
 
 RECORD_KEYS = {"path": str, "key": str, "index": int, "sample": int}
