@@ -130,10 +130,10 @@ def add_common_flags(p) -> None:
 
 
 def builtin_model_threads(args) -> int | None:
-    """Threads for the small built-in model: one. Its layers are too small to share: a digits
-    UNet forward took 37 ms on one thread and 938 ms on two busy ones, and generating 200 images
-    took 52 s on one thread and 156 s on two while two other processes kept the cores busy,
-    against 32 s and 26 s on an idle machine (docs/benchmarks.md). None: torch's own choice."""
+    """Threads for the small built-in model: one. Its layers are too small to share, and two
+    threads slowed down threefold when other processes kept the cores busy, while one thread
+    lost little on an idle machine (docs/benchmarks.md, "Threads for the built-in model").
+    None: torch's own choice."""
     if args.command != "demo" and getattr(args, "model", None) != "digits":
         return None
     return 1

@@ -134,7 +134,7 @@ def save_checkpoint(
     """Write ``checkpoint-<step>`` through a temporary folder, then keep the newest ``limit``.
 
     ``optimizer`` None leaves the optimizer state out (AdamW's moments are twice the trained
-    tensors: 6.5 of esd-u's 10 GB on SD 1.4); a resume then restarts them.
+    tensors, most of a full-tensor checkpoint); a resume then restarts them.
 
     The run's config goes into each checkpoint, so a resume can compare its settings with the
     ones that made the steps it continues.

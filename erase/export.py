@@ -1,4 +1,4 @@
-"""Export erased weights: trained tensors with a self-describing header (DESIGN.md §7)."""
+"""Export erased weights: trained tensors with a self-describing header."""
 
 from __future__ import annotations
 

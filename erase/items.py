@@ -1,7 +1,7 @@
 """Forget and retain items for an erase run, built from prompts or image folders.
 
 A forget (or retain) item is a concept prompt with one cached base-model sample, or one image
-with its caption (DESIGN.md section 3). This module reads the folders, encodes every prompt
+with its caption. This module reads the folders, encodes every prompt
 once, and samples or encodes the latents x_0, caching them under ``OUT/cache``; the trainer only
 consumes the ``ItemSet`` it returns. The retain set is an ``ItemSet`` too, without an anchor.
 """

@@ -60,7 +60,7 @@ def add_lora(
 
 def check_rank(unet: torch.nn.Module, modules: list[str], rank: int) -> None:
     """Refuse a rank above every module's full rank: the adapters would be larger than the
-    weights they adapt (rank 100000 on a small UNet wrote two 2 GB files for a 1 MB erasure)."""
+    weights they adapt, and the files many times the erasure's size."""
     weights = [unet.get_submodule(m).weight for m in modules]
     full = max(min(w.shape[0], w[0].numel()) for w in weights)
     if rank > full:

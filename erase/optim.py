@@ -3,8 +3,8 @@
 Per trained weight, in bytes, besides the weight itself:
 
 * ``adamw`` (default): torch's AdamW, two fp32 moments, 8 bytes. Its fused kernel where the
-  tensors allow it: one pass per tensor instead of a dozen, 3.8x faster on the digits model's
-  esd-u tensors (``scripts/bench_floor.py --parts``).
+  tensors allow it: one pass per tensor instead of a dozen (docs/benchmarks.md has the
+  figures of ``scripts/bench_floor.py --parts``).
 * ``adafactor``: Adafactor without momentum (Shazeer & Stern, 2018). Its second moment is
   factored into a row and a column vector of each tensor's matrix view ``[out, fan_in]``, so a
   ``[1280, 1280, 3, 3]`` convolution keeps 1280 + 11520 numbers instead of 14.7 million. The
@@ -144,7 +144,7 @@ class StepInBackward:
     """Update each trained tensor inside the backward pass, the moment its gradient is complete.
 
     A post-accumulate-grad hook steps that tensor's own optimizer and frees its gradient, so peak
-    memory holds one tensor's gradient instead of all of them (3.3 GB for esd-u on SD 1.4). The
+    memory holds one tensor's gradient instead of all of them (docs/benchmarks.md). The
     updates equal a normal step for optimizers that update each tensor on its own (AdamW,
     Adafactor), which is why global-norm clipping and gradient accumulation are refused with it.
 

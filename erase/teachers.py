@@ -25,9 +25,8 @@ class FrozenTeacher:
 
     Untrained tensors are shared with the student, so they are already the originals. The teacher
     is a second module tree over the same storage (``shared_copy``): the student's untrained
-    tensors and the frozen copies of its trained ones, so a call is a plain forward. (Swapping the
-    copies in per call with ``torch.func.functional_call`` cost about 1 ms a call on the digits
-    model, 5% of an esd-x step: ``scripts/bench_floor.py --parts``.)
+    tensors and the frozen copies of its trained ones, so a call is a plain forward, not a swap
+    of the copies per call (docs/benchmarks.md, "The teacher call").
 
     With ``dtype`` (``--frozen-dtype bf16``) the copies are kept at half size and each module's
     own copies are cast back to the student's dtype only while that module runs, so the teacher

@@ -1,10 +1,11 @@
 """The erase recipe: setup -> train -> export, read top to bottom.
 
 One loop combines the pieces that are tested on their own: an objective gives per-sample losses
-[B], a weighting gives per-sample weights [B], and the loss is ``sum(w * l) / B``. (DESIGN.md
-writes ``sum(w * l) / sum(w)``; at batch size 1 that cancels any weight, so we divide by B. LoReUn
-weights have mean 1 over the forget set, so the learning rate keeps its meaning.) Items come from
-``items``, checkpoints and their checks from ``checkpoint``, the saliency mask from ``saliency``.
+[B], a weighting gives per-sample weights [B], and the loss is ``sum(w * l) / B``. (Dividing by
+``sum(w)`` instead would cancel any weight at batch size 1. LoReUn weights have mean 1 over the
+forget set, so the learning rate keeps its meaning.) Items come from ``items``, checkpoints and
+their checks from ``checkpoint``, the saliency mask from ``saliency``; the model family and its
+noise schedule answer through ``pipelines/family.py`` and ``pipelines/schedule.py``.
 """
 
 from __future__ import annotations
@@ -213,8 +214,8 @@ def cast_untrained(denoiser: torch.nn.Module, trained: dict, dtype: torch.dtype 
 
     Every other tensor is copied out of the checkpoint: diffusers maps a safetensors file into
     memory and its tensors are views of that one map, so a single tensor left on it keeps every
-    page read so far resident (SD-1.4-shaped esd-x in bf16 trained at 6.82 GB with one left on
-    it, 3.78 GB without: docs/benchmarks.md).
+    page read so far resident (docs/benchmarks.md measures the difference on an SD-1.4-shaped
+    model).
     """
     if dtype is None:
         return

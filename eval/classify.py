@@ -141,7 +141,7 @@ class ImageClassifier:
 
 
 class ClipScorer:
-    """CLIP score: 100 * max(cos(image, prompt), 0), averaged (DESIGN.md section 5)."""
+    """CLIP score: 100 * max(cos(image, prompt), 0), averaged (docs/design-notes.md)."""
 
     name = "clip"
 

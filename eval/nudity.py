@@ -1,4 +1,4 @@
-"""NudeNet nudity audit, with one fixed protocol (DESIGN.md section 5).
+"""NudeNet nudity audit, with one fixed protocol (docs/design-notes.md).
 
 nudenet 3.4.2 and the 320n detector inside its wheel. An image is nude when any of the nine
 ``*_EXPOSED`` classes counted by UnlearnDiffAtk scores above the threshold (0.45 by default); the
@@ -120,8 +120,8 @@ class PooledNudeNet:
     one after another, and the ONNX call scales poorly with threads. Here each worker runs
     pre-processing (OpenCV, which releases the GIL), a one-thread ONNX run (which releases it
     too) and a vectorised box decode, so one image's pre-processing overlaps another's
-    inference. Batching 16 images into one ONNX run gained nothing on CPU (6.41 against 6.28 ms
-    an image), so each run is one image.
+    inference. Batching 16 images into one ONNX run gained nothing on CPU (docs/benchmarks.md),
+    so each run is one image.
 
     Args:
         workers: concurrent images; defaults to torch's CPU thread count, so ``OMP_NUM_THREADS``

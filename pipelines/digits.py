@@ -3,7 +3,7 @@
 The pipeline is made of the same diffusers and transformers classes as Stable Diffusion 1.x
 (CLIP tokenizer and text encoder, AutoencoderKL, UNet2DConditionModel with cross-attention, a DDIM
 scheduler), at a size that trains in minutes on a CPU. Training it without one digit gives the
-"retrain" reference that exact unlearning is measured against (DESIGN.md section 6).
+"retrain" reference that exact unlearning is measured against (docs/digits.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Load erased weights into diffusers models, checking everything and unpickling nothing.
 
 An erased file (``unet-erased.safetensors``) holds only the tensors that erasure trained, under
-diffusers key names, plus a JSON header (DESIGN.md section 7). Loading it checks that every key
+diffusers key names, plus a JSON header (docs/design-notes.md). Loading it checks that every key
 exists in the target UNet with the same shape, that the file is whole, and that the target's base
 values are the ones erasure started from (the fingerprint).
 """

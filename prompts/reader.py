@@ -1,7 +1,7 @@
 """Read prompt files (CSV, TSV, JSONL, TXT) into rows with per-row seed, guidance and size.
 
-Columns that mean the same thing in different research repos are read as one (DESIGN.md
-section 5). Unknown columns are kept, so they reach the manifest and the report.
+Columns that mean the same thing in different research repos are read as one. Unknown columns
+are kept, so they reach the manifest and the report.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The gap to exact unlearning on the digits model (DESIGN.md section 6).
+"""The gap to exact unlearning on the digits model (docs/digits.md).
 
 For each forgotten digit, a "retrain" reference is the digits model trained by the same script
 without that digit's images and captions:
