@@ -12,13 +12,15 @@ def add_parser(sub, name: str) -> None:
         description="Merge an erase run's weights into its base model and write them as a "
         "single .safetensors in the original Stable Diffusion key layout (AUTOMATIC1111, "
         "ComfyUI, diffusers' from_single_file) and/or a diffusers folder with a model card. "
-        "LoRA runs (erase --lora-rank) already hold pytorch_lora_weights.safetensors and a "
-        "kohya-format copy.",
+        "LoRA runs (erase --lora-rank) already hold pytorch_lora_weights.safetensors and, for "
+        "SD 1.x, 2.x and SDXL, a kohya-format copy.",
     )
     p.add_argument(
         "erase_run", metavar="RUN", help="an erase --out folder, or its unet-erased.safetensors"
     )
-    p.add_argument("--single-file", metavar="FILE", help="write this .safetensors (SD 1.x)")
+    p.add_argument(
+        "--single-file", metavar="FILE", help="write this .safetensors (SD 1.x, 2.x, SDXL)"
+    )
     p.add_argument(
         "--dtype",
         choices=("fp16", "bf16", "fp32"),

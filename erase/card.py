@@ -222,11 +222,27 @@ def model_card(
     return card_front(meta, base_id, license) + "\n".join(body) + "\n"
 
 
+def web_ui_lines(files: dict[str, str]) -> list[str]:
+    """Which file ComfyUI and AUTOMATIC1111 take: the kohya copy where there is one (UNet
+    families), else diffusers' own file, whose ``transformer.`` keys ComfyUI reads for FLUX
+    and SD3."""
+    if "kohya" in files:
+        return [
+            f"- ComfyUI (LoraLoader) and AUTOMATIC1111: `{files['kohya']}`, the kohya key layout "
+            f"they read. ComfyUI does not match the keys of `{files['diffusers']}` for UNet-only "
+            "LoRAs."
+        ]
+    return [
+        f"- ComfyUI (LoraLoader): `{files['diffusers']}` itself; ComfyUI reads diffusers' "
+        "`transformer.` keys for FLUX and SD3 LoRAs."
+    ]
+
+
 def lora_card(meta: dict, files: dict[str, str], license: str | None = None) -> str:
     """The README.md beside a LoRA erasure's files: which file goes to which tool.
 
     Args:
-        files: "diffusers" and "kohya" -> the file names in the folder.
+        files: "diffusers" and, for the UNet families, "kohya" -> the file names in the folder.
     """
     body = [
         f"# LoRA: {md(erased_what(meta))} erased from {md(base_name(meta))}",
@@ -236,9 +252,7 @@ def lora_card(meta: dict, files: dict[str, str], license: str | None = None) -> 
         "## Which file to load",
         "",
         f'- diffusers: `pipe.load_lora_weights(folder, weight_name="{files["diffusers"]}")`.',
-        f"- ComfyUI (LoraLoader) and AUTOMATIC1111: `{files['kohya']}`, the kohya key layout "
-        f"they read. ComfyUI does not match the keys of `{files['diffusers']}` for UNet-only "
-        "LoRAs.",
+        *web_ui_lines(files),
         "- `unet-erased.safetensors`: the same erasure merged into full tensors, for "
         "`loreun generate --erased` and `apply_erased_weights`.",
         "",

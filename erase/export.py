@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from loreun.pipelines.family import family_of
 from loreun.pipelines.files import (
     ERASE_CONFIG,
     ERASED_FILE,
@@ -54,6 +55,7 @@ def build_metadata(
     weighting: dict | None = None,
     prediction_type: str = "epsilon",
     world_size: int = 1,
+    family: str = "StableDiffusionPipeline",
 ) -> dict:
     """The JSON object stored in the erased file's header.
 
@@ -66,6 +68,7 @@ def build_metadata(
         "format_version": FORMAT_VERSION,
         "base_model": model_name(cfg.model),  # shared files hold no local paths
         **fingerprints,
+        "family": family,  # the pipeline class the tensors belong to
         "prediction_type": prediction_type,
         "method": cfg.method,
         "concepts": cfg.concepts,
@@ -90,17 +93,19 @@ def export_erased(
     weighting: dict | None = None,
     prediction_type: str = "epsilon",
     world_size: int = 1,
+    family: str = "StableDiffusionPipeline",
 ) -> Path:
     """Write ``unet-erased.safetensors`` and ``erase_config.json`` into ``out``.
 
     Args:
         trained: state-dict name -> current value of each trained tensor.
         weighting: the weighting's ``summary()``, recorded in the header.
-        prediction_type: the base model's parametrisation (epsilon or v_prediction).
+        prediction_type: the base model's parametrisation (epsilon, v_prediction or flow).
+        family: the base pipeline's class name (``pipelines/family.py``).
     """
     tensors = {k: v.detach().float().cpu() for k, v in trained.items()}
     meta = build_metadata(
-        cfg, fingerprints, steps_done, len(tensors), weighting, prediction_type, world_size
+        cfg, fingerprints, steps_done, len(tensors), weighting, prediction_type, world_size, family
     )
     meta["content_sha256"] = content_hash(tensors, meta)
     path = Path(out) / ERASED_FILE
@@ -144,11 +149,14 @@ def export_run(run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
             save_lora_files(denoiser, out, type(run.pipe), run.family, kind)
             trained = merged_tensors(denoiser)
         path = export_erased(
-            out, trained, cfg, run.base_fingerprints, steps_done, chosen, kind, world
-        )
+            out, trained, cfg, run.base_fingerprints, steps_done, chosen, kind, world,
+            run.family.pipeline,
+        )  # fmt: skip
         meta = read_erased_file(path)[1]
         if cfg.lora_rank:
-            files = {"diffusers": LORA_FILE, "kohya": KOHYA_FILE}
+            files = {"diffusers": LORA_FILE}
+            if run.family.kohya_version:
+                files["kohya"] = KOHYA_FILE
             atomic_write_text(out / CARD, lora_card(meta, files, base_license(cfg.model)))
         if cfg.save_pipeline:
             pipe = _erased_pipeline(run, cfg, path)
@@ -223,6 +231,11 @@ def export_shared(
         raise ValueError(f"--single-file: {single_file} must end in .safetensors")
     pipe = load_erased_pipeline(base, path, force=force, config=model_config)
     written = []
+    if single_file and not family_of(pipe).single_file:
+        raise ValueError(
+            f"--single-file: {type(pipe).__name__} has no web-UI single-file layout in loreun; "
+            "share the erased file, the LoRA files or a --pipeline folder"
+        )
     if single_file:
         from loreun.pipelines.single_file import to_ldm
 

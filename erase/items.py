@@ -74,7 +74,8 @@ def encode_images(pipe, paths: list[Path], size: int, device, batch: int = 16) -
     for start in range(0, len(paths), batch):
         x = torch.stack([load_image_tensor(p, size) for p in paths[start : start + batch]])
         dist = vae.encode(x.to(device, vae.dtype)).latent_dist
-        out.append((dist.mean * vae.config.scaling_factor).float().cpu())
+        shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's and FLUX's VAEs
+        out.append(((dist.mean - shift) * vae.config.scaling_factor).float().cpu())
     pipe.vae.to("cpu")
     return torch.cat(out).unsqueeze(1)
 

@@ -105,7 +105,9 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_lora_files(
     unet: torch.nn.Module, out: Path, pipeline_class, family: Family, prediction_type: str
 ) -> list[Path]:
-    """Write diffusers' LoRA file and a kohya-format copy into ``out``; returns their paths.
+    """Write diffusers' LoRA file and, for the families kohya names (SD 1.x, 2.x, SDXL), a
+    kohya-format copy into ``out``; returns their paths. ComfyUI reads diffusers' own
+    ``transformer.`` keys for FLUX and SD3 LoRAs, so those get no second file.
 
     Both are written in a new temporary folder and renamed into ``out``, so neither a crash nor
     a symlink planted at their names can leave a half file or redirect the write.
@@ -116,7 +118,8 @@ def save_lora_files(
 
     from loreun.pipelines.files import atomic_save_safetensors, refuse_link, temp_dir
 
-    finals = [refuse_link(out / LORA_FILE), refuse_link(out / KOHYA_FILE)]
+    names = [LORA_FILE] + ([KOHYA_FILE] if family.kohya_version else [])
+    finals = [refuse_link(out / name) for name in names]
     state = lora_state_dict(unet)
     tmp = temp_dir(finals[0])
     try:
@@ -126,10 +129,11 @@ def save_lora_files(
             weight_name=LORA_FILE,
             safe_serialization=True,
         )
-        prefixed = {f"{family.lora_prefix}.{k}": v for k, v in state.items()}
-        kohya = convert_state_dict_to_kohya(prefixed)
-        meta = kohya_metadata(family.kohya_version(unet), unet, prediction_type)
-        atomic_save_safetensors(tmp / KOHYA_FILE, kohya, metadata=meta)
+        if family.kohya_version:
+            prefixed = {f"{family.lora_prefix}.{k}": v for k, v in state.items()}
+            kohya = convert_state_dict_to_kohya(prefixed)
+            meta = kohya_metadata(family.kohya_version(unet), unet, prediction_type)
+            atomic_save_safetensors(tmp / KOHYA_FILE, kohya, metadata=meta)
         for final in finals:
             os.replace(tmp / final.name, final)
     finally:

@@ -147,7 +147,7 @@ def setup(
     base_fp = fingerprints["base_fingerprint"]
     forget = build_forget_set(cfg, pipe, teacher, acc, out, folders.forget)
     retain = build_retain_set(cfg, pipe, teacher, acc, out, folders.retain, forget.uncond)
-    schedule = schedule_of(pipe)
+    schedule = schedule_of(pipe, cfg.resolution)
     objective = build_objective(cfg.objective, eta=cfg.negative_guidance, ga_bound=cfg.ga_bound)
     student = family.predictor(denoiser)
     parts = dict(student=student, teacher=teacher, forget=forget, trained=trained)

@@ -26,51 +26,52 @@ if TYPE_CHECKING:
 
 @dataclass
 class Cond:
-    """Prompt conditioning of B prompts for a family with extra inputs (SDXL).
+    """Prompt conditioning of B prompts for a family with more than token embeddings.
 
     SD 1.x and 2.x condition on a plain [B, L, D] tensor, which every helper below accepts as
-    well; SDXL also needs the second text encoder's pooled embedding and the size "time ids".
-    Cond supports the few tensor operations the layers above use (indexing, ``expand``,
+    well; SDXL, SD3 and FLUX also need a pooled embedding, and SDXL the size "time ids". Cond
+    supports the few tensor operations the layers above use (indexing, ``expand``,
     ``repeat_interleave``, ``to``, ``len``), so they stay family-blind.
 
     Attributes:
-        emb: [B, L, D] token embeddings (both encoders' concatenated for SDXL).
-        pooled: [B, P] pooled embedding of the second text encoder.
-        time_ids: [B, 6] (original h, w, crop top, left, target h, w).
+        emb: [B, L, D] token embeddings (SDXL: both encoders' concatenated; SD3: the CLIP and
+            T5 tokens; FLUX: T5's).
+        pooled: [B, P] pooled text embedding.
+        time_ids: [B, 6] SDXL's (original h, w, crop top, left, target h, w), or None.
     """
 
     emb: torch.Tensor
     pooled: torch.Tensor
-    time_ids: torch.Tensor
+    time_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.emb)
 
+    def _map(self, fn) -> Cond:
+        extra = None if self.time_ids is None else fn(self.time_ids)
+        return Cond(fn(self.emb), fn(self.pooled), extra)
+
     def __getitem__(self, idx) -> Cond:
-        return Cond(self.emb[idx], self.pooled[idx], self.time_ids[idx])
+        return self._map(lambda t: t[idx])
 
     def expand(self, n: int, *_) -> Cond:
-        return Cond(
-            self.emb.expand(n, -1, -1), self.pooled.expand(n, -1), self.time_ids.expand(n, -1)
-        )
+        return self._map(lambda t: t.expand(n, *t.shape[1:]))
 
     def repeat_interleave(self, repeats: int, dim: int = 0) -> Cond:
-        return Cond(*(t.repeat_interleave(repeats, dim=dim) for t in self._parts()))
+        return self._map(lambda t: t.repeat_interleave(repeats, dim=dim))
 
     def to(self, *args, **kwargs) -> Cond:
-        return Cond(*(t.to(*args, **kwargs) for t in self._parts()))
-
-    def _parts(self) -> tuple[torch.Tensor, ...]:
-        return self.emb, self.pooled, self.time_ids
+        return self._map(lambda t: t.to(*args, **kwargs))
 
 
 def cat_cond(conds: list):
     """Concatenate conditionings along the batch, tensors or ``Cond`` alike."""
     import torch
 
-    if isinstance(conds[0], Cond):
-        return Cond(*(torch.cat(parts) for parts in zip(*(c._parts() for c in conds))))
-    return torch.cat(conds)
+    if not isinstance(conds[0], Cond):
+        return torch.cat(conds)
+    extra = None if conds[0].time_ids is None else torch.cat([c.time_ids for c in conds])
+    return Cond(torch.cat([c.emb for c in conds]), torch.cat([c.pooled for c in conds]), extra)
 
 
 def unet_kwargs(cond) -> dict:
@@ -115,6 +116,39 @@ def encode_two_clips(pipe, prompts: list[str], device, size: int | None = None) 
     return Cond(emb.float(), pooled.float(), time_ids.expand(len(prompts), -1).to(emb.device))
 
 
+def _on_device(encoders, device):
+    for enc in encoders:
+        if enc is not None:
+            enc.to(device)
+
+
+def encode_sd3(pipe, prompts: list[str], device, size: int | None = None) -> Cond:
+    """SD3: two CLIP encoders and T5 through the pipeline's own ``encode_prompt``: -> ``Cond``
+    with emb [P, 77 + L_t5, D_t5] (zeros for T5 where the pipeline was loaded without it) and
+    pooled [P, 2 x CLIP width]."""
+    encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+    _on_device(encoders, device)
+    emb, _, pooled, _ = pipe.encode_prompt(
+        prompts, None, None, device=device, num_images_per_prompt=1,
+        do_classifier_free_guidance=False,
+    )  # fmt: skip
+    _on_device(encoders, "cpu")
+    return Cond(emb.float(), pooled.float())
+
+
+def encode_flux(pipe, prompts: list[str], device, size: int | None = None) -> Cond:
+    """FLUX: T5 tokens and CLIP's pooled embedding through the pipeline's ``encode_prompt``, at
+    the T5 tokenizer's length (512 for FLUX.1's): -> ``Cond`` emb [P, L, 4096], pooled [P, 768]."""
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    _on_device(encoders, device)
+    length = min(512, pipe.tokenizer_2.model_max_length)
+    emb, pooled, _ = pipe.encode_prompt(
+        prompts, None, device=device, num_images_per_prompt=1, max_sequence_length=length
+    )
+    _on_device(encoders, "cpu")
+    return Cond(emb.float(), pooled.float())
+
+
 # ----------------------------------------------------------------------------- presets
 
 
@@ -131,6 +165,30 @@ UNET_PRESETS: dict[str, Callable[[str], bool]] = {
     "esd-x": _in_cross_attn,
     "esd-x-strict": _cross_attn_kv,
     "esd-u": lambda name: not _in_cross_attn(name),
+    "esd-all": lambda name: True,
+}
+
+
+# The text stream of MMDiT's joint attention: its own query/key/value and output projections.
+# Image queries read the text through add_k_proj and add_v_proj, as a UNet's read it through
+# attn2.to_k and attn2.to_v, so these are the cross-attention analogue.
+TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def _text_stream(name: str) -> bool:
+    return ".attn." in f".{name}" and name.rsplit(".", 1)[-1] in TEXT_STREAM
+
+
+def _text_kv(name: str) -> bool:
+    return ".attn." in f".{name}" and name.rsplit(".", 1)[-1] in ("add_k_proj", "add_v_proj")
+
+
+# The same four names over an MMDiT transformer (SD3, FLUX): esd-x trains the joint blocks'
+# text-stream attention, esd-x-strict its keys and values, esd-u everything else.
+MMDIT_PRESETS: dict[str, Callable[[str], bool]] = {
+    "esd-x": _text_stream,
+    "esd-x-strict": _text_kv,
+    "esd-u": lambda name: not _text_stream(name),
     "esd-all": lambda name: True,
 }
 
@@ -154,13 +212,15 @@ class Family:
         pipeline: the diffusers pipeline class name.
         encode: fn(pipe, prompts [P], device, size) -> [P, L, D] or a ``Cond``.
         denoiser_attr: the pipeline attribute of the module that denoises.
-        call_kwargs: fn(conditioning) -> the denoiser's keyword arguments.
+        call_kwargs: fn(conditioning) -> the denoiser's keyword arguments (with ``t``
+            positional), for the UNet families.
         schedule: the ``SCHEDULES`` entry its noise follows.
-        presets: parameter preset name -> predicate on module names.
+        presets: parameter preset name -> predicate on module names (``UNET_PRESETS`` or
+            ``MMDIT_PRESETS``: the same four names, each family's own modules).
         lora_layers: the ``save_lora_weights`` keyword of the denoiser's adapters.
         lora_prefix: the denoiser's key prefix in LoRA files.
-        kohya_version: fn(denoiser) -> kohya's ``ss_base_model_version``.
-        single_file: web-UI single-file export is implemented.
+        kohya_version: fn(denoiser) -> kohya's ``ss_base_model_version``; None: no kohya copy.
+        single_file: web-UI single-file export is implemented (SD 1.x's LDM layout).
         attack: loreun's prefix-token attack is implemented (one CLIP text encoder).
         own_loop: generate's per-image-guidance loop applies (else the pipeline's own call).
     """
@@ -173,7 +233,7 @@ class Family:
     presets: dict = field(default_factory=lambda: UNET_PRESETS)
     lora_layers: str = "unet_lora_layers"
     lora_prefix: str = "unet"
-    kohya_version: Callable = _sd_kohya_version
+    kohya_version: Callable | None = _sd_kohya_version
     single_file: bool = True
     attack: bool = False
     own_loop: bool = False
@@ -183,7 +243,8 @@ class Family:
         return getattr(pipe, self.denoiser_attr)
 
     def predict(self, module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        """One denoiser call: [B, C, H, W], [B], conditioning of B -> [B, C, H, W]."""
+        """One denoiser call: [B, C, H, W], [B] timesteps, conditioning of B -> [B, C, H, W] in
+        the model's parametrisation (noise, v, or a flow's velocity)."""
         return module(x, t, **self.call_kwargs(cond)).sample
 
     def predictor(self, module) -> Callable:
@@ -203,6 +264,87 @@ class Family:
         size = (resolution or self.native_size(pipe)) // self.vae_scale(pipe)
         return self.denoiser(pipe).config.in_channels, size, size
 
+    def image_seq_len(self, pipe, resolution: int | None = None) -> int | None:
+        """Image tokens the denoiser sees, for schedules that shift with it; None for a UNet."""
+        return None
+
+    def guidance_kind(self, pipe) -> str:
+        """How the pipeline's ``guidance_scale`` acts, for generate's manifest."""
+        return "classifier-free"
+
+
+@dataclass(frozen=True)
+class SD3Family(Family):
+    """SD3 and SD3.5: an MMDiT over 2x2 patches, prompts through two CLIPs and T5."""
+
+    def predict(self, module, x, t, cond):
+        return module(
+            x, timestep=t, encoder_hidden_states=cond.emb, pooled_projections=cond.pooled
+        ).sample
+
+    def image_seq_len(self, pipe, resolution=None) -> int:
+        _, h, w = self.latent_shape(pipe, resolution)
+        p = self.denoiser(pipe).config.patch_size
+        return (h // p) * (w // p)
+
+
+# FLUX.1-dev embeds its guidance instead of running an unconditional pass. While erasing, the
+# student and the teacher see guidance 1, where a guidance-distilled model answers as the plain
+# conditional prediction, the term ESD's target is built from (our choice; docs/design-notes.md).
+FLUX_TRAIN_GUIDANCE = 1.0
+
+
+@dataclass(frozen=True)
+class FluxFamily(Family):
+    """FLUX.1: an MMDiT over packed 2x2 latent patches with rotary image and text ids, T5
+    tokens and a pooled CLIP embedding; dev embeds its guidance, schnell has none.
+
+    Latents stay [B, C, H, W] everywhere above this class: ``predict`` packs them into
+    [B, H/2 * W/2, 4C] tokens for the transformer and unpacks its answer.
+    """
+
+    def predict(self, module, x, t, cond):
+        import torch
+
+        b, c, h, w = x.shape
+        tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        tokens = tokens.reshape(b, (h // 2) * (w // 2), c * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+        img_ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
+        txt_ids = torch.zeros(cond.emb.shape[1], 3, device=x.device, dtype=x.dtype)
+        guidance = None
+        if getattr(module, "module", module).config.guidance_embeds:  # DDP wraps it
+            guidance = torch.full((b,), FLUX_TRAIN_GUIDANCE, device=x.device, dtype=torch.float32)
+        out = module(
+            tokens,
+            timestep=t / 1000,  # as FluxPipeline: the transformer scales it back
+            encoder_hidden_states=cond.emb,
+            pooled_projections=cond.pooled,
+            img_ids=img_ids.reshape(-1, 3),
+            txt_ids=txt_ids,
+            guidance=guidance,
+        ).sample
+        out = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(b, c, h, w)
+
+    def native_size(self, pipe) -> int:
+        """FLUX's transformer config names no size: the pipeline's default (1024 for FLUX.1)."""
+        return pipe.default_sample_size * self.vae_scale(pipe)
+
+    def latent_shape(self, pipe, resolution=None) -> tuple[int, int, int]:
+        size = (resolution or self.native_size(pipe)) // self.vae_scale(pipe)
+        return self.denoiser(pipe).config.in_channels // 4, size, size
+
+    def image_seq_len(self, pipe, resolution=None) -> int:
+        _, h, w = self.latent_shape(pipe, resolution)
+        return (h // 2) * (w // 2)
+
+    def guidance_kind(self, pipe) -> str:
+        if self.denoiser(pipe).config.guidance_embeds:
+            return "embedded (guidance-distilled, no unconditional pass)"
+        return "none (timestep-distilled)"
+
 
 FAMILIES = {
     "StableDiffusionPipeline": Family(
@@ -212,6 +354,29 @@ FAMILIES = {
         "StableDiffusionXLPipeline",
         encode_two_clips,
         kohya_version=lambda denoiser: "sdxl_base_v1-0",
+        single_file=False,
+    ),
+    "StableDiffusion3Pipeline": SD3Family(
+        "StableDiffusion3Pipeline",
+        encode_sd3,
+        denoiser_attr="transformer",
+        schedule="flow",
+        presets=MMDIT_PRESETS,
+        lora_layers="transformer_lora_layers",
+        lora_prefix="transformer",
+        kohya_version=None,
+        single_file=False,
+    ),
+    "FluxPipeline": FluxFamily(
+        "FluxPipeline",
+        encode_flux,
+        denoiser_attr="transformer",
+        schedule="flow",
+        presets=MMDIT_PRESETS,
+        lora_layers="transformer_lora_layers",
+        lora_prefix="transformer",
+        kohya_version=None,
+        single_file=False,
     ),
 }
 

@@ -167,6 +167,7 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
         "erased_sha256": info["erased_sha256"],
         "steps": settings.steps,
         "scheduler": settings.scheduler,
+        "guidance_kind": family_of(pipe).guidance_kind(pipe),  # FLUX.1-dev's is embedded
     }
     bar = tqdm(total=len(mine), desc="generate", disable=not state.is_main_process or quiet())
     with open_append(part) as manifest:
@@ -191,6 +192,11 @@ def prepare_pipeline(model, model_config, torch_dtype, erased, settings, device,
     if erased:
         apply_erased_weights(pipe, erased, force=force)
     name = SCHEDULERS[settings.scheduler]
+    if name and family_of(pipe).schedule != "ddpm":
+        raise ValueError(
+            f"--scheduler: {settings.scheduler} is a DDPM sampler; {type(pipe).__name__} is a "
+            "flow-matching model and samples with its own scheduler (--scheduler default)"
+        )
     if name:
         import diffusers
 

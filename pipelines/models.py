@@ -72,7 +72,8 @@ def load_pipeline(model: str, config: str | None = None, torch_dtype=None):
         kwargs["local_files_only"] = True
     try:
         cls = pipeline_class(ref, model, local_files_only=bool(unreachable))
-        pipe = cls.from_pretrained(ref, **kwargs, **_no_safety_checker(cls))
+        absent = absent_components(cls, ref, bool(unreachable))
+        pipe = cls.from_pretrained(ref, **kwargs, **{**absent, **_no_safety_checker(cls)})
     except (OSError, ValueError) as e:
         if unreachable:
             raise ValueError(
@@ -87,6 +88,13 @@ def load_pipeline(model: str, config: str | None = None, torch_dtype=None):
 
 # Pipelines loreun implements: the family table's keys (``pipelines/family.py``).
 SUPPORTED_PIPELINES = tuple(FAMILIES)
+
+
+def absent_components(cls, ref: str, local_files_only: bool = False) -> dict:
+    """Components a folder was saved without (``[null, null]`` in its ``model_index.json``,
+    e.g. SD3 without T5), passed as None: diffusers refuses to load them otherwise."""
+    config = cls.load_config(ref, local_files_only=local_files_only)
+    return {k: None for k, v in config.items() if v == [None, None] and not k.startswith("_")}
 
 
 def _no_safety_checker(cls) -> dict:

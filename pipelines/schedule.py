@@ -10,8 +10,9 @@ A schedule answers, for one kind of forward process:
 
 ``SCHEDULES`` is the table, keyed by the name a family gives (``pipelines/family.py``). Every
 other module asks it; none computes ``alphas_cumprod`` or a DDIM step itself. The only entry
-today is ``ddpm``: a discrete DDPM process with integer timesteps, whose models predict the
-noise (``epsilon``, SD 1.x) or the velocity (``v_prediction``, SD 2.x 768; Salimans & Ho 2022).
+``ddpm`` is a discrete DDPM process with integer timesteps, whose models predict the noise
+(``epsilon``, SD 1.x) or the velocity (``v_prediction``, SD 2.x 768; Salimans & Ho 2022);
+``flow`` is rectified flow with continuous sigma, whose models (SD3, FLUX) predict eps - x_0.
 """
 
 from __future__ import annotations
@@ -188,13 +189,153 @@ class DDIMSampler:
         return self.scheduler.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
 
 
+@dataclass
+class FlowSchedule:
+    """Rectified flow (SD3, FLUX): x_t = (1 - sigma) x_0 + sigma eps, and the model predicts the
+    velocity v = eps - x_0.
+
+    Time is the model's own timestep, ``t = sigma * T`` (T = 1000), a float: the families hand
+    it to their transformers as the pipelines do.
+
+    Attributes:
+        sigmas: [T] the scheduler's training sigmas, from 1 down (shifted by its ``shift``
+            unless it shifts per resolution).
+        config: the pipeline scheduler's config.
+        image_seq_len: image tokens at the training resolution, for schedulers that shift
+            with resolution (FLUX.1-dev's ``use_dynamic_shifting``).
+    """
+
+    sigmas: torch.Tensor
+    config: dict = field(default_factory=dict)
+    image_seq_len: int | None = None
+
+    name = "flow"
+    prediction_type = "flow"
+
+    @classmethod
+    def from_scheduler(cls, scheduler, image_seq_len: int | None = None) -> FlowSchedule:
+        """From a pipeline's scheduler config (its ``sigmas`` change with every
+        ``set_timesteps``, so the training table is rebuilt from the config)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        return cls(fresh.sigmas.float().cpu(), dict(scheduler.config), image_seq_len)
+
+    @property
+    def steps(self) -> int:
+        return int(self.config.get("num_train_timesteps", 1000))
+
+    def __len__(self) -> int:
+        return len(self.sigmas)
+
+    def draw_times(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """[n] timesteps drawn as diffusers' SD3 and FLUX trainers draw them: u from a
+        logit-normal (mean 0, std 1; Esser et al. 2024, section 3.1), then the training sigma at
+        index u * T, so the scheduler's shift applies as in training."""
+        u = torch.sigmoid(torch.randn(n, generator=generator))
+        index = (u * len(self)).long().clamp(0, len(self) - 1)
+        return self.sigmas[index] * self.steps
+
+    def probe_times(self, k: int) -> torch.Tensor:
+        """[k] timesteps at the middles of k equal slices of the training sigma table."""
+        index = torch.arange(k) * len(self) // k + len(self) // (2 * k)
+        return self.sigmas[index] * self.steps
+
+    def bucket(self, t: torch.Tensor, buckets: int) -> torch.Tensor:
+        """[B] timesteps -> [B] indices of ``buckets`` equal slices of sigma in [0, 1]."""
+        sigma = t.float().cpu() / self.steps
+        return (sigma * buckets).long().clamp(0, buckets - 1)
+
+    def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return (t.to(like.device).float() / self.steps).view(-1, *([1] * (like.dim() - 1)))
+
+    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = (1 - sigma) x_0 + sigma eps for [B, C, H, W] x_0, noise and [B] t."""
+        s = self._sigma(t, x0)
+        return ((1 - s) * x0.float() + s * noise.float()).to(x0.dtype)
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The velocity d x_t / d sigma = eps - x_0, whatever the time: [B, C, H, W] float32."""
+        return noise.float() - x0.float()
+
+    def sampler(self, steps: int) -> FlowEulerSampler:
+        """The pipelines' flow-matching Euler sampler, with their shift, at ``steps`` steps."""
+        return FlowEulerSampler(self.config, steps, self.image_seq_len)
+
+
+class FlowEulerSampler:
+    """Guided Euler integration of the flow from sigma = 1 (noise) to 0, on the sigmas the
+    pipelines' ``FlowMatchEulerDiscreteScheduler`` gives; the update is
+    x <- x + (sigma_next - sigma) v. Guidance is classifier-free on the two predictions.
+
+    Attributes:
+        timesteps: [K] the model timesteps sigma * T, from the noisiest.
+        sigmas: [K + 1] ending at 0.
+    """
+
+    def __init__(self, scheduler_config: dict, steps: int, image_seq_len: int | None = None):
+        import numpy as np
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        if scheduler.config.get("use_dynamic_shifting"):
+            # as FluxPipeline: linear sigmas shifted by mu, which grows with the image's tokens
+            sigmas = np.linspace(1.0, 1 / steps, steps)
+            scheduler.set_timesteps(sigmas=sigmas, mu=flux_shift(scheduler.config, image_seq_len))
+        else:
+            scheduler.set_timesteps(steps)
+        self.sigmas = scheduler.sigmas.float().cpu()
+        self.timesteps = scheduler.timesteps.float().cpu()
+
+    @torch.no_grad()
+    def sample(self, predict: Predictor, cond, uncond, latents, guidance, stop=None):
+        """As ``DDIMSampler.sample``: from noise [B, C, H, W], stopping before step ``stop``."""
+        x = latents
+        emb = cat_cond([cond, uncond])
+        for k in range(len(self.timesteps) if stop is None else stop):
+            x = self._guided_step(predict, emb, x, k, guidance)
+        return x
+
+    @torch.no_grad()
+    def trajectory(self, predict: Predictor, cond, uncond, latents, guidance) -> torch.Tensor:
+        """As ``DDIMSampler.trajectory``: -> [B, K, C, H, W], the latent at each timestep."""
+        x = latents
+        emb = cat_cond([cond, uncond])
+        kept = []
+        for k in range(len(self.timesteps)):
+            kept.append(x.cpu())
+            x = self._guided_step(predict, emb, x, k, guidance)
+        return torch.stack(kept, dim=1)
+
+    def _guided_step(self, predict: Predictor, emb, x: torch.Tensor, k: int, guidance: float):
+        tt = self.timesteps[k].repeat(2 * len(x)).to(x.device)
+        v_c, v_u = predict(torch.cat([x, x]), tt, emb).chunk(2)
+        v = v_u + guidance * (v_c - v_u)
+        return (x.float() + (self.sigmas[k + 1] - self.sigmas[k]) * v.float()).to(x.dtype)
+
+
+def flux_shift(config, image_seq_len: int | None) -> float:
+    """FLUX's resolution-dependent shift mu: linear in the image's token count between
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)."""
+    if image_seq_len is None:
+        raise ValueError("a scheduler that shifts with resolution needs the image's token count")
+    base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    lo, hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    return lo + (hi - lo) * (image_seq_len - base) / (top - base)
+
+
 # The schedule table: the name a family gives -> the class built from a pipeline's scheduler.
-SCHEDULES = {"ddpm": DDPMSchedule}
+SCHEDULES = {"ddpm": DDPMSchedule, "flow": FlowSchedule}
 
 
-def schedule_of(pipe):
-    """The pipeline's noise schedule, from the table entry its family names."""
-    return SCHEDULES[family_of(pipe).schedule].from_scheduler(pipe.scheduler)
+def schedule_of(pipe, resolution: int | None = None):
+    """The pipeline's noise schedule, from the table entry its family names, for images of
+    ``resolution`` pixels (default: native), which a resolution-shifted schedule needs."""
+    family = family_of(pipe)
+    entry = SCHEDULES[family.schedule]
+    if entry is FlowSchedule:
+        return entry.from_scheduler(pipe.scheduler, family.image_seq_len(pipe, resolution))
+    return entry.from_scheduler(pipe.scheduler)
 
 
 def sd1_scheduler():

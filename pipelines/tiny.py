@@ -138,3 +138,132 @@ def save_tiny_sdxl_pipeline(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     make_tiny_sdxl_pipeline(seed).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def _tiny_vae(sample_size: int, latent_channels: int = 4, shift: float | None = None):
+    """The tiny VAE (4x down), with SD3/FLUX's latent shift where ``shift`` is given."""
+    from diffusers import AutoencoderKL
+
+    extra = {} if shift is None else {"shift_factor": shift, "scaling_factor": 1.5}
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=4,
+        sample_size=sample_size * 4,
+        layers_per_block=1,
+        **extra,
+    )
+
+
+def make_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 8):
+    """Build a tiny ``StableDiffusion3Pipeline`` (32x32 images): an MMDiT of one joint block,
+    two CLIP encoders with projections, no T5 (the pipeline then gives zeros for its tokens, as
+    SD3 loaded with ``text_encoder_3=None`` does), flow matching with SD3's shift of 3.
+
+    The shape of diffusers' own SD3 ``get_dummy_components``, with loreun's offline tokenizer.
+    """
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    from .digits_data import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer, vocab, _ = build_tokenizer(max_length=16)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        out_channels=4,
+    )
+    config = _tiny_text_config(len(vocab))
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(sample_size, shift=0.06),
+        text_encoder=CLIPTextModelWithProjection(config),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def make_tiny_flux_pipeline(seed: int = 0, sample_size: int = 8, dev: bool = True):
+    """Build a tiny ``FluxPipeline`` (32x32 images): one double- and one single-stream block, a
+    CLIP encoder for the pooled embedding and a small T5 for the tokens. ``dev`` gives it
+    FLUX.1-dev's guidance embedding and resolution-dependent shift; otherwise it is shaped as
+    schnell (no guidance embedding, no shift).
+
+    The T5 tokenizer is loreun's offline BPE tokenizer (a real T5 vocabulary cannot be
+    downloaded here); the T5 encoder itself is transformers' own model at toy size.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from .digits_data import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer, vocab, _ = build_tokenizer(max_length=16)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=dev,
+        axes_dims_rope=(4, 6, 6),
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(vocab), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=1,
+            eos_token_id=1,
+        )
+    )  # fmt: skip
+    if dev:
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+            max_image_seq_len=4096, base_shift=0.5, max_shift=1.15,
+        )  # fmt: skip
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=_tiny_vae(sample_size, shift=0.06),
+        text_encoder=CLIPTextModel(_tiny_text_config(len(vocab))),
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer,
+        transformer=transformer,
+    )
+
+
+def save_tiny_flow_pipeline(folder: str | Path, kind: str = "flux", seed: int = 0) -> Path:
+    """Build and save a tiny SD3 (``sd3``), FLUX.1-dev-shaped (``flux``) or schnell-shaped
+    (``flux-schnell``) pipeline as a diffusers folder; returns the folder."""
+    folder = Path(folder)
+    builders = {
+        "sd3": lambda: make_tiny_sd3_pipeline(seed),
+        "flux": lambda: make_tiny_flux_pipeline(seed, dev=True),
+        "flux-schnell": lambda: make_tiny_flux_pipeline(seed, dev=False),
+    }
+    builders[kind]().save_pretrained(folder, safe_serialization=True)
+    return folder

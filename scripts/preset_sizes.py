@@ -14,6 +14,14 @@ trained parameter, Adafactor's factored state (a row and a column vector of each
 ``[out, fan_in]`` view) and one gradient at a time (the largest trained tensor's). Its
 checkpoint is the trained tensors plus that small state.
 
+The second table does the same for the MMDiT transformers of SD3.5 and FLUX.1-dev with the
+erase recipe their size calls for (``--mixed-precision bf16 --gradient-checkpointing``):
+frozen weights in bf16 (2 bytes each); a full-tensor preset adds per trained parameter an fp32
+weight, gradient and two AdamW moments (16 bytes) and a bf16 frozen copy (2); a LoRA of rank r
+adds r (fan_in + fan_out) fp32 adapter numbers per adapted module, 16 bytes each, and no copy
+(the teacher is the model with its adapters off). Text embeddings are cached, so no text
+encoder is on the device.
+
     python scripts/preset_sizes.py
 """
 
@@ -54,6 +62,26 @@ ARCHITECTURES = {
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     ),
 }
+# MMDiT transformers, as their diffusers configs give them.
+TRANSFORMERS = {
+    "SD3.5-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+    )),
+    "SD3.5-large": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm",
+    )),
+    "FLUX.1-dev": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+        pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    )),
+}  # fmt: skip
+LORA_RANK = 16
 BYTES_PER_TRAINED = 20  # fp32 weight, gradient, two AdamW moments, frozen teacher copy
 BYTES_PER_WEIGHT = 4
 CHECKPOINT_BYTES = (
@@ -108,5 +136,48 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def transformer_rows(name: str, model) -> list[str]:
+    """One row per MMDiT preset: full tensors and a LoRA of ``LORA_RANK`` on its modules."""
+    from loreun.erase.presets import select_parameters
+    from loreun.pipelines.family import MMDIT_PRESETS
+
+    total = sum(p.numel() for p in model.parameters())
+    rows = []
+    for preset in MMDIT_PRESETS:
+        trained = select_parameters(model, preset, MMDIT_PRESETS)
+        n = sum(p.numel() for p in trained.values())
+        lora = sum(
+            LORA_RANK * (p.shape[0] + p.numel() // p.shape[0])
+            for k, p in trained.items()
+            if k.endswith(".weight") and p.ndim >= 2
+        )
+        full_gb = (2 * total + 18 * n) / 1e9
+        lora_gb = (2 * total + 16 * lora) / 1e9
+        rows.append(
+            f"| {name} | {total / 1e9:.2f} B | {preset} | {n / 1e6:.0f} M | {full_gb:.1f} | "
+            f"{lora / 1e6:.1f} M | {lora_gb:.1f} |"
+        )
+    return rows
+
+
+def transformer_table() -> str:
+    import diffusers
+    import torch
+
+    lines = [
+        f"| model | parameters | preset | trained parameters | full tensors, bf16 base (GB, "
+        f"before activations) | LoRA rank {LORA_RANK} numbers | LoRA, bf16 base (GB, before "
+        "activations) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, (cls, arch) in TRANSFORMERS.items():
+        with torch.device("meta"):
+            model = getattr(diffusers, cls)(**arch)
+        lines += transformer_rows(name, model)
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(table())
+    print()
+    print(transformer_table())

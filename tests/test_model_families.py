@@ -104,13 +104,16 @@ def test_v_prediction_model_end_to_end(v_pipeline_dir, tmp_path):
 def test_a_pipeline_of_another_family_is_refused_by_name(tiny_pipeline_dir, tmp_path, capsys):
     import shutil
 
-    flux = tmp_path / "flux-like"
-    shutil.copytree(tiny_pipeline_dir, flux)
-    index = json.loads((flux / "model_index.json").read_text())
-    (flux / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    assert main(erase_args(flux, tmp_path / "o")) == 2
+    other = tmp_path / "pixart-like"
+    shutil.copytree(tiny_pipeline_dir, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(
+        json.dumps({**index, "_class_name": "PixArtAlphaPipeline"})
+    )
+    assert main(erase_args(other, tmp_path / "o")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "model_index.json names FluxPipeline; loreun supports" in err
+    assert "model_index.json names PixArtAlphaPipeline; loreun supports" in err
+    assert "FluxPipeline" in err and "StableDiffusion3Pipeline" in err
 
 
 @pytest.fixture(scope="module")
