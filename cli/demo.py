@@ -1,4 +1,4 @@
-"""``loreun demo``: erase a digit from the built-in digits model and show that it is gone.
+"""``loreun demo``: erase a digit from a built-in digits model and show that it is gone.
 
 Erase (ESD) -> generate the bundled digits prompts before and after -> audit both with the
 built-in digit classifier -> a before/after table and report.html. Minutes on a laptop CPU.
@@ -18,6 +18,12 @@ def add_parser(sub, name: str) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--digit", type=int, default=3, help="digit to erase (0-9)")
+    p.add_argument(
+        "--model",
+        default="digits",
+        choices=["digits", "digits-flow"],
+        help="built-in model: digits (SD 1.x's architecture) or digits-flow (SD3's, flow matching)",
+    )
     p.add_argument("--out", default="loreun-demo", help="output folder")
     p.add_argument("--method", default="esd-x", help="ESD parameter preset")
     p.add_argument("--weighting", default="uniform", help="uniform or loreun")
@@ -48,7 +54,7 @@ def run(args) -> int:
             "another --out"
         )
     cfg = EraseConfig(
-        model="digits",
+        model=args.model,
         out=str(out / "erase"),
         concepts=digit_captions(args.digit),
         method=args.method,
@@ -58,12 +64,13 @@ def run(args) -> int:
         checkpoint_every=0,
         overwrite=args.overwrite,
     )
-    print(f"[1/3] erasing digit {args.digit} ({args.method}, {args.weighting}, {args.steps} steps)")
+    what = f"{args.method}, {args.weighting}, {args.steps} steps"
+    print(f"[1/3] erasing digit {args.digit} from {args.model} ({what})")
     erased = erase(cfg)
     gen = GenerateSettings(samples_per_prompt=args.samples_per_prompt, batch_size=20)
     print("[2/3] generating the digits prompt set before and after")
     for name, weights in (("original", None), ("erased", erased)):
-        generate("digits", "digits", out / name, erased=weights, settings=gen)
+        generate(args.model, "digits", out / name, erased=weights, settings=gen)
     print("[3/3] auditing with the digit classifier")
     settings = AuditSettings(detectors=["digits"], erased_classes=[str(args.digit)])
     summary = audit(

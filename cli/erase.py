@@ -79,6 +79,8 @@ GROUPS = {
         "target_ess",
         "loreun_momentum",
         "difficulty_norm",
+        "probe_times",
+        "min_reliability",
     ),
     "training": (
         "steps",

@@ -134,7 +134,9 @@ def builtin_model_threads(args) -> int | None:
     threads slowed down threefold when other processes kept the cores busy, while one thread
     lost little on an idle machine (docs/benchmarks.md, "Threads for the built-in model").
     None: torch's own choice."""
-    if args.command != "demo" and getattr(args, "model", None) != "digits":
+    from loreun.pipelines.models import BUILTIN_MODELS
+
+    if args.command != "demo" and getattr(args, "model", None) not in BUILTIN_MODELS:
         return None
     return 1
 

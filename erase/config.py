@@ -28,6 +28,10 @@ SAMPLES_PER_CONCEPT = 8
 TEMPERATURE = 1.0
 LOREUN_VARIANT = "dynamic"
 LOREUN_MOMENTUM = 0.5
+# Split-half reliability of the probed difficulty below which its memory is treated as noise:
+# the digits forget set measured 0.78-0.85 at 10 probe times and about 0 for single draws
+# (docs/results.md), so 0.5 sits between.
+MIN_RELIABILITY = 0.5
 
 
 MAX_SEED = 2**32 - 1  # as prompt files' seeds; larger ones would alias in the step streams
@@ -38,6 +42,7 @@ UPPER_BOUNDS = {
     "samples_per_concept": 10_000,
     "sample_steps": 1_000,  # a DDPM model's training timesteps
     "trajectory_pool": 10_000,
+    "probe_times": 1_000,
     "resolution": 8_192,
     "lora_rank": 4_096,  # erase/lora.py also refuses a rank above its modules' own
 }
@@ -185,6 +190,21 @@ class EraseConfig:
         metadata=_help(
             "dynamic: the share of an item's remembered difficulty kept at each visit; after P "
             "visits the initial fill keeps momentum**P of it"
+        ),
+    )
+    probe_times: int = field(
+        default=10,
+        metadata=_help(
+            "LoReUn: the shared times (each with its own noise) every forget item is probed at "
+            "before training; its difficulty is the mean, whose split-half reliability is logged"
+        ),
+    )
+    min_reliability: float = field(
+        default=MIN_RELIABILITY,
+        metadata=_help(
+            "LoReUn's static and dynamic variants: below this split-half reliability the "
+            "difficulty memory is mostly noise, and the run warns and weighs uniformly "
+            "(-1 keeps LoReUn's weights whatever it is)"
         ),
     )
     difficulty_norm: str = field(
@@ -459,6 +479,12 @@ class EraseConfig:
     def _check_weighting(self) -> None:
         if self.target_ess is not None and not 0 < self.target_ess <= 1:
             raise ValueError(f"--target-ess: must be in (0, 1], got {self.target_ess}")
+        if self.probe_times < 2:
+            raise ValueError(
+                f"--probe-times: needs 2 or more for a split half, got {self.probe_times}"
+            )
+        if not -1 <= self.min_reliability <= 1:
+            raise ValueError(f"--min-reliability: must be in [-1, 1], got {self.min_reliability}")
         if not self.reweights:
             return
         if self.loreun_variant == "batch" and self.batch_size < 2:

@@ -25,7 +25,7 @@ from loreun.pipelines.files import TRAIN_LOG, open_append
 from loreun.pipelines.loading import base_fingerprints
 from loreun.pipelines.meta import quiet
 from loreun.pipelines.models import load_pipeline
-from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, restart_rate, say
+from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, restart_rate, say, warn
 from loreun.pipelines.schedule import Sampler, Schedule, schedule_of
 
 from .checkpoint import (
@@ -157,10 +157,14 @@ def setup(
     weighting = weighting_for(cfg, len(forget), schedule)
     if weighting.needs_difficulty and resume is None and can_differ(cfg):
         # a resumed run reloads its memory; at tau = inf every weight is 1 whatever the memory
-        say(acc, f"probing the difficulty of {len(forget)} forget items")
+        say(acc, f"probing the difficulty of {len(forget)} forget items at {cfg.probe_times} times")
         with acc.autocast():
-            grid, t_grid = probe_grid(teacher, forget, schedule, cfg.seed, acc.device)
+            grid, t_grid = probe_grid(
+                teacher, forget, schedule, cfg.seed, acc.device, cfg.probe_times
+            )
         weighting.fill(grid, t_grid)
+        line = reliability_line(weighting.summary(), cfg.min_reliability)
+        (warn if weighting.summary().get("fell_back_to_uniform") else say)(acc, line)
     prepared, optimizer = prepare_optimizer(cfg, acc, denoiser, trained, mask)
     sampler = schedule.sampler(cfg.sample_steps) if cfg.xt_source != "cached" else None
     run = Run(
@@ -182,6 +186,20 @@ def setup(
     if not restore_checkpoint(run, resume):
         say(acc, f"{resume} holds no optimizer state: the optimizer restarts from zero moments")
     return run
+
+
+def reliability_line(summary: dict, floor: float) -> str:
+    """The set-up line that says whether LoReUn's difficulty is a property of the items."""
+    rel = summary.get("difficulty_reliability")
+    if rel is None:
+        return "difficulty: too few items or probes for a split-half reliability"
+    line = f"difficulty: split-half reliability {rel:.2f}"
+    if summary.get("fell_back_to_uniform"):
+        return (
+            f"{line}, below --min-reliability {floor}: the memory is mostly noise, so the "
+            "forget items are weighed uniformly (raise --probe-times, or lower --min-reliability)"
+        )
+    return line
 
 
 def trainable(cfg: EraseConfig, family: Family, denoiser) -> tuple[dict, object, dict[str, str]]:

@@ -118,6 +118,21 @@ def temperature_for_ess(scores: torch.Tensor, target: float, iters: int = 100) -
     return tau
 
 
+def split_half_reliability(losses: torch.Tensor) -> float:
+    """How far items' mean difficulty is a property of the items rather than of the draws:
+    Spearman's rho between the means over the even and the odd probe columns.
+
+    Args:
+        losses: [N, K] difficulty of N items at K shared (time, noise) probes, K >= 2.
+
+    Returns:
+        rho in [-1, 1] (uncorrected for the halved length); nan for fewer than 2 items.
+    """
+    if losses.shape[0] < 2 or losses.shape[1] < 2:
+        return float("nan")
+    return rank_correlation(losses[:, 0::2].mean(1), losses[:, 1::2].mean(1))
+
+
 def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman's rho of two [n] vectors (ties broken by position; n >= 2)."""
     ra = a.double().argsort().argsort().double()
@@ -229,6 +244,7 @@ class LoReUnWeighting:
         normalize: bool = True,
         bucket=thousand_steps,
         target_ess: float | None = None,
+        min_reliability: float = -1.0,
     ):
         if variant not in VARIANTS:
             raise ValueError(f"unknown LoReUn variant {variant!r}; choose one of {VARIANTS}")
@@ -243,6 +259,9 @@ class LoReUnWeighting:
         self.normalizer = TimestepNormalizer(bucket) if normalize else None
         self.memory = torch.full((num_items,), float("nan"))
         self.filled: torch.Tensor | None = None
+        self.min_reliability = min_reliability
+        self.reliability: float | None = None  # split-half, of the fill
+        self.fell_back = False  # the fill was noise: uniform weights
         self._batch = None  # (ids [B], weights [B]) of the last observed batch ("batch")
         self._weights = None
 
@@ -261,6 +280,12 @@ class LoReUnWeighting:
             losses = losses / losses.mean(0, keepdim=True).clamp_min(1e-12)
         self.memory = losses.mean(1)
         self.filled = self.memory.clone()
+        self.reliability = split_half_reliability(losses)
+        if self.variant != "batch" and self.reliability < self.min_reliability:  # nan: untold
+            self.fell_back = True  # a memory of noise draws reweights noise, not items
+            self.temperature = math.inf
+            self._weights = None
+            return
         if self.target_ess is not None:
             try:
                 self.temperature = temperature_for_ess(self.memory, self.target_ess)
@@ -331,10 +356,17 @@ class LoReUnWeighting:
     def summary(self) -> dict:
         """What the run chose, for the erased file's header: tau and the items weighed."""
         tau = self.temperature if math.isfinite(self.temperature) else "inf"  # strict JSON
-        return {"variant": self.variant, "temperature": tau, "num_items": len(self.memory)}
+        out = {"variant": self.variant, "temperature": tau, "num_items": len(self.memory)}
+        if self.reliability is not None and math.isfinite(self.reliability):
+            out["difficulty_reliability"] = round(self.reliability, 4)
+            out["fell_back_to_uniform"] = self.fell_back
+        return out
 
     def state_dict(self) -> dict:
         state = {"memory": self.memory.tolist(), "temperature": self.temperature}
+        if self.reliability is not None:
+            state["reliability"] = self.reliability
+            state["fell_back"] = self.fell_back
         if self.filled is not None:
             state["filled"] = self.filled.tolist()
         if self.normalizer is not None:
@@ -344,6 +376,8 @@ class LoReUnWeighting:
     def load_state_dict(self, state: dict) -> None:
         self.memory = torch.tensor(state["memory"], dtype=torch.float32)
         self.temperature = state.get("temperature", self.temperature)
+        self.reliability = state.get("reliability", self.reliability)
+        self.fell_back = state.get("fell_back", self.fell_back)
         if "filled" in state:
             self.filled = torch.tensor(state["filled"], dtype=torch.float32)
         self._weights = None
@@ -379,6 +413,7 @@ def weighting_for(cfg, num_items: int, schedule):
         normalize=cfg.difficulty_norm == "timestep",
         bucket=schedule.bucket,
         target_ess=cfg.target_ess,
+        min_reliability=cfg.min_reliability,
     )
 
 
@@ -392,6 +427,9 @@ def weighting_stats(weighting, num_items: int) -> dict[str, float]:
     drift = weighting.drift()
     if drift is not None:
         stats["memory_rank_corr"] = drift
+    reliability = getattr(weighting, "reliability", None)
+    if reliability is not None and math.isfinite(reliability):
+        stats["difficulty_reliability"] = reliability
     return stats
 
 

@@ -130,7 +130,7 @@ def encode_sd3(pipe, prompts: list[str], device, size: int | None = None) -> Con
     _on_device(encoders, device)
     emb, _, pooled, _ = pipe.encode_prompt(
         prompts, None, None, device=device, num_images_per_prompt=1,
-        do_classifier_free_guidance=False,
+        do_classifier_free_guidance=False, **family_of(pipe).pipe_kwargs(pipe),
     )  # fmt: skip
     _on_device(encoders, "cpu")
     return Cond(emb.float(), pooled.float())
@@ -141,9 +141,8 @@ def encode_flux(pipe, prompts: list[str], device, size: int | None = None) -> Co
     the T5 tokenizer's length (512 for FLUX.1's): -> ``Cond`` emb [P, L, 4096], pooled [P, 768]."""
     encoders = (pipe.text_encoder, pipe.text_encoder_2)
     _on_device(encoders, device)
-    length = min(512, pipe.tokenizer_2.model_max_length)
     emb, pooled, _ = pipe.encode_prompt(
-        prompts, None, device=device, num_images_per_prompt=1, max_sequence_length=length
+        prompts, None, device=device, num_images_per_prompt=1, **family_of(pipe).pipe_kwargs(pipe)
     )
     _on_device(encoders, "cpu")
     return Cond(emb.float(), pooled.float())
@@ -272,6 +271,11 @@ class Family:
         """How the pipeline's ``guidance_scale`` acts, for generate's manifest."""
         return "classifier-free"
 
+    def pipe_kwargs(self, pipe) -> dict:
+        """Keyword arguments of the pipeline's ``encode_prompt`` and ``__call__`` that erasing
+        and generating must share (the T5 length of SD3 and FLUX)."""
+        return {}
+
 
 @dataclass(frozen=True)
 class SD3Family(Family):
@@ -286,6 +290,14 @@ class SD3Family(Family):
         _, h, w = self.latent_shape(pipe, resolution)
         p = self.denoiser(pipe).config.patch_size
         return (h // p) * (w // p)
+
+    def pipe_kwargs(self, pipe) -> dict:
+        """T5's tokens: the pipeline's default 256 with T5; without it they are zeros, and
+        loreun pads them to the CLIP length (77 for SD3) instead of 256 tokens that carry
+        nothing (our choice; the built-in ``digits-flow`` model was trained so)."""
+        if pipe.text_encoder_3 is None:
+            return {"max_sequence_length": pipe.tokenizer.model_max_length}
+        return {"max_sequence_length": 256}
 
 
 # FLUX.1-dev embeds its guidance instead of running an unconditional pass. While erasing, the
@@ -339,6 +351,10 @@ class FluxFamily(Family):
     def image_seq_len(self, pipe, resolution=None) -> int:
         _, h, w = self.latent_shape(pipe, resolution)
         return (h // 2) * (w // 2)
+
+    def pipe_kwargs(self, pipe) -> dict:
+        """T5's length: FLUX.1's 512 (the pipeline's default), or a shorter tokenizer's own."""
+        return {"max_sequence_length": min(512, pipe.tokenizer_2.model_max_length)}
 
     def guidance_kind(self, pipe) -> str:
         if self.denoiser(pipe).config.guidance_embeds:

@@ -223,6 +223,7 @@ def run_batch(pipe, jobs: list[Job], steps: int) -> list:
         width=first.width,
         height=first.height,
         output_type="pil",
+        **family_of(pipe).pipe_kwargs(pipe),  # the text length erasing used
     ).images
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from .family import FAMILIES
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
-BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits"}
+# digits: SD 1.x's architecture; digits-flow: SD3's (rectified flow), on the same data and VAE.
+BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits", "digits-flow": BUILTIN_DIR / "digits-flow"}
 BUILTIN_CLASSIFIERS = {"digits": BUILTIN_DIR / "digits-classifier"}
 
 

@@ -24,6 +24,15 @@ def say(acc, message: str) -> None:
         print(message, flush=True)
 
 
+def warn(acc, message: str) -> None:
+    """A warning from the main process, on stderr and also under --quiet: a run that changes
+    course on its own says so."""
+    if acc.is_main_process:
+        import sys
+
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class StopFlag:
     """Turns the first Ctrl-C into a request to checkpoint and stop after the current step.
 

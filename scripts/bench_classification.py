@@ -444,15 +444,16 @@ def main() -> None:
     bench, rows, chosen = Bench(load_split()), [], {}
     started = time.perf_counter()
     for sc, me in itertools.product(args.scenarios, METHODS):
+        print(f"{sc} {me}: tuning and running", flush=True)
         chosen[(sc, me)] = tune(bench, sc, me, tune_seeds, args.smoke)
         for s in chosen[(sc, me)].values():
             rows += [bench.run(sc, s, seed, "test") for seed in seeds]
+        print(f"{sc} {me}: done at {time.perf_counter() - started:.0f} s", flush=True)
     for sc in args.scenarios:  # the reference itself, for the reader
         rows += [
             {"scenario": sc, "method": "retrain", "seed": seed, **bench.reference(sc, seed, "test")}
             for seed in seeds
         ]
-        print(f"{sc} {me}: done at {time.perf_counter() - started:.0f} s", flush=True)
     if args.out:  # the raw runs first: a table can be rebuilt from them
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / "runs.jsonl", "w") as fh:

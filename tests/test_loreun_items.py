@@ -26,15 +26,31 @@ def test_single_concept_weighs_one_item_per_sample(tiny_pipeline_dir, tmp_path, 
     args = erase_cli(tiny_pipeline_dir, out, "--concept", "a cat", "--samples-per-concept", "6")
     args += ["--steps", "4", "--sample-steps", "2", "--batch-size", "3", "--lr", "1e-3"]
     args += ["--weighting", "loreun", "--target-ess", "0.5", "--loreun-variant", variant]
-    assert main(args) == 0
+    # a random tiny model's difficulty is noise; -1 keeps LoReUn's weights regardless
+    assert main(args + ["--min-reliability", "-1"]) == 0
     rows = _log(out)
     assert all(0 < r["ess_fraction"] < 0.999 for r in rows)  # weights really differ
+    assert all(-1 <= r["difficulty_reliability"] <= 1 for r in rows)
     if variant == "static":  # the memory stays at its fill: 0.5 of the 6 items
         assert all(r["ess"] == pytest.approx(3.0, abs=0.01) for r in rows)
     else:
         assert -1 <= rows[-1]["memory_rank_corr"] <= 1
     chosen = _header(out)["weighting_chosen"]
     assert chosen["num_items"] == 6 and 0 < chosen["temperature"] < 1e6
+
+
+def test_an_unreliable_difficulty_falls_back_to_uniform_weights(
+    tiny_pipeline_dir, tmp_path, capsys
+):
+    out = tmp_path / "o"
+    args = erase_cli(tiny_pipeline_dir, out, "--concept", "a cat", "--samples-per-concept", "6")
+    args += ["--steps", "2", "--sample-steps", "2", "--batch-size", "3", "--lr", "1e-3"]
+    args += ["--weighting", "loreun", "--temperature", "0.01", "--probe-times", "4"]
+    assert main(args + ["--min-reliability", "1"]) == 0
+    assert "below --min-reliability 1.0: the memory is mostly noise" in capsys.readouterr().err
+    assert all(r["ess_fraction"] == 1.0 for r in _log(out))
+    chosen = _header(out)["weighting_chosen"]
+    assert chosen["fell_back_to_uniform"] is True and chosen["temperature"] == "inf"
 
 
 def test_batch_variant_logs_ess_over_the_batch(tiny_pipeline_dir, tmp_path):

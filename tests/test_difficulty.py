@@ -1,0 +1,64 @@
+"""LoReUn's difficulty: a mean over a shared probe grid is a property of the items, a single
+draw is not; the split-half reliability says which, and a memory of noise falls back to
+uniform weights."""
+
+import math
+
+import torch
+
+from loreun.erase.config import MIN_RELIABILITY
+from loreun.erase.weighting import LoReUnWeighting, rank_correlation, split_half_reliability
+
+
+def test_split_half_reliability_tells_item_differences_from_noise():
+    g = torch.Generator().manual_seed(0)
+    items = torch.linspace(0, 3, 40).unsqueeze(1)
+    assert split_half_reliability(items + 0.3 * torch.randn(40, 10, generator=g)) > 0.9
+    assert abs(split_half_reliability(torch.randn(40, 10, generator=g))) < 0.4
+    assert math.isnan(split_half_reliability(torch.randn(40, 1, generator=g)))
+
+
+def test_a_noisy_fill_falls_back_to_uniform_and_says_so():
+    g = torch.Generator().manual_seed(1)
+    noise = torch.rand(30, 10, generator=g)
+    w = LoReUnWeighting(30, temperature=0.1, variant="static", min_reliability=0.5)
+    w.fill(noise, torch.arange(10) * 100)
+    assert w.fell_back and torch.equal(w.all_weights(), torch.ones(30))
+    assert w.summary()["fell_back_to_uniform"] is True
+    signal = torch.linspace(0, 1, 30).unsqueeze(1) + 0.01 * noise
+    kept = LoReUnWeighting(30, temperature=0.1, variant="dynamic", min_reliability=0.5)
+    kept.fill(signal, torch.arange(10) * 100)
+    assert not kept.fell_back and kept.all_weights().std() > 0.1
+    batch = LoReUnWeighting(30, temperature=0.1, variant="batch", min_reliability=0.5)
+    batch.fill(noise, torch.arange(10) * 100)
+    assert not batch.fell_back  # its weights come from each batch, not from the fill
+
+
+def test_on_digits_the_grid_is_reliable_and_a_single_draw_is_not():
+    """Forget items of digit 3 (5 captions x 8 base samples) on the built-in model."""
+    from loreun.erase.difficulty import probe_difficulty, probe_grid
+    from loreun.erase.items import ItemSet, per_sample_items, sample_forget_latents
+    from loreun.pipelines.digits_data import digit_captions
+    from loreun.pipelines.family import encode_prompts, family_of
+    from loreun.pipelines.models import load_pipeline
+    from loreun.pipelines.schedule import schedule_of
+
+    pipe = load_pipeline("digits")
+    family, schedule = family_of(pipe), schedule_of(pipe)
+    predict = family.predictor(family.denoiser(pipe).eval())
+    emb = encode_prompts(pipe, digit_captions(3) + [""], "cpu")
+    items = ItemSet(cond=emb[:5], uncond=emb[5:], anchor=None)
+    items.x0 = sample_forget_latents(predict, pipe, items, 8, 25, 3.0, None, 0, "cpu")
+    items = per_sample_items(items)
+    grid, _ = probe_grid(predict, items, schedule, seed=0, device="cpu", k=10)
+    grid_rel = split_half_reliability(grid / grid.mean(0, keepdim=True))
+    draws = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.arange(len(items))
+        t, noise = schedule.draw_times(len(ids), g), torch.randn(items.x0[:, 0].shape, generator=g)
+        draws.append(probe_difficulty(predict, items, ids, t, noise, schedule, "cpu"))
+    single_rel = rank_correlation(*draws)
+    print(f"grid split-half {grid_rel:.3f}, single draws {single_rel:.3f}")
+    assert grid_rel >= MIN_RELIABILITY
+    assert grid_rel > single_rel + 0.3
