@@ -81,6 +81,7 @@ GROUPS = {
         "difficulty_norm",
         "probe_times",
         "min_reliability",
+        "min_ess",
     ),
     "training": (
         "steps",

@@ -13,6 +13,8 @@ abstract and Figure 1 (its method section was not available):
     uses and where a batch softmax is a no-op;
   - ``batch``: the softmax over the current batch's own difficulties, with no memory; the form
     most loss-reweighting methods use;
+  - ``paper``: our reading of the paper's own form: the batch's raw denoising losses under the
+    current model, no timestep normalisation, a fixed tau, weights of mean 1 per batch;
 * denoising error depends strongly on the timestep, so each observation is divided by a running
   mean of the loss at its timestep (our choice);
 * tau can be set by a target effective sample size on the filled memory, so that it means the
@@ -223,13 +225,17 @@ class LoReUnWeighting:
     Args:
         num_items: N, the size of the forget set.
         temperature: tau of ``softmax_weights``; ignored when ``target_ess`` is given.
-        variant: "static", "dynamic" or "batch" (see the module docstring).
+        variant: "static", "dynamic", "batch" or "paper" (see the module docstring).
         momentum: EMA momentum of the dynamic memory: the share an item's old value keeps at
             each visit. After P visits the fill keeps ``momentum ** P`` of the memory.
         normalize: divide each observation by the running mean loss at its timestep.
         bucket: the schedule's ``bucket`` (time -> slice of the time range) for ``normalize``.
         target_ess: if given, tau is chosen at ``fill`` so that the filled memory's weights
             have ESS = target_ess * N.
+        min_reliability: below this split-half reliability of the fill, the memory variants
+            weigh uniformly.
+        min_ess: the memory variants' weights keep an ESS of at least this fraction of N
+            (tau rises where the memory has spread).
     """
 
     name = "loreun"
@@ -245,18 +251,24 @@ class LoReUnWeighting:
         bucket=thousand_steps,
         target_ess: float | None = None,
         min_reliability: float = -1.0,
+        min_ess: float = 0.0,
     ):
         if variant not in VARIANTS:
             raise ValueError(f"unknown LoReUn variant {variant!r}; choose one of {VARIANTS}")
+        if variant == "paper" and target_ess is not None:
+            raise ValueError("the paper variant keeps tau fixed; it takes no target ESS")
         if num_items < 2:
             raise ValueError(f"LoReUn weights need at least 2 forget items, got {num_items}")
         self.temperature = temperature
         self.target_ess = target_ess
         self.variant = variant
+        self.per_batch = variant in ("batch", "paper")  # weights from each batch alone
+        self.min_ess = min_ess
         self.observes = variant != "static"  # wants each step's difficulties
         self.gathers = variant == "dynamic"  # its memory folds in every process's items
         self.momentum = momentum
-        self.normalizer = TimestepNormalizer(bucket) if normalize else None
+        raw = variant == "paper"  # the current model's plain losses
+        self.normalizer = TimestepNormalizer(bucket) if normalize and not raw else None
         self.memory = torch.full((num_items,), float("nan"))
         self.filled: torch.Tensor | None = None
         self.min_reliability = min_reliability
@@ -281,7 +293,7 @@ class LoReUnWeighting:
         self.memory = losses.mean(1)
         self.filled = self.memory.clone()
         self.reliability = split_half_reliability(losses)
-        if self.variant != "batch" and self.reliability < self.min_reliability:  # nan: untold
+        if not self.per_batch and self.reliability < self.min_reliability:  # nan: untold
             self.fell_back = True  # a memory of noise draws reweights noise, not items
             self.temperature = math.inf
             self._weights = None
@@ -301,7 +313,7 @@ class LoReUnWeighting:
         if self.normalizer is not None:
             self.normalizer.update(t, loss)
             loss = self.normalizer.normalize(t, loss)
-        if self.variant == "batch":
+        if self.per_batch:
             self._batch = (ids.cpu(), softmax_weights(loss, self._batch_temperature(loss)))
             return
         memory, m = self.memory.tolist(), self.momentum
@@ -323,7 +335,7 @@ class LoReUnWeighting:
 
     def all_weights(self) -> torch.Tensor:
         """The weights in force: [N] over the forget set, or [B] over the last batch."""
-        if self.variant == "batch":
+        if self.per_batch:
             return self._batch[1] if self._batch is not None else torch.ones(len(self.memory))
         if self._weights is None:  # recomputed only when the memory changes
             self._weights = self._compute_weights()
@@ -333,7 +345,14 @@ class LoReUnWeighting:
         mem = self.memory
         seen = ~torch.isnan(mem)
         fill = mem[seen].mean() if seen.any() else torch.tensor(0.0)
-        return softmax_weights(torch.where(seen, mem, fill), self.temperature)
+        scores = torch.where(seen, mem, fill)
+        weights = softmax_weights(scores, self.temperature)
+        if effective_sample_size(weights) >= self.min_ess * len(weights):
+            return weights
+        try:  # the floor: the tau at which the ESS is min_ess, never a lower one
+            return softmax_weights(scores, temperature_for_ess(scores, self.min_ess, iters=60))
+        except ValueError:  # ties with the easiest item already exceed the floor's reach
+            return weights
 
     def weights(self, ids: torch.Tensor) -> torch.Tensor:
         """[B] weights of the sampled items.
@@ -341,7 +360,7 @@ class LoReUnWeighting:
         memory variants: ``N * softmax(-memory / tau)[ids]``; batch: ``B * softmax(-L / tau)``
         over the batch just observed, which must be ``ids``.
         """
-        if self.variant != "batch":
+        if not self.per_batch:
             return self.all_weights()[ids.cpu()]
         if self._batch is None or not torch.equal(self._batch[0], ids.cpu()):
             raise RuntimeError("batch LoReUn: observe() the batch before asking for its weights")
@@ -414,6 +433,7 @@ def weighting_for(cfg, num_items: int, schedule):
         bucket=schedule.bucket,
         target_ess=cfg.target_ess,
         min_reliability=cfg.min_reliability,
+        min_ess=cfg.min_ess,
     )
 
 

@@ -62,3 +62,29 @@ def test_on_digits_the_grid_is_reliable_and_a_single_draw_is_not():
     print(f"grid split-half {grid_rel:.3f}, single draws {single_rel:.3f}")
     assert grid_rel >= MIN_RELIABILITY
     assert grid_rel > single_rel + 0.3
+
+
+def test_the_paper_variant_softmaxes_the_batch_raw_losses_at_a_fixed_tau():
+    import pytest
+
+    w = LoReUnWeighting(10, temperature=0.5, variant="paper")
+    assert w.normalizer is None and w.per_batch and w.observes and not w.gathers
+    ids, loss = torch.tensor([3, 7, 1]), torch.tensor([0.2, 1.0, 0.6])
+    w.observe(ids, torch.tensor([10, 500, 900]), loss)  # times do not matter: raw losses
+    want = 3 * torch.softmax(-loss / 0.5, dim=0)
+    assert torch.allclose(w.weights(ids), want) and w.weights(ids).mean() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="paper variant keeps tau fixed"):
+        LoReUnWeighting(10, variant="paper", target_ess=0.5)
+
+
+def test_the_ess_floor_keeps_memory_weights_from_collapsing_on_one_item():
+    from loreun.erase.weighting import effective_sample_size
+
+    memory = torch.cat([torch.tensor([0.0]), torch.full((49,), 5.0)])  # one easy item
+    free = LoReUnWeighting(50, temperature=0.05, variant="static", normalize=False)
+    floored = LoReUnWeighting(50, temperature=0.05, variant="static", normalize=False, min_ess=0.2)
+    for w in (free, floored):
+        w.fill(memory.unsqueeze(1).repeat(1, 2), torch.tensor([100, 600]))
+    assert effective_sample_size(free.all_weights()) < 1.01  # all weight on the easy item
+    assert effective_sample_size(floored.all_weights()) >= 0.2 * 50 - 1e-3
+    assert floored.all_weights()[0] > floored.all_weights()[1]  # still the easy item first

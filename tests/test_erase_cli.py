@@ -251,7 +251,10 @@ def test_config_choice_lists_match_the_slots():
 
 def test_quiet_prints_only_the_result(tiny_pipeline_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    argv = erase_args(tiny_pipeline_dir, tmp_path / "o", "--weighting", "loreun", "-q")
+    # --min-reliability -1: no fallback warning (a warning is printed under -q by design)
+    argv = erase_args(
+        tiny_pipeline_dir, tmp_path / "o", "--weighting", "loreun", "--min-reliability", "-1", "-q"
+    )
     res = subprocess.run(
         [sys.executable, "-m", "loreun.cli", *argv], capture_output=True, text=True, env=env
     )
