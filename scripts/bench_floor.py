@@ -28,15 +28,15 @@ import torch
 CONCEPTS = ["3", "a handwritten 3", "the number three", "a drawing of the digit three", "digit 3"]
 
 
-def build_run(method: str, weighting: str, out: Path):
-    """A trainer run on the digits model, exactly as ``loreun erase`` builds it."""
+def build_run(method: str, weighting: str, out: Path, model: str = "digits"):
+    """A trainer run on a built-in model, exactly as ``loreun erase`` builds it."""
     from accelerate import Accelerator
 
     from loreun.erase import EraseConfig
     from loreun.erase.trainer import setup
 
     cfg = EraseConfig(
-        model="digits",
+        model=model,
         out=str(out),
         concepts=CONCEPTS,
         method=method,
@@ -49,15 +49,16 @@ def build_run(method: str, weighting: str, out: Path):
     return setup(cfg, acc, out), cfg, acc
 
 
-def floor_step(unet, batch, uncond) -> None:
-    """Student forward + backward at [B], teacher forward at [2B]; gradients left for the caller."""
-    from loreun.pipelines.family import unet_kwargs
+def floor_step(family, model, batch, uncond) -> None:
+    """Student forward + backward at [B], teacher forward at [2B]; gradients left for the caller.
+    ``family.predict`` is the denoiser call itself (a UNet's, or a transformer's)."""
+    from loreun.pipelines.family import cat_cond
 
     b = len(batch.xt)
     with torch.no_grad():
-        pair = torch.cat([batch.cond, uncond.expand(b, -1, -1)])
-        unet(batch.xt.repeat(2, 1, 1, 1), batch.t.repeat(2), **unet_kwargs(pair))
-    pred = unet(batch.xt, batch.t, **unet_kwargs(batch.cond)).sample
+        pair = cat_cond([batch.cond, uncond.expand(b, -1, -1)])
+        family.predict(model, batch.xt.repeat(2, 1, 1, 1), batch.t.repeat(2), pair)
+    pred = family.predict(model, batch.xt, batch.t, batch.cond)
     (pred - batch.target).pow(2).mean().backward()
 
 
@@ -71,7 +72,9 @@ def time_loop(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def measure(method: str, weighting: str, rounds: int, steps: int, profile: Path | None) -> dict:
+def measure(
+    method: str, weighting: str, rounds: int, steps: int, profile: Path | None, model: str
+) -> dict:
     """Alternate floor and loreun blocks of ``steps`` steps for ``rounds`` rounds."""
     from loreun.erase.optim import build_optimizer
     from loreun.erase.streams import step_generator
@@ -79,7 +82,7 @@ def measure(method: str, weighting: str, rounds: int, steps: int, profile: Path 
     from loreun.erase.xt_sources import cached_batch
 
     with tempfile.TemporaryDirectory() as tmp:
-        run, cfg, acc = build_run(method, weighting, Path(tmp))
+        run, cfg, acc = build_run(method, weighting, Path(tmp), model)
         params = list(run.trained.values())
         clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
         opt = build_optimizer(cfg.optimizer, clones, cfg.lr, cfg.weight_decay)
@@ -89,7 +92,7 @@ def measure(method: str, weighting: str, rounds: int, steps: int, profile: Path 
 
         def floor(k: int) -> None:
             batch = cached_batch(run.forget, ids, step_generator(0, 0, k), run.schedule, "cpu")
-            floor_step(acc.unwrap_model(run.denoiser), batch, run.forget.uncond)
+            floor_step(run.family, acc.unwrap_model(run.denoiser), batch, run.forget.uncond)
             for p in params:
                 p.grad = None
 
@@ -180,6 +183,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["esd-x", "esd-u"])
     p.add_argument("--weighting", default="uniform", choices=["uniform", "loreun"])
+    p.add_argument("--model", default="digits", choices=["digits", "digits-flow"])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=20, help="steps per block")
     p.add_argument("--profile", type=Path, help="folder for the operator profiles")
@@ -190,14 +194,14 @@ def main() -> int:
             for name, ms in parts(method).items():
                 print(f"| {method} | {name} | {ms:.2f} |", flush=True)
         return 0
-    print(f"threads: {torch.get_num_threads()}; digits model; cached x_t; {a.weighting}")
+    print(f"threads: {torch.get_num_threads()}; {a.model}; cached x_t; {a.weighting}")
     print(
         "| method | floor ms | loreun step ms | loreun / floor [min, max] | Adam ms "
         "| loreun / (floor + Adam) |"
     )
     print("|---|---|---|---|---|---|")
     for method in a.methods:
-        m = measure(method, a.weighting, a.rounds, a.steps, a.profile)
+        m = measure(method, a.weighting, a.rounds, a.steps, a.profile, a.model)
         lo, hi = m["ratio_range"]
         print(
             f"| {method} | {1000 * m['floor']:.2f} | {1000 * m['loreun']:.2f} | "
