@@ -134,6 +134,7 @@ def train_flow_pipeline(out: str | Path, cfg: FlowTrainConfig, vae_from: str | P
         for te in (te1, te2):
             te.get_input_embeddings().weight.normal_(0.0, cfg.token_embedding_std)
     vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae").eval()
+    vae.register_to_config(shift_factor=0.0)  # SD3's pipeline adds it when decoding
     images, labels = load_digit_images("generator")
     if cfg.exclude_digit is not None:
         keep = labels != cfg.exclude_digit
