@@ -362,6 +362,18 @@ class FluxFamily(Family):
         return "none (timestep-distilled)"
 
 
+# What the MMDiT flow families share: a transformer under flow matching, its LoRA names, no
+# kohya copy (ComfyUI reads diffusers' keys) and no single-file layout.
+MMDIT = dict(
+    denoiser_attr="transformer",
+    schedule="flow",
+    presets=MMDIT_PRESETS,
+    lora_layers="transformer_lora_layers",
+    lora_prefix="transformer",
+    kohya_version=None,
+    single_file=False,
+)
+
 FAMILIES = {
     "StableDiffusionPipeline": Family(
         "StableDiffusionPipeline", encode_one_clip, attack=True, own_loop=True
@@ -372,28 +384,8 @@ FAMILIES = {
         kohya_version=lambda denoiser: "sdxl_base_v1-0",
         single_file=False,
     ),
-    "StableDiffusion3Pipeline": SD3Family(
-        "StableDiffusion3Pipeline",
-        encode_sd3,
-        denoiser_attr="transformer",
-        schedule="flow",
-        presets=MMDIT_PRESETS,
-        lora_layers="transformer_lora_layers",
-        lora_prefix="transformer",
-        kohya_version=None,
-        single_file=False,
-    ),
-    "FluxPipeline": FluxFamily(
-        "FluxPipeline",
-        encode_flux,
-        denoiser_attr="transformer",
-        schedule="flow",
-        presets=MMDIT_PRESETS,
-        lora_layers="transformer_lora_layers",
-        lora_prefix="transformer",
-        kohya_version=None,
-        single_file=False,
-    ),
+    "StableDiffusion3Pipeline": SD3Family("StableDiffusion3Pipeline", encode_sd3, **MMDIT),
+    "FluxPipeline": FluxFamily("FluxPipeline", encode_flux, **MMDIT),
 }
 
 

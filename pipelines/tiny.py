@@ -49,11 +49,7 @@ def make_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: str
 
     ``prediction_type="v_prediction"`` gives the parametrisation of SD 2.x 768 models.
     """
-    from diffusers import (
-        AutoencoderKL,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from .digits_data import build_tokenizer
@@ -62,17 +58,7 @@ def make_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: str
     torch.manual_seed(seed)
     tokenizer, vocab, _ = build_tokenizer(max_length=16)
     unet = UNet2DConditionModel(**_tiny_unet(sample_size), cross_attention_dim=16)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 16),
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=4,
-        sample_size=sample_size * 4,
-        layers_per_block=1,
-    )
+    vae = _tiny_vae(sample_size)
     text_encoder = CLIPTextModel(_tiny_text_config(len(vocab)))
     scheduler = sd1_scheduler()
     scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)

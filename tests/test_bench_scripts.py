@@ -18,7 +18,13 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 def scripts(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))  # they import each other as plain modules
     yield lambda name: importlib.import_module(name)
-    names = ("bench_memory", "bench_erase", "preset_sizes", "bench_esd_reference")
+    names = (
+        "bench_memory",
+        "bench_erase",
+        "preset_sizes",
+        "bench_esd_reference",
+        "bench_flux_memory",
+    )
     for name in (*names, "bench_time_to_erase", "bench_attack"):
         sys.modules.pop(name, None)
 
@@ -35,6 +41,17 @@ def test_memory_bench_steps_each_recipe(scripts, recipe):
 def test_erase_step_bench_runs(scripts, variant):
     res = scripts("bench_erase").worker("tiny", "esd-x", variant, 1)
     assert res["trained_params"] == 4160 and res["step_s"] > 0
+
+
+@pytest.mark.parametrize("recipe", ["lora-r8-esd-x", "full-esd-x-strict"])
+def test_flux_memory_bench_steps_each_recipe_on_the_tiny_flux(scripts, recipe):
+    res = scripts("bench_flux_memory").worker(recipe, "tiny", 32, 2)
+    assert res["trained_params"] > 0 and res["step_s_median"] > 0
+
+
+def test_preset_table_has_the_mmdit_rows(scripts):
+    text = scripts("preset_sizes").transformer_table()
+    assert "| FLUX.1-dev | 11.90 B | esd-x |" in text and "| SD3.5-large | 8.06 B |" in text
 
 
 def test_preset_table_has_the_low_memory_columns(scripts):

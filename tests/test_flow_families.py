@@ -10,8 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from loreun.cli.main import main
-from loreun.erase.objectives import ItemBatch, denoising_loss
+from loreun.erase.objectives import denoising_loss
 from loreun.pipelines.schedule import DDPMSchedule, FlowSchedule
+
+from .test_model_families import _batch
 
 FAMILIES = ("sd3", "flux")
 SIZE = ("--resolution", "32")
@@ -21,18 +23,6 @@ def _flow(shift: float = 3.0) -> FlowSchedule:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=shift))
-
-
-def _batch(schedule, x0, t, noise):
-    return ItemBatch(
-        xt=schedule.add_noise(x0, t, noise),
-        t=t,
-        cond=torch.zeros(len(t), 3, 4),
-        uncond=torch.zeros(len(t), 3, 4),
-        anchor=None,
-        target=schedule.target(x0, t, noise),
-        ids=torch.arange(len(t)),
-    )
 
 
 def test_a_perfect_velocity_predictor_has_zero_loss_and_a_perfect_noise_predictor_does_not():
