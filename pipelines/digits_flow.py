@@ -133,8 +133,13 @@ def train_flow_pipeline(out: str | Path, cfg: FlowTrainConfig, vae_from: str | P
     with torch.no_grad():
         for te in (te1, te2):
             te.get_input_embeddings().weight.normal_(0.0, cfg.token_embedding_std)
-    vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae").eval()
-    vae.register_to_config(shift_factor=0.0)  # SD3's pipeline adds it when decoding
+    loaded = AutoencoderKL.from_pretrained(Path(vae_from) / "vae")
+    # a fresh copy: from_pretrained records the folder it came from, a path of this machine;
+    # shift_factor 0, which SD3's pipeline adds when decoding
+    config = {k: v for k, v in loaded.config.items() if not k.startswith("_")}
+    vae = AutoencoderKL.from_config({**config, "shift_factor": 0.0})
+    vae.load_state_dict(loaded.state_dict())
+    vae.eval()
     images, labels = load_digit_images("generator")
     if cfg.exclude_digit is not None:
         keep = labels != cfg.exclude_digit

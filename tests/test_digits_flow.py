@@ -33,6 +33,14 @@ def test_shipped_flow_model_loads_with_plain_diffusers_and_draws_the_digit():
     assert accuracy >= 0.85  # docs/digits.md has the 500-image figure
 
 
+def test_shipped_models_name_no_local_folder():
+    """from_pretrained records where a component came from; a shipped config must not."""
+    for name in ("digits", "digits-flow"):
+        for path in BUILTIN_MODELS[name].rglob("*.json"):
+            data = json.loads(path.read_text())
+            assert not (isinstance(data, dict) and "_name_or_path" in data), path
+
+
 def test_shipped_flow_model_is_small():
     folder = BUILTIN_MODELS["digits-flow"]
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 20 * 2**20
