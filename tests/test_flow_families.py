@@ -193,3 +193,27 @@ def test_a_schnell_shaped_model_without_guidance_embedding_erases(tmp_path):
     out = tmp_path / "o"
     assert main(_erase(model, out, "--xt-source", "partial-train")) == 0
     assert load_file(str(out / "unet-erased.safetensors"))
+
+
+def test_flux_predict_matches_the_pipelines_own_packing_and_ids():
+    """FluxFamily.predict packs, ids and unpacks as FluxPipeline does around its transformer."""
+    from diffusers import FluxPipeline
+
+    from loreun.pipelines.family import FLUX_TRAIN_GUIDANCE, Cond, family_of
+    from loreun.pipelines.tiny import make_tiny_flux_pipeline
+
+    pipe = make_tiny_flux_pipeline()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([700.0, 250.0])
+    cond = Cond(torch.randn(2, 5, 32, generator=g), torch.randn(2, 16, generator=g))
+    with torch.no_grad():
+        ours = family_of(pipe).predict(pipe.transformer, x, t, cond)
+        packed = FluxPipeline._pack_latents(x, 2, 4, 8, 8)
+        ids = FluxPipeline._prepare_latent_image_ids(2, 4, 4, x.device, x.dtype)
+        out = pipe.transformer(
+            packed, timestep=t / 1000, guidance=torch.full((2,), FLUX_TRAIN_GUIDANCE),
+            pooled_projections=cond.pooled, encoder_hidden_states=cond.emb,
+            txt_ids=torch.zeros(5, 3), img_ids=ids,
+        ).sample  # fmt: skip
+        theirs = FluxPipeline._unpack_latents(out, 32, 32, pipe.vae_scale_factor)
+    assert torch.allclose(ours, theirs, atol=1e-6)
