@@ -8,7 +8,7 @@ import sys
 import types
 import typing
 
-from loreun.erase.config import EraseConfig, flag_name
+from loreun.erase.config import OBJECTIVE_SLOTS, WEIGHTING_SLOTS, EraseConfig, flag_name
 
 from ._settings_file import read_settings_file
 
@@ -38,7 +38,13 @@ def add_parser(sub, name: str) -> None:
     p.set_defaults(run=run)
 
 
-# The --help sections, in the order a user meets the decisions; every config field is in one.
+def slot_fields(slots: dict) -> list[str]:
+    """The settings fields of every slot module in ``slots``, in their order."""
+    return [f.name for m in slots.values() for f in dataclasses.fields(m.Settings)]
+
+
+# The --help sections, in the order a user meets the decisions; every config field is in one,
+# and each slot's settings join its slot's section.
 GROUPS = {
     "model": ("model", "model_config", "resolution"),
     "memory": (
@@ -61,10 +67,7 @@ GROUPS = {
     "objective": (
         "objective",
         "method",
-        "erase_from",
-        "negative_guidance",
-        "anchor",
-        "ga_bound",
+        *slot_fields(OBJECTIVE_SLOTS),
         "saliency",
         "saliency_mask",
         "xt_source",
@@ -72,17 +75,7 @@ GROUPS = {
         "trajectory_cache_mb",
     ),
     "LoRA (train low-rank adapters instead of the full tensors)": ("lora_rank", "lora_alpha"),
-    "weighting": (
-        "weighting",
-        "loreun_variant",
-        "temperature",
-        "target_ess",
-        "loreun_momentum",
-        "difficulty_norm",
-        "probe_times",
-        "min_reliability",
-        "min_ess",
-    ),
+    "weighting": ("weighting", *slot_fields(WEIGHTING_SLOTS)),
     "training": (
         "steps",
         "batch_size",

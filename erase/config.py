@@ -1,6 +1,11 @@
 """The erase configuration: one dataclass, validated on creation, saved next to the outputs.
 
-This module imports no torch, so the CLI can build its parser from these fields cheaply.
+``EraseConfig`` composes the run's own fields (``RunFields``) with the settings of every
+objective and weighting slot: each slot module (``objective_esd``, ``weighting_loreun``, ...)
+owns its settings dataclass, their checks and what it needs, and ``OBJECTIVE_SLOTS`` /
+``WEIGHTING_SLOTS`` list them. The fields stay flat, so the flags and the saved JSON are flat.
+
+This module and the slot modules import no torch, so the CLI builds its parser cheaply.
 """
 
 from __future__ import annotations
@@ -13,29 +18,23 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import objective_esd, objective_ga, objective_remap, weighting_loreun, weighting_uniform
+
+# The slots, in the order --help and the choice lists show them; a new objective or weighting
+# is its own module plus its line here.
+OBJECTIVE_SLOTS = {m.NAME: m for m in (objective_esd, objective_remap, objective_ga)}
+WEIGHTING_SLOTS = {m.NAME: m for m in (weighting_uniform, weighting_loreun)}
+SLOT_MODULES = (*OBJECTIVE_SLOTS.values(), *WEIGHTING_SLOTS.values())
+
 METHODS = ("esd-x", "esd-x-strict", "esd-u", "esd-all")
-OBJECTIVES = ("esd", "remap", "ga")
-WEIGHTINGS = ("uniform", "loreun")
-LOREUN_VARIANTS = ("static", "dynamic", "batch", "paper")
-DIFFICULTY_NORMS = ("timestep", "none")
+OBJECTIVES = tuple(OBJECTIVE_SLOTS)
+WEIGHTINGS = tuple(WEIGHTING_SLOTS)
 XT_SOURCES = ("cached", "trajectory", "partial-train", "partial-base")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")  # erase/optim.py
 FROZEN_DTYPES = ("fp32", "bf16", "fp16")
 # Forget items per concept prompt: enough for a single concept to give LoReUn a set to weigh.
 SAMPLES_PER_CONCEPT = 8
-# LoReUn's defaults, shared with erase/weighting.py (docs/design-notes.md says why).
-TEMPERATURE = 1.0
-LOREUN_VARIANT = "dynamic"
-LOREUN_MOMENTUM = 0.5
-# Split-half reliability of the probed difficulty below which its memory is treated as noise:
-# the digits forget set measured 0.78-0.85 at 10 probe times and about 0 for single draws
-# (docs/results.md), so 0.5 sits between.
-MIN_RELIABILITY = 0.5
-# The memory variants' weights at a tau fixed on the fill fell to an ESS of 0.3% of the forget
-# set on the classification testbed (one item at weight 142.7); a floor keeps them soft.
-MIN_ESS = 0.1
-
 
 MAX_SEED = 2**32 - 1  # as prompt files' seeds; larger ones would alias in the step streams
 UPPER_BOUNDS = {
@@ -45,7 +44,6 @@ UPPER_BOUNDS = {
     "samples_per_concept": 10_000,
     "sample_steps": 1_000,  # a DDPM model's training timesteps
     "trajectory_pool": 10_000,
-    "probe_times": 1_000,
     "resolution": 8_192,
     "lora_rank": 4_096,  # erase/lora.py also refuses a rank above its modules' own
 }
@@ -56,8 +54,8 @@ def _help(text: str, **extra) -> dict:
 
 
 @dataclass
-class EraseConfig:
-    """Everything an erase run needs. Every field is a CLI flag of ``loreun erase``."""
+class RunFields:
+    """The run's own fields, apart from the slots' settings. Every field is a flag."""
 
     model: str = field(
         metadata=_help(
@@ -72,12 +70,6 @@ class EraseConfig:
     )
     concepts_file: str | None = field(
         default=None, metadata=_help("a text file with one concept prompt per line")
-    )
-    erase_from: str | None = field(
-        default=None,
-        metadata=_help(
-            "map the concept towards this prompt instead of the empty prompt (ESD's erase_from)"
-        ),
     )
     model_config: str | None = field(
         default=None,
@@ -132,17 +124,6 @@ class EraseConfig:
             "else 0)"
         ),
     )
-    anchor: str | None = field(
-        default=None,
-        metadata=_help("remap: the prompt whose prediction forget images are pulled towards"),
-    )
-    ga_bound: float = field(
-        default=1.0,
-        metadata=_help(
-            "ga: an item's denoising error stops rising at this value (1 is the error of "
-            "predicting zero noise), so gradient ascent cannot diverge"
-        ),
-    )
     saliency: float | None = field(
         default=None,
         metadata=_help(
@@ -156,74 +137,12 @@ class EraseConfig:
             "reuse a saliency mask saved by an earlier run (its saliency-mask.safetensors)"
         ),
     )
-    negative_guidance: float = field(
-        default=1.0, metadata=_help("ESD's eta: how far the target moves away from the concept")
-    )
     weighting: str = field(
         default="uniform",
         metadata=_help(
             "per-sample weighting of the forget term; loreun did not bring diffusion erasure "
             "closer to retraining in docs/results.md, so uniform is the default",
             choices=WEIGHTINGS,
-        ),
-    )
-    loreun_variant: str = field(
-        default=LOREUN_VARIANT,
-        metadata=_help(
-            "difficulty from a memory filled under the original weights (static), that memory "
-            "updated under the current weights (dynamic), the current batch's own losses "
-            "(batch; needs --batch-size >= 2), or our reading of the paper's form: the batch's "
-            "raw losses under the current model at a fixed --temperature (paper)",
-            choices=LOREUN_VARIANTS,
-        ),
-    )
-    temperature: float = field(
-        default=TEMPERATURE,
-        metadata=_help("LoReUn softmax temperature tau; inf gives uniform weights"),
-    )
-    target_ess: float | None = field(
-        default=None,
-        metadata=_help(
-            "choose tau instead: the one at which the weights of the filled difficulty memory "
-            "have this effective sample size, as a fraction of the forget items (e.g. 0.8); "
-            "overrides --temperature, and the chosen tau is recorded in the erased file"
-        ),
-    )
-    loreun_momentum: float = field(
-        default=LOREUN_MOMENTUM,
-        metadata=_help(
-            "dynamic: the share of an item's remembered difficulty kept at each visit; after P "
-            "visits the initial fill keeps momentum**P of it"
-        ),
-    )
-    probe_times: int = field(
-        default=10,
-        metadata=_help(
-            "LoReUn: the shared times (each with its own noise) every forget item is probed at "
-            "before training; its difficulty is the mean, whose split-half reliability is logged"
-        ),
-    )
-    min_ess: float = field(
-        default=MIN_ESS,
-        metadata=_help(
-            "LoReUn's static and dynamic variants: the weights never concentrate on fewer than "
-            "this fraction of the forget items (effective sample size); tau rises to keep it"
-        ),
-    )
-    min_reliability: float = field(
-        default=MIN_RELIABILITY,
-        metadata=_help(
-            "LoReUn's static and dynamic variants: below this split-half reliability the "
-            "difficulty memory is mostly noise, and the run warns and weighs uniformly "
-            "(-1 keeps LoReUn's weights whatever it is)"
-        ),
-    )
-    difficulty_norm: str = field(
-        default="timestep",
-        metadata=_help(
-            "divide difficulty by the running mean loss at its timestep, removing the timestep "
-            "confound (timestep), or use it raw (none)",
-            choices=DIFFICULTY_NORMS,
         ),
     )
     xt_source: str = field(
@@ -356,6 +275,12 @@ class EraseConfig:
         metadata=_help("also save a full diffusers pipeline folder under OUT/pipeline"),
     )
 
+
+@dataclass
+class EraseConfig(*reversed([m.Settings for m in SLOT_MODULES]), RunFields):
+    """Everything an erase run needs: the run's fields and every slot's settings, flat.
+    Every field is a CLI flag of ``loreun erase``."""
+
     def __post_init__(self) -> None:
         self._check_types()
         self.concepts = [c.strip() for c in self.concepts]
@@ -370,7 +295,9 @@ class EraseConfig:
         self._check_objective()
         self._check_retain()
         self._check_numbers()
-        self._check_weighting()
+        for slot in SLOT_MODULES:  # each slot checks its own settings
+            chosen = slot.NAME in (self.objective, self.weighting)
+            slot.check(self, chosen)
         self._check_memory()
 
     def _check_memory(self) -> None:
@@ -426,20 +353,10 @@ class EraseConfig:
             raise ValueError("--concept: a concept is empty")
         if self.forget_caption is not None and not self.forget_caption.strip():
             raise ValueError("--forget-caption: is empty")
-        if self.erase_from is not None and self.erase_from.strip() in self.concepts:
-            raise ValueError("--erase-from: must differ from the concepts being erased")
 
     def _check_objective(self) -> None:
-        if self.objective == "remap":
-            if self.anchor is None:
-                raise ValueError("--anchor: the remap objective needs an anchor prompt")
-            check_anchor(self.anchor, self.concepts + [self.forget_caption or ""])
-        elif self.anchor is not None:
-            raise ValueError("--anchor: only used by --objective remap (ESD's is --erase-from)")
-        if self.objective != "esd":
-            if self.erase_from is not None:
-                raise ValueError("--erase-from: only used by --objective esd")
-            if self.xt_source != "cached":
+        if self.objective in OBJECTIVE_SLOTS and self.xt_source != "cached":
+            if self.objective_slot().FORWARD_NOISED_ONLY:
                 raise ValueError(
                     f"--xt-source: {self.objective} trains on forward-noised forget images; "
                     "use cached"
@@ -485,35 +402,15 @@ class EraseConfig:
     @property
     def reweights(self) -> bool:
         """Whether the forget term is reweighted by difficulty (so items need their x_0)."""
-        return self.weighting == "loreun"
+        return WEIGHTING_SLOTS[self.weighting].NEEDS_X0
 
-    def _check_weighting(self) -> None:
-        if self.target_ess is not None and not 0 < self.target_ess <= 1:
-            raise ValueError(f"--target-ess: must be in (0, 1], got {self.target_ess}")
-        if self.probe_times < 2:
-            raise ValueError(
-                f"--probe-times: needs 2 or more for a split half, got {self.probe_times}"
-            )
-        if not 0 <= self.min_ess <= 1:
-            raise ValueError(f"--min-ess: must be in [0, 1], got {self.min_ess}")
-        if not -1 <= self.min_reliability <= 1:
-            raise ValueError(f"--min-reliability: must be in [-1, 1], got {self.min_reliability}")
-        if not self.reweights:
-            return
-        if self.loreun_variant == "paper" and self.target_ess is not None:
-            raise ValueError("--target-ess: the paper variant keeps tau fixed; set --temperature")
-        if self.loreun_variant in ("batch", "paper") and self.batch_size < 2:
-            raise ValueError(
-                f"--loreun-variant {self.loreun_variant}: a softmax over one item is a no-op; "
-                "use --batch-size 2 or more, or the dynamic variant"
-            )
-        items = len(self.concepts) * self.samples_per_concept
-        if self.forget_images is None and items < 2:
-            raise ValueError(
-                f"--weighting loreun: needs at least 2 forget items, and {len(self.concepts)} "
-                f"concept x {self.samples_per_concept} sample gives {items}; raise "
-                "--samples-per-concept or use --weighting uniform"
-            )
+    def objective_slot(self):
+        """The chosen objective's slot module (its settings, checks and ``build``)."""
+        return _slot(OBJECTIVE_SLOTS, self.objective, "objective")
+
+    def weighting_slot(self):
+        """The chosen weighting's slot module."""
+        return _slot(WEIGHTING_SLOTS, self.weighting, "weighting")
 
     def _check_choices(self) -> None:
         for f in dataclasses.fields(self):
@@ -528,13 +425,11 @@ class EraseConfig:
         positive = (
             "steps",
             "lr",
-            "temperature",
             "batch_size",
             "gradient_accumulation_steps",
             "samples_per_concept",
             "sample_steps",
             "checkpoints_total_limit",
-            "ga_bound",
             "trajectory_pool",
             "trajectory_cache_mb",
         )
@@ -549,8 +444,6 @@ class EraseConfig:
                 f"--max-grad-norm: must be > 0, got {self.max_grad_norm} (a negative norm would "
                 "flip every gradient)"
             )
-        if not 0 <= self.loreun_momentum < 1:
-            raise ValueError(f"--loreun-momentum: must be in [0, 1), got {self.loreun_momentum}")
         if not self.weight_decay >= 0:
             raise ValueError(f"--weight-decay: must be >= 0, got {self.weight_decay}")
         if self.checkpoint_every < 0:
@@ -561,12 +454,12 @@ class EraseConfig:
             )
 
     def _check_finite(self) -> None:
-        """NaN or inf in a setting would run until the loss is NaN and then blame --lr; only
-        --temperature takes inf (exactly uniform weights)."""
+        """NaN or inf in a setting would run until the loss is NaN and then blame --lr; only a
+        field marked ``allow_inf`` takes inf (--temperature: exactly uniform weights)."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                if f.name == "temperature" and value == math.inf:
+                if f.metadata.get("allow_inf") and value == math.inf:
                     continue
                 raise ValueError(f"{flag_name(f)}: must be a finite number, got {value}")
 
@@ -616,18 +509,14 @@ def changed_settings(saved: dict, cfg: EraseConfig) -> list[str]:
     ]
 
 
+def _slot(slots: dict, name: str, kind: str):
+    if name not in slots:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {', '.join(slots)}")
+    return slots[name]
+
+
 def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def check_anchor(anchor: str, forget_prompts: list[str]) -> None:
-    """Remapping a concept onto itself erases nothing: refuse an anchor equal to a forget prompt."""
-    a = anchor.strip()
-    if not a:
-        raise ValueError("--anchor: is empty")
-    same = [p for p in forget_prompts if p.strip().casefold() == a.casefold()]
-    if same:
-        raise ValueError(f"--anchor: {anchor!r} is also a forget prompt; choose another anchor")
 
 
 def read_concepts_file(path: str) -> list[str]:

@@ -19,7 +19,7 @@ from loreun.pipelines.files import atomic_save_safetensors, make_dir, refuse_lin
 from loreun.pipelines.runtime import say
 from loreun.pipelines.schedule import schedule_of
 
-from .config import EraseConfig, check_anchor
+from .config import EraseConfig
 from .images import ImageItem, folder_key, read_image_folder
 from .streams import SAMPLE_STREAM, TRAJECTORY_STREAM, step_generator
 
@@ -190,8 +190,7 @@ def read_folders(cfg: EraseConfig) -> Folders:
                 f"--weighting loreun: needs at least 2 forget items, and {cfg.forget_images} "
                 "holds 1 image; add images or use --weighting uniform"
             )
-        if cfg.objective == "remap":
-            check_anchor(cfg.anchor, sorted({it.caption for it in forget}))
+        cfg.objective_slot().check_captions(cfg, sorted({it.caption for it in forget}))
     if cfg.retain_images:
         retain = read_image_folder(cfg.retain_images, cfg.retain_caption, "--retain-images")
     return Folders(forget, retain)
@@ -201,7 +200,7 @@ def build_forget_set(
     cfg: EraseConfig, pipe, teacher, acc, out: Path, images: list[ImageItem] | None
 ) -> ItemSet:
     """Encode every prompt once; take x_0 from the images, or sample and cache it when needed."""
-    anchor_prompt = cfg.erase_from if cfg.objective == "esd" else cfg.anchor
+    anchor_prompt = cfg.objective_slot().anchor_prompt(cfg)
     extra = [""] + ([anchor_prompt] if anchor_prompt else [])
     size = cfg.resolution or family_of(pipe).native_size(pipe)
     emb = encode_prompts(pipe, extra, acc.device, size)

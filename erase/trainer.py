@@ -40,13 +40,13 @@ from .difficulty import observe_difficulty, probe_grid
 from .export import export_run
 from .items import Folders, ItemSet, build_forget_set, build_retain_set, read_folders
 from .lora import add_lora
-from .objectives import Objective, build_objective, denoising_loss
+from .objectives import Objective, denoising_loss, objective_for
 from .optim import StepInBackward, build_optimizer
 from .presets import select_parameters
 from .saliency import build_mask, mask_gradients, restore_masked
 from .streams import item_ids, step_generator
 from .teachers import AdapterOffTeacher, FrozenTeacher
-from .weighting import Weighting, can_differ, weighting_for, weighting_stats
+from .weighting import Weighting, weighting_for, weighting_stats
 from .xt_sources import cached_batch, draw_batch
 
 __all__ = ["erase", "TrainingDiverged", "TrainingInterrupted"]
@@ -148,14 +148,15 @@ def setup(
     forget = build_forget_set(cfg, pipe, teacher, acc, out, folders.forget)
     retain = build_retain_set(cfg, pipe, teacher, acc, out, folders.retain, forget.uncond)
     schedule = schedule_of(pipe, cfg.resolution)
-    objective = build_objective(cfg.objective, eta=cfg.negative_guidance, ga_bound=cfg.ga_bound)
+    objective = objective_for(cfg)
     student = family.predictor(denoiser)
     parts = dict(student=student, teacher=teacher, forget=forget, trained=trained)
     mask = build_mask(
         cfg, acc, out, objective=objective, schedule=schedule, base_fp=base_fp, **parts
     )
     weighting = weighting_for(cfg, len(forget), schedule)
-    if weighting.needs_difficulty and resume is None and can_differ(cfg):
+    probe = weighting.needs_difficulty and cfg.weighting_slot().can_differ(cfg)
+    if probe and resume is None:
         # a resumed run reloads its memory; at tau = inf every weight is 1 whatever the memory
         say(acc, f"probing the difficulty of {len(forget)} forget items at {cfg.probe_times} times")
         with acc.autocast():

@@ -30,7 +30,12 @@ from typing import Protocol
 
 import torch
 
-from .config import LOREUN_MOMENTUM, LOREUN_VARIANT, LOREUN_VARIANTS, TEMPERATURE
+# The variants and defaults of ``LoReUnWeighting``; ``weighting_loreun.py`` (the torch-free
+# settings) repeats them under a test that ties the two.
+VARIANTS = ("static", "dynamic", "batch", "paper")
+TEMPERATURE = 1.0
+VARIANT = "dynamic"
+MOMENTUM = 0.5
 
 
 class Weighting(Protocol):
@@ -216,9 +221,6 @@ class UniformWeighting:
         pass
 
 
-VARIANTS = LOREUN_VARIANTS  # the names the config offers
-
-
 class LoReUnWeighting:
     """LoReUn weights: more weight on forget items that the model still fits well.
 
@@ -245,8 +247,8 @@ class LoReUnWeighting:
         self,
         num_items: int,
         temperature: float = TEMPERATURE,
-        variant: str = LOREUN_VARIANT,
-        momentum: float = LOREUN_MOMENTUM,
+        variant: str = VARIANT,
+        momentum: float = MOMENTUM,
         normalize: bool = True,
         bucket=thousand_steps,
         target_ess: float | None = None,
@@ -405,7 +407,8 @@ class LoReUnWeighting:
 
 
 def build_weighting(name: str, num_items: int, **settings):
-    """The weighting slot: a literal table of names.
+    """A weighting from keyword settings, outside an erase run (the classification testbed
+    builds its own); erase runs go through ``weighting_for``.
 
     Args:
         name: "uniform" or "loreun".
@@ -421,20 +424,10 @@ def build_weighting(name: str, num_items: int, **settings):
     return table[name]()
 
 
-def weighting_for(cfg, num_items: int, schedule):
-    """The run's weighting from its config: the one place that reads the LoReUn settings."""
-    return build_weighting(
-        cfg.weighting,
-        num_items,
-        temperature=cfg.temperature,
-        variant=cfg.loreun_variant,
-        momentum=cfg.loreun_momentum,
-        normalize=cfg.difficulty_norm == "timestep",
-        bucket=schedule.bucket,
-        target_ess=cfg.target_ess,
-        min_reliability=cfg.min_reliability,
-        min_ess=cfg.min_ess,
-    )
+def weighting_for(cfg, num_items: int, schedule) -> Weighting:
+    """The run's weighting, built by its slot module (``config.WEIGHTING_SLOTS``) from the
+    settings that slot owns; ``schedule.bucket`` gives LoReUn's time buckets."""
+    return cfg.weighting_slot().build(cfg, num_items, schedule)
 
 
 def weighting_stats(weighting, num_items: int) -> dict[str, float]:
@@ -451,10 +444,3 @@ def weighting_stats(weighting, num_items: int) -> dict[str, float]:
     if reliability is not None and math.isfinite(reliability):
         stats["difficulty_reliability"] = reliability
     return stats
-
-
-def can_differ(cfg) -> bool:
-    """Whether LoReUn's weights can differ from 1: not at tau = inf without a target ESS."""
-    import math
-
-    return cfg.target_ess is not None or not math.isinf(cfg.temperature)

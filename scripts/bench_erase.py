@@ -42,7 +42,8 @@ def build_unet(name: str):
 def naive_loss(student, teacher_unet, batch, eta):
     import torch
 
-    from loreun.erase.objectives import esd_target, per_sample_mse
+    from loreun.erase.objective_esd import esd_target
+    from loreun.erase.objectives import per_sample_mse
 
     with torch.no_grad():
         e_c = teacher_unet(batch.xt, batch.t, encoder_hidden_states=batch.cond).sample
@@ -54,7 +55,8 @@ def naive_loss(student, teacher_unet, batch, eta):
 def worker(model: str, preset: str, variant: str, steps: int) -> dict:
     import torch
 
-    from loreun.erase.objectives import ItemBatch, esd_loss
+    from loreun.erase.objective_esd import esd_loss
+    from loreun.erase.objectives import ItemBatch
     from loreun.erase.optim import build_optimizer
     from loreun.erase.presets import select_parameters
     from loreun.erase.teachers import FrozenTeacher

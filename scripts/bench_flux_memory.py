@@ -64,7 +64,8 @@ def worker(recipe: str, arch: str, resolution: int, steps: int) -> dict:
     import torch
 
     from loreun.erase.lora import add_lora
-    from loreun.erase.objectives import ItemBatch, esd_loss
+    from loreun.erase.objective_esd import esd_loss
+    from loreun.erase.objectives import ItemBatch
     from loreun.erase.optim import build_optimizer
     from loreun.erase.presets import select_parameters
     from loreun.erase.teachers import AdapterOffTeacher, FrozenTeacher

@@ -50,7 +50,8 @@ def build_unet(arch: str, resolution: int):
 def worker(preset: str, recipe: str, a) -> dict:
     import torch
 
-    from loreun.erase.objectives import ItemBatch, esd_loss
+    from loreun.erase.objective_esd import esd_loss
+    from loreun.erase.objectives import ItemBatch
     from loreun.erase.optim import StepInBackward, build_optimizer
     from loreun.erase.presets import select_parameters
     from loreun.erase.teachers import FrozenTeacher

@@ -38,6 +38,10 @@ PACKAGES = ("cli", "erase", "eval", "pipelines", "prompts")
 CORE = (
     "erase/weighting.py",
     "erase/objectives.py",
+    "erase/objective_esd.py",
+    "erase/objective_remap.py",
+    "erase/objective_ga.py",
+    "erase/weighting_loreun.py",
     "erase/presets.py",
     "erase/saliency.py",
     "erase/export.py",

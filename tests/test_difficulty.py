@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from loreun.erase.config import MIN_RELIABILITY
 from loreun.erase.weighting import LoReUnWeighting, rank_correlation, split_half_reliability
+from loreun.erase.weighting_loreun import MIN_RELIABILITY
 
 
 def test_split_half_reliability_tells_item_differences_from_noise():

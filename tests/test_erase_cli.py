@@ -1,16 +1,18 @@
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from loreun.cli.main import main
-from loreun.erase import objectives
+from loreun.erase import EraseConfig, objective_esd
 
 from .conftest import erase_args
 
@@ -130,7 +132,7 @@ def test_resume_without_checkpoint(tiny_pipeline_dir, tmp_path, capsys):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     tiny_pipeline_dir, tmp_path, capsys, monkeypatch
 ):
-    real = objectives.OBJECTIVES["esd"]
+    real = objective_esd.esd_loss
     calls = {"n": 0}
 
     def nan_after_two(student, teacher, batch, eta):
@@ -138,7 +140,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
         losses, pred = real(student, teacher, batch, eta)
         return (losses * float("nan") if calls["n"] > 2 else losses), pred
 
-    monkeypatch.setitem(objectives.OBJECTIVES, "esd", nan_after_two)
+    monkeypatch.setattr(objective_esd, "esd_loss", nan_after_two)
     out = tmp_path / "o"
     code = main(erase_args(tiny_pipeline_dir, out, "--steps", "5", "--checkpoint-every", "2"))
     err = _err(capsys)
@@ -236,17 +238,48 @@ def test_every_config_field_has_one_help_group():
 
 
 def test_config_choice_lists_match_the_slots():
-    """config.py names the choices without importing torch; each list must be its slot's keys."""
-    from loreun.erase import config, objectives, presets, weighting, xt_sources
+    """config.py names the choices without importing torch; each list must be its slot's keys,
+    and each slot module builds what its name says."""
+    from loreun.erase import config, presets, weighting, xt_sources
 
     assert config.METHODS == presets.PRESET_NAMES
     assert config.XT_SOURCES == tuple(xt_sources.XT_SOURCES)
-    assert config.OBJECTIVES == tuple(objectives.OBJECTIVES)
-    assert config.LOREUN_VARIANTS == weighting.VARIANTS
+    assert config.OBJECTIVES == ("esd", "remap", "ga")
     for name in config.WEIGHTINGS:
-        assert weighting.build_weighting(name, 2).name == name
+        cfg = EraseConfig(model="m", out="o", concepts=["a", "b"], weighting=name)
+        built = weighting.weighting_for(cfg, 2, types.SimpleNamespace(bucket=None))
+        assert built.name == name and cfg.weighting_slot().NAME == name
     with pytest.raises(ValueError, match="choose one of uniform, loreun"):
         weighting.build_weighting("other", 2)
+    from loreun.erase import weighting_loreun as settings
+
+    assert settings.VARIANTS == weighting.VARIANTS
+    assert (settings.TEMPERATURE, settings.VARIANT, settings.MOMENTUM) == (
+        weighting.TEMPERATURE,
+        weighting.VARIANT,
+        weighting.MOMENTUM,
+    )
+
+
+def test_a_slot_owns_its_settings_and_checks():
+    """Each slot module's settings are EraseConfig fields (flat flags), checked by the slot:
+    a setting of an objective that is not chosen is refused, naming the flag."""
+    from loreun.erase import config
+
+    names = {f.name for f in dataclasses.fields(EraseConfig)}
+    for slot in config.SLOT_MODULES:
+        own = {f.name for f in dataclasses.fields(slot.Settings)}
+        assert own <= names, slot.NAME
+    assert {f.name for f in dataclasses.fields(config.RunFields)}.isdisjoint(
+        {"anchor", "erase_from", "ga_bound", "loreun_variant", "temperature"}
+    )
+    with pytest.raises(ValueError, match="^--anchor: only used by --objective remap"):
+        EraseConfig(model="m", out="o", concepts=["a"], anchor="b")
+    with pytest.raises(ValueError, match="^--ga-bound: must be > 0"):
+        EraseConfig(model="m", out="o", concepts=["a"], objective="ga", ga_bound=0.0)
+    with pytest.raises(ValueError, match="^--loreun-variant batch: a softmax over one item"):
+        EraseConfig(model="m", out="o", concepts=["a"], weighting="loreun", loreun_variant="batch")
+    EraseConfig(model="m", out="o", concepts=["a"], loreun_variant="batch")  # uniform: unused
 
 
 def test_quiet_prints_only_the_result(tiny_pipeline_dir, tmp_path):

@@ -1,13 +1,24 @@
 import pytest
 import torch
 
-from loreun.erase.objectives import (
-    ItemBatch,
-    esd_loss,
-    esd_target,
-    per_sample_mse,
-    teacher_predictions,
-)
+from loreun.erase.config import EraseConfig
+from loreun.erase.objective_esd import esd_loss, esd_target
+from loreun.erase.objectives import ItemBatch, objective_for, per_sample_mse, teacher_predictions
+
+
+def build_objective(name: str, eta: float = 1.0, ga_bound: float = 1.0):
+    """The objective an erase run with these flags builds (``objective_for`` of its config)."""
+    extra = {"anchor": "a dog"} if name == "remap" else {}
+    cfg = EraseConfig.__new__(EraseConfig)  # unchecked: an unknown name reaches objective_for
+    cfg.__dict__.update(objective=name, negative_guidance=eta, ga_bound=ga_bound, **extra)
+    return objective_for(cfg)
+
+
+def test_objective_for_reads_the_settings_of_a_checked_config():
+    cfg = EraseConfig(model="m", out="o", concepts=["a"], objective="ga", ga_bound=0.25)
+    student = lambda x, t, emb: torch.zeros_like(x)  # noqa: E731
+    losses = objective_for(cfg)(student, None, _noised_batch())[0]
+    assert torch.equal(losses, torch.tensor([-0.25, -0.25]))
 
 
 def test_esd_target_by_hand():
@@ -83,7 +94,7 @@ def _noised_batch(anchor=None):
 
 
 def test_remap_loss_by_hand_per_sample():
-    from loreun.erase.objectives import remap_loss
+    from loreun.erase.objective_remap import remap_loss
 
     batch = _noised_batch(anchor=torch.full((2, 3, 4), 3.0))
     student = lambda x, t, emb: torch.zeros_like(x)  # noqa: E731
@@ -95,7 +106,7 @@ def test_remap_loss_by_hand_per_sample():
 
 
 def test_remap_target_carries_no_gradient():
-    from loreun.erase.objectives import remap_loss
+    from loreun.erase.objective_remap import remap_loss
 
     w = torch.tensor(2.0, requires_grad=True)
     eps = lambda x, t, emb: x * w * emb.mean(dim=(1, 2)).view(-1, 1, 1, 1)  # noqa: E731
@@ -108,7 +119,7 @@ def test_remap_target_carries_no_gradient():
 
 
 def test_ga_loss_is_bounded_and_stops_pushing_past_the_bound():
-    from loreun.erase.objectives import ga_loss
+    from loreun.erase.objective_ga import ga_loss
 
     batch = _noised_batch()  # noise = 1
     # predictions 1 + 0.5 (error 0.25) and 1 + 3 (error 9, past the bound of 1)
@@ -140,7 +151,7 @@ def test_teacher_keeps_each_item_with_its_own_timestep():
 
 
 def test_build_objective_binds_eta_to_esd_and_the_bound_to_ga():
-    from loreun.erase.objectives import build_objective, ga_loss
+    from loreun.erase.objective_ga import ga_loss
 
     student = lambda x, t, emb: torch.zeros_like(x)  # noqa: E731
     batch = _noised_batch()  # noise = 1, so the student's error is 1 per element
@@ -159,7 +170,8 @@ def test_build_objective_binds_eta_to_esd_and_the_bound_to_ga():
 
 
 def test_objectives_that_lack_their_input_say_which():
-    from loreun.erase.objectives import denoising_loss, remap_loss
+    from loreun.erase.objective_remap import remap_loss
+    from loreun.erase.objectives import denoising_loss
 
     student = lambda x, t, emb: torch.zeros_like(x)  # noqa: E731
     with pytest.raises(ValueError, match="^the remap objective needs an anchor prompt$"):
@@ -174,7 +186,9 @@ def _t_and_prompt_eps():
 
 
 def test_every_objective_passes_the_student_its_timestep_and_prompt():
-    from loreun.erase.objectives import build_objective, denoising_loss, ga_loss, remap_loss
+    from loreun.erase.objective_ga import ga_loss
+    from loreun.erase.objective_remap import remap_loss
+    from loreun.erase.objectives import denoising_loss
 
     batch = _noised_batch(anchor=torch.full((2, 3, 4), 3.0))
     eps, t = _t_and_prompt_eps(), batch.t.view(-1, 1, 1, 1).float()
