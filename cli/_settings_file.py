@@ -100,11 +100,53 @@ def check_value(action, value, where: str) -> None:
         )
 
 
-def apply_settings_file(parser, path: str) -> None:
-    """Make a settings file's values the defaults of ``parser``, so flags still win.
+def typed_value(action, value, where: str):
+    """The value as the flag would parse it, from YAML's own type: YAML 1.1 reads ``1e-4`` as
+    text, a 400-digit number must not become inf, and ``2.5`` is no whole number. A choice
+    outside the flag's choices is refused here, naming the setting."""
+    if action.nargs == 0:
+        return action.const if value else action.default
+    if isinstance(value, list):
+        return [typed_value_one(action, v, where) for v in value]
+    return typed_value_one(action, value, where)
 
-    A setting that names no flag of the subcommand is an error naming it; a required flag that
-    the file gives is no longer required on the command line.
+
+def typed_value_one(action, value, where: str):
+    kind = action.type or str
+    try:
+        if kind is int:
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError(value)
+            typed = int(as_float)
+        elif kind is float:
+            typed = float(value)
+        else:
+            typed = kind(str(value))
+    except (TypeError, ValueError, OverflowError):
+        name = getattr(kind, "__name__", "value")
+        raise ValueError(f"{where}: expected {name}, got {_short(value)}") from None
+    if action.choices is not None and typed not in action.choices:
+        raise ValueError(
+            f"{where}: unknown value {typed!r}; choose one of {', '.join(action.choices)}"
+        )
+    return typed
+
+
+def _short(value) -> str:
+    """A value as an error message may show it: a 400-digit number is not a message."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def apply_settings_file(parser, path: str) -> None:
+    """Make a settings file's values the defaults of ``parser``, so flags still win (a repeated
+    flag adds to the file's list). Every subcommand reads its file this way.
+
+    Keys are the flags' names or their destinations (``concept`` or ``concepts``); a key that
+    names no flag, two keys for one flag, or a value of the wrong type is an error naming it. A
+    required flag that the file gives is no longer required on the command line; ``null``
+    leaves a flag at its default (a saved ``erase_config.json`` reads back as the same run).
     """
     data = read_settings_file(path)
     actions = {}
@@ -115,11 +157,15 @@ def apply_settings_file(parser, path: str) -> None:
     unknown = sorted(k for k in data if k not in actions or k in ("help", "config_file"))
     if unknown:
         raise ValueError(f"--config-file: {path}: unknown settings: {', '.join(unknown)}")
+    seen: dict = {}
     for key, value in data.items():
         action = actions[key]
-        check_value(action, value, f"--config-file: {path}: {key}")
-        if action.nargs == 0 or isinstance(value, (bool, list)):  # flags and repeated options
-            parser.set_defaults(**{action.dest: value})
-        else:
-            parser.set_defaults(**{action.dest: str(value)})  # argparse types string defaults
+        if id(action) in seen:
+            raise ValueError(f"--config-file: {path}: {seen[id(action)]} and {key} are one setting")
+        seen[id(action)] = key
+        where = f"--config-file: {path}: {key}"
+        check_value(action, value, where)
+        if value is None:
+            continue
+        parser.set_defaults(**{action.dest: typed_value(action, value, where)})
         action.required = False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loreun.eval.attack_settings import AttackSettings
+
 from ._args import (
     add_audit_flags,
     add_force_flag,
@@ -13,14 +15,7 @@ from ._args import (
     generate_settings,
     torch_dtype,
 )
-
-ATTACK_FLAGS = (
-    ("--attack-tokens", "prefix_tokens", int, "adversarial tokens put before each prompt"),
-    ("--attack-steps", "steps", int, "optimizer steps per round"),
-    ("--attack-lr", "lr", float, "Adam learning rate of the token distributions"),
-    ("--attack-weight-decay", "weight_decay", float, "Adam weight decay"),
-    ("--attack-rounds", "rounds", int, "rounds of steps, each judged; stops at a success"),
-)
+from ._dataclass_flags import add_settings_flags, settings_from_args
 
 
 def add_parser(sub, name: str) -> None:
@@ -44,26 +39,12 @@ def add_parser(sub, name: str) -> None:
 
 
 def add_attack_flags(p) -> None:
-    from loreun.eval.attack_settings import AttackSettings
-
-    defaults = AttackSettings()
-    for flag, field, kind, text in ATTACK_FLAGS:
-        default = getattr(defaults, field)
-        p.add_argument(
-            flag,
-            dest=f"attack_{field}",
-            type=kind,
-            default=default,
-            help=f"{text} (default {default})",
-        )
+    """``AttackSettings``' flags (``--attack-...``), kept apart from generate's in ``args``."""
+    add_settings_flags(p, AttackSettings, prefix="attack_")
 
 
-def attack_settings(args):
-    from loreun.eval.attack_settings import AttackSettings
-
-    return AttackSettings(
-        **{field: getattr(args, f"attack_{field}") for _, field, _, _ in ATTACK_FLAGS}
-    )
+def attack_settings(args) -> AttackSettings:
+    return settings_from_args(args, AttackSettings, prefix="attack_")
 
 
 def run(args) -> int:

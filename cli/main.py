@@ -37,7 +37,7 @@ class DefaultsFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action) -> str:
         text = action.help or ""
         default = action.default
-        if "default" in text or default in (None, False, [], argparse.SUPPRESS):
+        if "default" in text or default is True or default in (None, False, [], argparse.SUPPRESS):
             return text
         return f"{text} (default: {default})"
 
@@ -99,10 +99,10 @@ def foreign_flag(parser, argv: list[str]) -> str | None:
 
 def settings_file(parser, argv: list[str]) -> None:
     """Apply a subcommand's ``--config-file`` before parsing, so that the flags it gives need
-    not be on the command line (erase reads its own, through its config dataclass)."""
+    not be on the command line; one path for every subcommand."""
     command = next((a for a in argv if a in SUBCOMMANDS), None)
     path = find_config_file(argv)
-    if command and path and command != "erase":
+    if command and path:
         sub = next(a for a in parser._actions if a.dest == "command")
         apply_settings_file(sub.choices[command], path)
 
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings_file(parser, argv)
     except USER_ERRORS as e:
-        print(f"loreun: error: {e}", file=sys.stderr)
+        command = next((a for a in argv if a in SUBCOMMANDS), "")
+        print(f"loreun {command}: error: {e}".replace(" :", ":"), file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
     previous_threads = None

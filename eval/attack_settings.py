@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -12,11 +12,27 @@ class AttackSettings:
     with weight decay 0.1. ``rounds`` repeats the steps, generating and judging after each
     round and stopping at the first success (the published code runs up to 50 rounds)."""
 
-    prefix_tokens: int = 5
-    steps: int = 40
-    lr: float = 0.01
-    weight_decay: float = 0.1
-    rounds: int = 1
+    prefix_tokens: int = field(
+        default=5,
+        metadata={"help": "adversarial tokens put before each prompt", "flag": "--attack-tokens"},
+    )
+    steps: int = field(
+        default=40, metadata={"help": "optimizer steps per round", "flag": "--attack-steps"}
+    )
+    lr: float = field(
+        default=0.01,
+        metadata={"help": "Adam learning rate of the token distributions", "flag": "--attack-lr"},
+    )
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "Adam weight decay", "flag": "--attack-weight-decay"}
+    )
+    rounds: int = field(
+        default=1,
+        metadata={
+            "help": "rounds of steps, each judged; stops at a success",
+            "flag": "--attack-rounds",
+        },
+    )
 
     def __post_init__(self):
         for flag, value in (

@@ -28,16 +28,49 @@ PROTOCOL = (
 class AuditSettings:
     """Which detectors to run and with what."""
 
-    detectors: list[str] = field(default_factory=lambda: ["nudenet"])
-    nudity_threshold: float = DEFAULT_THRESHOLD
-    classifier: str | None = None
-    clip_model: str | None = None
-    erased_classes: list[str] = field(default_factory=list)
-    reference: str | None = None
-    fid_features: str = "inception"
-    batch_size: int = 16
-    blur: bool = True
-    grid_limit: int = 48
+    detectors: list[str] = field(
+        default_factory=lambda: ["nudenet"],
+        metadata={
+            "help": "nudenet (default), classifier, digits, clip or fid; repeat for several "
+            "(the attack judges with one of nudenet, classifier, digits)",
+            "flag": "--detector",
+        },
+    )
+    nudity_threshold: float = field(
+        default=DEFAULT_THRESHOLD,
+        metadata={"help": "NudeNet score above which an exposed class counts"},
+    )
+    classifier: str | None = field(
+        default=None, metadata={"help": "image-classification model folder or hub id"}
+    )
+    clip_model: str | None = field(
+        default=None, metadata={"help": "CLIP model folder or hub id for the clip detector"}
+    )
+    erased_classes: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "prompt class that was erased (classifier accuracy is split by it)",
+            "flag": "--erased-class",
+        },
+    )
+    reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "images the fid detector compares against (evaluate: the original model's)"
+        },
+    )
+    fid_features: str = field(
+        default="inception",
+        metadata={
+            "help": "fid features: inception (needs loreun[fid]), digits, or an image-classifier "
+            "folder (its penultimate layer)"
+        },
+    )
+    batch_size: int = field(default=16, metadata={"flag": None})  # images per detector call
+    blur: bool = field(
+        default=True, metadata={"help": "show flagged images unblurred", "flag": "--no-blur"}
+    )
+    grid_limit: int = field(default=48, metadata={"help": "images per source in the grid"})
 
     def __post_init__(self):
         if self.grid_limit < 1:

@@ -4,7 +4,7 @@ CLI builds its flags from them without importing torch."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loreun.prompts.reader import MAX_SIZE
 
@@ -27,14 +27,30 @@ UPPER_BOUNDS = {"steps": 1_000, "samples_per_prompt": 10_000, "batch_size": 4_09
 class GenerateSettings:
     """Defaults for rows that do not say, and how to sample."""
 
-    steps: int = 25
-    guidance: float = 7.5
-    size: int | None = None  # None: the model's native size
-    samples_per_prompt: int = 1
-    batch_size: int = 4
-    scheduler: str = "default"
-    seed: int = 0  # for rows without a seed: seed + row position
-    force_size: bool = False  # use ``size`` for every row, whatever the file says
+    steps: int = field(default=25, metadata={"help": "denoising steps"})
+    guidance: float = field(default=7.5, metadata={"help": "guidance for rows that give none"})
+    size: int | None = field(
+        default=None,
+        metadata={"help": "image size for rows that give none (default: the model's native size)"},
+    )
+    samples_per_prompt: int = field(
+        default=1, metadata={"help": "images per row, seeded seed, seed+1, ..."}
+    )
+    batch_size: int = field(default=4, metadata={"help": "images per pipeline call"})
+    scheduler: str = field(
+        default="default",
+        metadata={
+            "help": "the sampler; default keeps the pipeline's own",
+            "choices": tuple(SCHEDULERS),
+        },
+    )
+    seed: int = field(  # for rows without a seed: seed + row position
+        default=0, metadata={"help": "seed for rows that give none (seed + the row's position)"}
+    )
+    force_size: bool = field(
+        default=False,
+        metadata={"help": "use --size for every row, overriding the sizes the prompt file gives"},
+    )
 
     def __post_init__(self):
         if self.force_size and self.size is None:

@@ -353,3 +353,57 @@ def test_help_shows_defaults_of_zero(capsys):
         main(["erase", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "random seed (default: 0)" in text and "decoupled weight decay (default: 0.0)" in text
+
+
+def test_flags_are_generated_from_each_subcommands_settings_dataclass():
+    """generate, audit and attack flags come from GenerateSettings, AuditSettings and
+    AttackSettings as erase's come from EraseConfig: a field with a flag is an option of the
+    subcommand, with the field's help and default."""
+    from loreun.cli.main import build_parser
+    from loreun.eval.attack_settings import AttackSettings
+    from loreun.eval.audit import AuditSettings
+    from loreun.pipelines.generate_settings import GenerateSettings
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+
+    def options(command):
+        return {o: a for a in sub[command]._actions for o in a.option_strings}
+
+    for command, cls in [
+        ("generate", GenerateSettings),
+        ("audit", AuditSettings),
+        ("attack", AttackSettings),
+        ("erase", EraseConfig),
+    ]:
+        found = options(command)
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+            if flag is None:
+                continue
+            assert flag in found, (command, flag)
+            assert f.metadata["help"] in found[flag].help, (command, flag)
+    assert options("attack")["--attack-steps"].default == AttackSettings().steps
+    assert options("generate")["--steps"].default == GenerateSettings().steps
+
+
+def test_one_settings_file_path_types_values_alike_for_every_subcommand(tmp_path, capsys):
+    settings = tmp_path / "s.yaml"
+    settings.write_text("steps: 2.5\n")
+    for argv in (["erase", "--concept", "x"], ["generate", "--prompts", "digits"]):
+        code = main(
+            [
+                argv[0],
+                "--config-file",
+                str(settings),
+                "--model",
+                "digits",
+                *argv[1:],
+                "--out",
+                str(tmp_path / argv[0]),
+            ]
+        )
+        err = _err(capsys)
+        assert code == 2 and err[-1] == (
+            f"loreun {argv[0]}: error: --config-file: {settings}: steps: expected int, got 2.5"
+        )
+    assert not (tmp_path / "erase").exists() and not (tmp_path / "generate").exists()

@@ -390,10 +390,10 @@ def test_generate_numbers_fail_at_once(tiny_pipeline_dir, tmp_path, capsys, flag
 @pytest.mark.parametrize(
     "text, needle",
     [
-        ("lr: yes\n", "lr: expected float, got True"),
+        ("lr: yes\n", "lr: expected a value, got True"),
         ("steps: 3\nsteps: 4\n", "'steps' is given twice"),
         ("lr: " + "9" * 400 + "\n", "lr: expected float"),
-        ("model: [a, b]\n", "model: expected text"),
+        ("model: [a, b]\n", "model: expected one value"),
         ("a: &a [x, x]\nb: &b [*a, *a]\nmodel: *b\n", "YAML aliases (*name) are not read"),
         ("overwrite: true\n", "is not empty; pass --overwrite"),
     ],
