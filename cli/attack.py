@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loreun.eval.attack_settings import AttackSettings
+from loreun.pipelines.attack_settings import AttackSettings
 
 from ._args import (
     add_audit_flags,

@@ -7,6 +7,7 @@ import os
 import sys
 import typing
 
+from loreun.erase.adversarial_settings import AdversarialSettings
 from loreun.erase.config import OBJECTIVE_SLOTS, WEIGHTING_SLOTS, EraseConfig
 
 from ._dataclass_flags import add_field_flag
@@ -76,6 +77,9 @@ GROUPS = {
     ),
     "LoRA (train low-rank adapters instead of the full tensors)": ("lora_rank", "lora_alpha"),
     "weighting": ("weighting", *slot_fields(WEIGHTING_SLOTS)),
+    "adversarial erasure (train against loreun attack's prompts)": tuple(
+        f.name for f in dataclasses.fields(AdversarialSettings)
+    ),
     "training": (
         "steps",
         "batch_size",

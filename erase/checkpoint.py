@@ -31,6 +31,7 @@ from loreun.pipelines.files import (
 )
 from loreun.pipelines.outputs import read_jsonl
 
+from .adversarial import encode_ids
 from .config import EraseConfig, changed_settings
 
 CHECKPOINT_FILES = ("trained.safetensors", "optimizer.pt", "state.json", ERASE_CONFIG)
@@ -130,6 +131,7 @@ def save_checkpoint(
     limit: int,
     config_json: str,
     world_size: int = 1,
+    extra: dict | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` through a temporary folder, then keep the newest ``limit``.
 
@@ -137,7 +139,7 @@ def save_checkpoint(
     tensors, most of a full-tensor checkpoint); a resume then restarts them.
 
     The run's config goes into each checkpoint, so a resume can compare its settings with the
-    ones that made the steps it continues.
+    ones that made the steps it continues. ``extra`` (the adversarial pool) joins the state.
     """
     root = make_dir(Path(out) / CHECKPOINTS)
     final = refuse_link(root / f"checkpoint-{step}")
@@ -149,7 +151,7 @@ def save_checkpoint(
         except (RuntimeError, OSError) as e:  # torch.save reports a full disk as RuntimeError
             raise OSError(f"cannot write {tmp / 'optimizer.pt'}: {e}") from None
     atomic_write_text(tmp / ERASE_CONFIG, config_json)
-    state = {"step": step, "weighting": weighting_state, "world_size": world_size}
+    state = {"step": step, "weighting": weighting_state, "world_size": world_size, **(extra or {})}
     atomic_write_text(tmp / "state.json", json.dumps(state))
     replace_folder(tmp, final)
     for old in list_checkpoints(out)[:-limit]:
@@ -333,6 +335,11 @@ def restore_checkpoint(run, folder: Path | None) -> bool:
     if optim_state is not None:
         run.optimizer.load_state_dict(optim_state)
     run.weighting.load_state_dict(weighting_state)
+    if run.adversarial is not None:
+        saved = read_state(folder).get("adversarial")
+        if not isinstance(saved, dict):
+            raise ValueError(f"--resume: {folder} holds no adversarial pool")
+        run.adversarial.load_state_dict(saved, lambda ids: encode_ids(run.pipe, ids))
     run.start_step = step
     return optim_state is not None
 
@@ -366,6 +373,7 @@ def save_run_checkpoint(run, cfg: EraseConfig, acc, out: Path, step: int) -> Pat
             cfg.checkpoints_total_limit,
             cfg.to_json(),
             acc.num_processes,
+            None if run.adversarial is None else {"adversarial": run.adversarial.state_dict()},
         )
     acc.wait_for_everyone()
     return path

@@ -18,7 +18,14 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import objective_esd, objective_ga, objective_remap, weighting_loreun, weighting_uniform
+from . import (
+    adversarial_settings,
+    objective_esd,
+    objective_ga,
+    objective_remap,
+    weighting_loreun,
+    weighting_uniform,
+)
 
 # The slots, in the order --help and the choice lists show them; a new objective or weighting
 # is its own module plus its line here.
@@ -277,9 +284,13 @@ class RunFields:
 
 
 @dataclass
-class EraseConfig(*reversed([m.Settings for m in SLOT_MODULES]), RunFields):
-    """Everything an erase run needs: the run's fields and every slot's settings, flat.
-    Every field is a CLI flag of ``loreun erase``."""
+class EraseConfig(
+    *reversed([m.Settings for m in SLOT_MODULES]),
+    adversarial_settings.AdversarialSettings,
+    RunFields,
+):
+    """Everything an erase run needs: the run's fields, adversarial erasure's and every slot's
+    settings, flat. Every field is a CLI flag of ``loreun erase``."""
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -298,6 +309,7 @@ class EraseConfig(*reversed([m.Settings for m in SLOT_MODULES]), RunFields):
         for slot in SLOT_MODULES:  # each slot checks its own settings
             chosen = slot.NAME in (self.objective, self.weighting)
             slot.check(self, chosen)
+        adversarial_settings.check(self)
         self._check_memory()
 
     def _check_memory(self) -> None:

@@ -39,6 +39,9 @@ class ItemSet:
         pool: [Q, P, K, C, H, W] for ``--xt-source trajectory``: P base-model sampling trajectories
             of each of the Q concept prompts, every latent a step can stop at, or None.
         pool_of: [N] the pool row of each item (items of one prompt share its trajectories).
+        captions: [N] each item's prompt or caption, as text (adversarial erasure attacks it).
+        prompt: [N, L, D] the student's prompt where it differs from ``cond`` (adversarial
+            erasure's pool), or None.
     """
 
     cond: torch.Tensor
@@ -47,6 +50,8 @@ class ItemSet:
     x0: torch.Tensor | None = None
     pool: torch.Tensor | None = None
     pool_of: torch.Tensor | None = None
+    captions: list[str] | None = None
+    prompt: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.cond)
@@ -95,6 +100,7 @@ def per_sample_items(items: ItemSet) -> ItemSet:
         x0=items.x0.reshape(p * s, 1, *items.x0.shape[2:]),
         pool=items.pool,
         pool_of=None if items.pool_of is None else items.pool_of.repeat_interleave(s),
+        captions=None if items.captions is None else [c for c in items.captions for _ in range(s)],
     )
 
 
@@ -209,6 +215,7 @@ def build_forget_set(
         cond=encode_captions(pipe, captions, acc.device, size),
         uncond=emb[:1],
         anchor=emb[1:2] if anchor_prompt else None,
+        captions=list(captions),
     )
     if cfg.xt_source == "trajectory":  # before items split per sample: they share the pool
         forget.pool = cached_trajectories(
@@ -216,6 +223,7 @@ def build_forget_set(
         )
         forget.pool_of = torch.arange(len(forget))
     needs_x0 = cfg.xt_source == "cached" or cfg.reweights or cfg.saliency is not None
+    needs_x0 = needs_x0 or cfg.adversarial  # the attack's target is an item's sample
     if images:
         forget.x0 = cached_image_latents(cfg, pipe, acc, out / "cache" / "forget-images", images)
     elif needs_x0:

@@ -80,7 +80,7 @@ def esd_loss(
     eps = teacher_predictions(teacher, batch)
     anchor = eps[2] if len(eps) == 3 else eps[1]
     target = esd_target(anchor, eps[0], eps[1], eta)
-    pred = student(batch.xt, batch.t, batch.cond)
+    pred = student(batch.xt, batch.t, batch.student_cond)
     return per_sample_mse(pred, target), pred
 
 

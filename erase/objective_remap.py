@@ -72,7 +72,7 @@ def remap_loss(
     if batch.anchor is None:
         raise ValueError("the remap objective needs an anchor prompt")
     target = teacher(batch.xt, batch.t, batch.anchor).detach()
-    pred = student(batch.xt, batch.t, batch.cond)
+    pred = student(batch.xt, batch.t, batch.student_cond)
     return per_sample_mse(pred, target), pred
 
 

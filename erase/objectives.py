@@ -46,6 +46,9 @@ class ItemBatch:
         target: [B, C, H, W] what a perfect model predicts at (xt, t) in its own
             parametrisation (the noise, or v), when known: forward-noised sources only.
         ids: [B] forget-item indices.
+        prompt: [B, L, D] what the student is prompted with instead of ``cond``, or None
+            (adversarial erasure: the prompt an attack found, while the teacher's targets
+            stay those of the item's own concept).
     """
 
     xt: torch.Tensor
@@ -55,6 +58,12 @@ class ItemBatch:
     anchor: torch.Tensor | None
     target: torch.Tensor | None
     ids: torch.Tensor
+    prompt: torch.Tensor | None = None
+
+    @property
+    def student_cond(self) -> torch.Tensor:
+        """The student's conditioning: ``prompt`` where set, else ``cond``."""
+        return self.cond if self.prompt is None else self.prompt
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -90,7 +99,7 @@ def denoising_loss(student: PredictFn, batch: ItemBatch) -> tuple[torch.Tensor, 
     """
     if batch.target is None:
         raise ValueError("the denoising loss needs forward-noised items (a known noise)")
-    pred = student(batch.xt, batch.t, batch.cond)
+    pred = student(batch.xt, batch.t, batch.student_cond)
     return per_sample_mse(pred, batch.target), pred
 
 

@@ -15,6 +15,7 @@ SAMPLE_STREAM = -10_000  # - i: the initial noise of concept prompt i's cached s
 PROBE_STREAM = -20_000  # - j: the noise at the j-th timestep of the difficulty probe
 SALIENCY_STREAM = -30_000  # - k: the forward noise of the k-th (item, sample) in saliency
 TRAJECTORY_STREAM = -40_000  # - i: the initial noise of concept prompt i's trajectory pool
+ADVERSARIAL_STREAM = -50_000  # - r: which item the r-th attack of --adversarial targets
 RETAIN_SEED_OFFSET = 7_777_777  # the retain items' order uses seed + this, not the forget one's
 
 
@@ -32,7 +33,7 @@ def item_ids(
 
     Each pass over the item set visits every item once (per process) before any repeats, so no
     item is starved whatever the batch size. ``stream`` separates the forget set's order (0)
-    from the retain set's (1).
+    from the retain set's (1) and the adversarial pool's (2).
     """
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):

@@ -28,6 +28,7 @@ from loreun.pipelines.models import load_pipeline
 from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, restart_rate, say, warn
 from loreun.pipelines.schedule import Sampler, Schedule, schedule_of
 
+from .adversarial import AdversarialPool, build_pool, grow_pool, pool_term
 from .checkpoint import (
     TrainingDiverged,
     check_finite_loss,
@@ -76,6 +77,7 @@ class Run:
     sampler: Sampler | None = None  # for the sampling x_t sources (partial, trajectory)
     retain: ItemSet | None = None
     mask: dict[str, torch.Tensor] | None = None
+    adversarial: AdversarialPool | None = None  # --adversarial's prompts
     start_step: int = 0
 
 
@@ -183,7 +185,13 @@ def setup(
         sampler=sampler,
         retain=retain,
         mask=mask,
+        adversarial=build_pool(cfg, forget, schedule),
     )
+    if cfg.adversarial and not family.attack:
+        raise ValueError(
+            f"--adversarial: loreun's attack supports one-CLIP-encoder pipelines (SD 1.x, 2.x), "
+            f"not {type(pipe).__name__}"
+        )
     if not restore_checkpoint(run, resume):
         say(acc, f"{resume} holds no optimizer state: the optimizer restarts from zero moments")
     return run
@@ -283,6 +291,7 @@ def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
         with stop.installed():
             while step < cfg.steps:
                 started = time.perf_counter()
+                found = adversarial_round(run, cfg, acc, step)
                 stats = train_step(run, cfg, acc, step)
                 seconds = time.perf_counter() - started
                 step += 1
@@ -291,7 +300,8 @@ def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
                     restart_rate(bar)  # the first step (warm-up) would skew the ETA
                 bar.set_postfix(loss=f"{stats['loss']:.4g}", ess=f"{stats['ess_fraction']:.2f}")
                 if log:
-                    log.write(json.dumps({"step": step, **stats, "seconds": seconds}) + "\n")
+                    record = {"step": step, **stats, **found, "seconds": seconds}
+                    log.write(json.dumps(record) + "\n")
                     log.flush()
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     save_run_checkpoint(run, cfg, acc, out, step)
@@ -305,6 +315,16 @@ def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
         if log:
             log.close()
     return step
+
+
+def adversarial_round(run: Run, cfg: EraseConfig, acc, step: int) -> dict:
+    """At every ``--adversarial-every``-th step, attack the current weights and grow the pool;
+    returns what the train log records of it (nothing on other steps)."""
+    if run.adversarial is None or step == 0 or step % cfg.adversarial_every:
+        return {}
+    entry = grow_pool(run, cfg, acc, step)
+    say(acc, f"step {step}: the attack found {entry.text!r}; pool {len(run.adversarial)}")
+    return {"adversarial_prompt": entry.text, "attack_loss": entry.loss}
 
 
 def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> dict[str, float]:
@@ -338,6 +358,8 @@ def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> dict[str, float]:
         sums = acc.reduce(sums, reduction="mean")
     means = (sums / cfg.gradient_accumulation_steps).tolist()  # read once, for the log
     stats = {"loss": means[0], "forget": means[1], "retain": means[2]}
+    if run.adversarial is not None:
+        stats["pool"] = len(run.adversarial)
     return {**stats, **weighting_stats(run.weighting, len(run.forget))}
 
 
@@ -359,6 +381,8 @@ def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Ten
     observe_difficulty(run, acc, batch, pred, g)
     w = run.weighting.weights(ids).to(losses.device)
     loss = (w * losses).sum() / len(losses)
+    adversarial = pool_term(run, cfg, acc, k, g, student)
+    loss = loss if adversarial is None else loss + adversarial
     forget_term, retain_term = loss.detach(), torch.zeros((), device=loss.device)
     if run.retain is not None:
         rids = item_ids(len(run.retain), cfg.batch_size, cfg.seed, acc.process_index, k, stream=1)

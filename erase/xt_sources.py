@@ -104,6 +104,7 @@ def _batch(forget: ItemSet, ids, xt, t, target, device) -> ItemBatch:
         anchor=anchor,
         target=target.to(device) if target is not None else None,
         ids=ids,
+        prompt=None if forget.prompt is None else forget.prompt[ids].to(device),
     )
 
 

@@ -32,9 +32,9 @@ from loreun.pipelines.files import (
     refuse_link,
 )
 from loreun.pipelines.outputs import read_jsonl
+from loreun.pipelines.prefix_attack import AttackSettings, PrefixAttack
 
 from .audit import AuditSettings, build_detectors, write_csv
-from .prefix_attack import AttackSettings, PrefixAttack
 
 ATTACK_CONFIG = "attack_config.json"
 ATTACK_LOG = "attack.jsonl"

@@ -44,8 +44,8 @@ def erase_digit(out: Path, digit: int, seed: int, steps: int) -> Path:
 
 def attack_run(out: Path, erased, digit: int, rounds: int) -> dict:
     from loreun.eval.attack import attack
-    from loreun.eval.attack_settings import AttackSettings
     from loreun.eval.audit import AuditSettings
+    from loreun.pipelines.attack_settings import AttackSettings
 
     audit = AuditSettings(detectors=["digits"], erased_classes=[str(digit)])
     return attack(

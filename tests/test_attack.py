@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loreun.cli.main import main
-from loreun.eval.prefix_attack import (
+from loreun.pipelines.prefix_attack import (
     AttackSettings,
     SampledOneHot,
     encode_with_prefix,
@@ -184,6 +184,26 @@ def test_attack_prompt_regenerates_its_image(attacked):
     image = decode_latents(pipe, latents, [torch.Generator().manual_seed(0)])[0]
     diff = np.abs(np.asarray(saved, dtype=int) - np.asarray(image, dtype=int))
     assert diff.max() <= 1
+
+
+def test_the_attack_inside_adversarial_erasure_equals_loreun_attack(attacked):
+    """``--adversarial`` finds its prompts with ``find_prompt``: on the same model, prompt,
+    target and seed it gives the token ids ``loreun attack`` recorded (one round)."""
+    from loreun.erase.adversarial import find_prompt
+    from loreun.eval.attack import read_target
+    from loreun.pipelines.loading import load_erased_pipeline
+    from loreun.pipelines.schedule import schedule_of
+
+    recs = [r for r in _log(attacked) if r["adv_token_ids"] and r["rounds"] == 1]
+    erased = json.loads((attacked / "summary.json").read_text())["erased"]
+    pipe = load_erased_pipeline("digits", erased)
+    for rec in recs[:2]:
+        target = read_target(attacked / "targets" / f"{rec['index']:06d}.safetensors")
+        ids, text, _ = find_prompt(
+            pipe, schedule_of(pipe), rec["prompt"], target, AttackSettings(steps=4), rec["seed"]
+        )
+        assert ids[0].tolist() == rec["adv_token_ids"] and text == rec["adv_prompt"]
+    assert recs
 
 
 def test_attack_resumes_a_killed_run_to_the_same_records(attacked, weak_erasure, tmp_path):

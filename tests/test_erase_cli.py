@@ -360,8 +360,8 @@ def test_flags_are_generated_from_each_subcommands_settings_dataclass():
     AttackSettings as erase's come from EraseConfig: a field with a flag is an option of the
     subcommand, with the field's help and default."""
     from loreun.cli.main import build_parser
-    from loreun.eval.attack_settings import AttackSettings
     from loreun.eval.audit import AuditSettings
+    from loreun.pipelines.attack_settings import AttackSettings
     from loreun.pipelines.generate_settings import GenerateSettings
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices

@@ -26,9 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from loreun.pipelines.family import family_of
-
 from .attack_settings import AttackSettings
+from .family import family_of
 
 
 def project_simplex(p: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,205 @@
+"""Adversarial erasure (``--adversarial``): erase the prompts an attack finds, not only the
+ones the user gave. Our reading of AdvUnlearn (Zhang et al., 2024) and RECE (Gong et al., 2024),
+built on loreun's own attack:
+
+* every ``--adversarial-every`` steps, ``loreun attack``'s prefix-token attack
+  (``pipelines/prefix_attack.py``, the same class and settings) runs against the model being
+  erased: for one forget item (drawn from a seeded stream), K prefix tokens are optimised so
+  that the current model denoises that item's cached base-model sample under the prefixed
+  prompt; the target is the item's own x_0, where ``loreun attack`` generates it from the row's
+  seed;
+* the prompt found joins a pool of at most ``--adversarial-pool`` prompts (the oldest leaves
+  first), each tied to the item it was found for (its x_0);
+* every step also erases ``--adversarial-batch`` pool prompts with the run's own objective:
+  the student is prompted with the adversarial prompt and pulled to the target of the item's
+  own concept (as AdvUnlearn does: ESD's target of ``c``, not of the prompt found, which the
+  frozen model may not read as the concept at all); the retain term is unchanged;
+* with ``--weighting loreun`` the pool's prompts are weighed within each pool batch by their
+  current denoising error (LoReUn's batch form): an adversarial prompt the model still fits is
+  exactly an item "the model still fits". The pool changes every few steps, so a memory filled
+  once would be stale (our choice).
+
+Only the text side is attacked; the UNet (or transformer) trains as the preset says. The pool
+is in every checkpoint, as token ids, so a resume rebuilds it exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import asdict, dataclass
+
+import torch
+
+from loreun.pipelines.attack_settings import AttackSettings
+from loreun.pipelines.prefix_attack import PrefixAttack
+
+from .items import ItemSet
+from .objectives import per_sample_mse
+from .streams import ADVERSARIAL_STREAM, item_ids, step_generator
+from .weighting import LoReUnWeighting, UniformWeighting
+from .xt_sources import draw_batch
+
+
+@dataclass
+class PoolEntry:
+    """One adversarial prompt: the forget item it was found for, its token ids [L] (what the
+    text encoder reads), the step it was found at, its text (for people) and the attack's
+    last loss."""
+
+    item: int
+    token_ids: list[int]
+    step: int
+    text: str
+    loss: float
+
+
+class AdversarialPool:
+    """The prompts found so far, their embeddings, and the weighting over them.
+
+    Args:
+        forget: the run's forget items (their x_0, anchor and empty-prompt embedding).
+        capacity: P, the most prompts kept.
+        weighting: over pool slots [P]: uniform, or LoReUn's batch form.
+    """
+
+    def __init__(self, forget: ItemSet, capacity: int, weighting):
+        self.forget, self.capacity, self.weighting = forget, capacity, weighting
+        self.entries: list[PoolEntry] = []
+        self.cond: torch.Tensor | None = None  # [len, L, D]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, entry: PoolEntry, emb: torch.Tensor) -> None:
+        """Keep ``entry`` with its embedding [1, L, D]; the oldest leaves a full pool."""
+        emb = emb.detach().cpu().float()
+        self.entries.append(entry)
+        self.cond = emb if self.cond is None else torch.cat([self.cond, emb])
+        if len(self.entries) > self.capacity:
+            self.entries, self.cond = self.entries[1:], self.cond[1:]
+
+    def items(self) -> ItemSet:
+        """The pool as forget items: each item's own conditioning, x_0 (and trajectory row), with
+        the adversarial prompt as the student's (``ItemSet.prompt``)."""
+        f, idx = self.forget, torch.tensor([e.item for e in self.entries])
+        return ItemSet(
+            cond=f.cond[idx],
+            prompt=self.cond,
+            uncond=f.uncond,
+            anchor=f.anchor,
+            x0=None if f.x0 is None else f.x0[idx],
+            pool=f.pool,
+            pool_of=None if f.pool_of is None else f.pool_of[idx],
+            captions=[e.text for e in self.entries],
+        )
+
+    def state_dict(self) -> dict:
+        return {
+            "entries": [asdict(e) for e in self.entries],
+            "weighting": self.weighting.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict, encode) -> None:
+        """Rebuild the pool from saved token ids; ``encode(ids [1, L]) -> [1, L, D]``."""
+        self.entries, self.cond = [], None
+        for saved in state["entries"]:
+            entry = PoolEntry(**saved)
+            self.add(entry, encode(torch.tensor([entry.token_ids])))
+        self.weighting.load_state_dict(state["weighting"])
+
+
+def build_pool(cfg, forget: ItemSet, schedule) -> AdversarialPool | None:
+    """The run's pool, or None without ``--adversarial``."""
+    if not cfg.adversarial:
+        return None
+    if cfg.weighting == "loreun":
+        weighting = LoReUnWeighting(
+            cfg.adversarial_pool,
+            temperature=cfg.temperature,
+            variant="batch",
+            normalize=cfg.difficulty_norm == "timestep",
+            bucket=schedule.bucket,
+            target_ess=cfg.target_ess,
+        )
+    else:
+        weighting = UniformWeighting()
+    return AdversarialPool(forget, cfg.adversarial_pool, weighting)
+
+
+def attack_settings(cfg) -> AttackSettings:
+    """``loreun attack``'s settings with the run's tokens and steps (one round, no judging)."""
+    return AttackSettings(prefix_tokens=cfg.adversarial_tokens, steps=cfg.adversarial_steps)
+
+
+def encode_ids(pipe, ids: torch.Tensor) -> torch.Tensor:
+    """The text encoder's last hidden state [1, L, D] for token ids [1, L], as the attack
+    and the forget items' embeddings have it."""
+    with torch.no_grad():
+        return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+
+
+@contextlib.contextmanager
+def attacking(pipe, trained: dict, device):
+    """The attack differentiates through the model but must leave no gradient on the trained
+    tensors (the next step would add it to its own), and needs the text encoder beside it."""
+    encoder_device = pipe.text_encoder.device
+    encoder_grads = [p.requires_grad for p in pipe.text_encoder.parameters()]
+    pipe.text_encoder.to(device).requires_grad_(False)
+    for p in trained.values():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trained.values():
+            p.requires_grad_(True)
+        for p, g in zip(pipe.text_encoder.parameters(), encoder_grads):
+            p.requires_grad_(g)
+        pipe.text_encoder.to(encoder_device)
+
+
+def find_prompt(pipe, schedule, prompt: str, target: torch.Tensor, settings, seed: int):
+    """``loreun attack``'s optimisation, one round: the found token ids [1, L], their text and
+    the last loss. ``target`` [1, C, h, w] is the latent the model should denoise."""
+    attack = PrefixAttack(pipe, schedule, prompt, target, settings, seed)
+    losses = attack.run()
+    return attack.found_ids(), attack.found_text(), losses[-1]
+
+
+def grow_pool(run, cfg, acc, step: int) -> PoolEntry:
+    """The attack of ``step`` against the current weights; its prompt joins the pool.
+
+    Every process runs the same attack (the same seed and weights), so their pools agree.
+    """
+    r = step // cfg.adversarial_every - 1
+    g = step_generator(cfg.seed, 0, ADVERSARIAL_STREAM - r)
+    item = int(torch.randint(len(run.forget), (1,), generator=g))
+    seed = int(torch.randint(2**31 - 1, (1,), generator=g))
+    target = run.forget.x0[item, :1].to(acc.device)
+    with attacking(run.pipe, run.trained, acc.device), acc.autocast():
+        ids, text, loss = find_prompt(
+            run.pipe, run.schedule, run.forget.captions[item], target, attack_settings(cfg), seed
+        )
+    entry = PoolEntry(item=item, token_ids=ids[0].tolist(), step=step, text=text, loss=loss)
+    run.adversarial.add(entry, encode_ids(run.pipe, ids))
+    return entry
+
+
+def pool_term(run, cfg, acc, k: int, g: torch.Generator, student) -> torch.Tensor | None:
+    """The pool's forget term of micro-batch ``k``: ``sum(w * l) / B_pool`` over
+    ``--adversarial-batch`` pool prompts, by the run's objective; None while the pool is empty.
+
+    ``w`` is 1, or LoReUn's batch form over the prompts' denoising errors [B_pool].
+    """
+    pool = run.adversarial
+    if pool is None or not len(pool):
+        return None
+    items = pool.items()
+    ids = item_ids(len(items), cfg.adversarial_batch, cfg.seed, acc.process_index, k, stream=2)
+    batch = draw_batch(dataclasses.replace(run, forget=items), cfg, acc, ids, g)
+    with acc.autocast():
+        losses, pred = run.objective(student, run.teacher, batch)
+    if pool.weighting.observes:  # LoReUn: needs the known target (checked in the config)
+        pool.weighting.observe(ids, batch.t, per_sample_mse(pred.detach(), batch.target))
+    w = pool.weighting.weights(ids).to(losses.device)
+    return (w * losses).sum() / len(losses)

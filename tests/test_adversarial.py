@@ -1,0 +1,106 @@
+"""Adversarial erasure: the pool grows as configured, lives in the checkpoint (a resume is
+bit-exact), and every prompt in it is what ``loreun attack``'s optimisation finds."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loreun.cli.main import main
+from loreun.erase import EraseConfig
+
+from .conftest import erase_args
+
+ADV = (
+    "--adversarial", "--adversarial-every", "2", "--adversarial-pool", "2",
+    "--adversarial-steps", "2", "--adversarial-batch", "2",
+)  # fmt: skip
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_the_pool_grows_every_k_steps_up_to_its_size(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "o"
+    argv = erase_args(tiny_pipeline_dir, out, *ADV, "--steps", "7", "--checkpoint-every", "7", "-q")
+    assert main(argv) == 0
+    log = _log(out)
+    # attacks before steps 2, 4 and 6 (0-based); a record's "step" counts the steps done
+    assert [r["pool"] for r in log] == [0, 0, 1, 1, 2, 2, 2]
+    found = [r["step"] for r in log if "adversarial_prompt" in r]
+    assert found == [3, 5, 7]
+    assert all(r["adversarial_prompt"].strip() for r in log if "adversarial_prompt" in r)
+    state = json.loads((out / "checkpoints" / "checkpoint-7" / "state.json").read_text())
+    entries = state["adversarial"]["entries"]
+    assert [e["step"] for e in entries] == [4, 6]  # the oldest (step 2) left the full pool
+    assert all(len(e["token_ids"]) == len(entries[0]["token_ids"]) for e in entries)
+
+
+def test_a_resumed_adversarial_run_is_bit_exact(tiny_pipeline_dir, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = [*ADV, "--checkpoint-every", "3", "-q"]
+    assert main(erase_args(tiny_pipeline_dir, whole, *common, "--steps", "7")) == 0
+    assert main(erase_args(tiny_pipeline_dir, split, *common, "--steps", "3")) == 0
+    saved = json.loads((split / "checkpoints" / "checkpoint-3" / "state.json").read_text())
+    assert len(saved["adversarial"]["entries"]) == 1  # found before step 2
+    argv = erase_args(tiny_pipeline_dir, split, *common, "--steps", "7", "--resume", "latest")
+    assert main(argv) == 0
+    a = load_file(str(whole / "unet-erased.safetensors"))
+    b = load_file(str(split / "unet-erased.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    prompts = [[r.get("adversarial_prompt") for r in _log(o)] for o in (whole, split)]
+    assert prompts[0] == prompts[1]
+
+
+def test_the_attack_leaves_no_gradient_on_the_trained_tensors():
+    """The attack differentiates through the model being erased; the next step must see only
+    its own gradient, and the tensors must train again after it."""
+    from loreun.erase.adversarial import attacking, find_prompt
+    from loreun.pipelines.attack_settings import AttackSettings
+    from loreun.pipelines.schedule import schedule_of
+    from loreun.pipelines.tiny import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline()
+    trained = dict(list(pipe.unet.named_parameters())[:4])
+    pipe.unet.requires_grad_(False)
+    for p in trained.values():
+        p.requires_grad_(True)
+    target = torch.randn(1, 4, 8, 8)
+    with attacking(pipe, trained, "cpu"):
+        ids, text, loss = find_prompt(
+            pipe, schedule_of(pipe), "a cat", target, AttackSettings(steps=2), seed=3
+        )
+    assert all(p.grad is None and p.requires_grad for p in trained.values())
+    assert all(p.grad is None for p in pipe.text_encoder.parameters())
+    assert ids.shape == (1, pipe.tokenizer.model_max_length) and loss > 0
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        ({"adversarial_every": 0}, "--adversarial-every: must be >= 1, got 0"),
+        ({"adversarial_pool": 0}, "--adversarial-pool: must be in 1..10000, got 0"),
+        (
+            {"adversarial": True, "weighting": "loreun", "adversarial_batch": 1},
+            "--adversarial-batch: LoReUn weighs the pool's prompts within each batch",
+        ),
+        (
+            {"adversarial": True, "weighting": "loreun", "xt_source": "partial-base"},
+            "--adversarial with --weighting loreun: the pool's difficulty",
+        ),
+    ],
+)
+def test_adversarial_settings_are_checked_before_the_model_loads(extra, needle):
+    with pytest.raises(ValueError, match=f"^{needle}"):
+        EraseConfig(model="m", out="o", concepts=["a", "b"], **extra)
+
+
+def test_adversarial_erasure_refuses_a_family_the_attack_does_not_support(tmp_path, capsys):
+    from loreun.pipelines.tiny import save_tiny_sdxl_pipeline
+
+    sdxl = save_tiny_sdxl_pipeline(tmp_path / "sdxl")
+    code = main(erase_args(sdxl, tmp_path / "o", "--adversarial", "-q"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "--adversarial: loreun's attack supports" in err[-1]
