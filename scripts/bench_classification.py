@@ -6,31 +6,36 @@ The testbed follows SalUn's protocol (Fan et al., ICLR 2024) at laptop scale:
   validation (10%) and test (20%); the split is fixed, the model and forget set vary by seed;
 - model: an MLP (64 -> 256 -> 256 -> 10) trained to fit its training set, as ResNet-18 fits
   CIFAR-10 in the paper's setting;
-- scenarios: random-data forgetting of 10% and of 50% of the training set, and class-wise
-  forgetting of one class (chosen by the seed);
+- scenarios: random-data forgetting of 10% and of 50% of the training set, class-wise
+  forgetting of one class (chosen by the seed), and noisy-10: a random 10% whose items were 20%
+  mislabelled before the original was trained (memorised items: difficulty varies for a reason);
 - reference: retraining from scratch on the retain set, same seed and recipe;
 - methods: FT (fine-tune on the retain set), GA (gradient ascent on the forget set), RL
   (random labels on the forget set plus the retain loss), SalUn (RL on the 50% of weights with
   the largest forget-loss gradient);
-- weightings of the forget term: uniform; LoReUn static, dynamic (memory) and batch, through
-  ``loreun.erase.weighting``. Difficulty is an item's cross-entropy under its true label (low
-  = still fitted = harder to forget), tau set by a target effective sample size. FT has no
+- weightings of the forget term: uniform; LoReUn static, dynamic (memory) and batch with tau
+  set by a target effective sample size (and the library's ESS floor), and paper (a fixed tau on
+  the batch's raw losses), through ``loreun.erase.weighting``. Difficulty is an item's
+  cross-entropy under its training label (low = still fitted = harder to forget). FT has no
   forget term, so it runs uniform only;
 - metrics: UA = 1 - forget accuracy, RA (retain), TA (test; for class-wise, the test images of
   the other classes), MIA-efficacy (a confidence-based membership attack trained on retain vs.
   test, the share of forget images it calls non-members), Avg. Gap = mean |metric - retrain's|;
-- fairness: each method's lr and epochs are tuned for uniform weighting on tuning seeds, with TA
-  measured on the validation split; LoReUn then gets the same lr and epochs, and its target ESS
-  is chosen on the same tuning seeds from a small grid;
-- statistics: paired differences of Avg. Gap (LoReUn - uniform, same seed) with 95% t-intervals;
+- fairness: every weighting is tuned alone on the method's one lr x epochs grid (LoReUn also
+  over its own axis: target ESS 0.5/0.8, or tau 0.1/1 for paper), by the mean Avg. Gap on the
+  validation split over 5 tuning seeds (100-104), apart from the 20 evaluation seeds (0-19);
+  each row states its tuning budget (grid points x tuning seeds);
+- statistics: the relative Avg. Gap reduction against uniform (same seed), -mean(d)/mean(uniform),
+  with a paired 95% t interval, and Holm-adjusted paired t-test p-values over every LoReUn row;
 - premise check: Spearman correlation between a forget item's loss before unlearning and after
   uniform unlearning (positive: items fitted well before stay fitted, i.e. resist forgetting).
 
-Run (260 s on an otherwise idle 2-core CPU, OMP_NUM_THREADS=1; the tables do not depend on it):
+Run (the wall time is in docs/results.md; the tables do not depend on the thread count):
 
-    python scripts/bench_classification.py --out runs/cls
+    OMP_NUM_THREADS=1 python scripts/bench_classification.py --out runs/cls
 
-``--smoke`` runs 2 seeds on small grids and prints the same tables (18 s the same way).
+``--smoke`` runs every scenario, method and weighting on 2 seeds, 1 tuning seed and one grid
+point, and prints the same tables (under a minute, one thread); CI runs it.
 """
 
 from __future__ import annotations
@@ -49,10 +54,12 @@ import torch
 import torch.nn.functional as F
 
 from loreun.erase.weighting import build_weighting
+from loreun.erase.weighting_loreun import MIN_ESS
 
-WEIGHTINGS = ("uniform", "static", "dynamic", "batch")
+WEIGHTINGS = ("uniform", "static", "dynamic", "batch", "paper")
 METHODS = ("FT", "GA", "RL", "SalUn")
-SCENARIOS = ("random-10", "random-50", "class")
+SCENARIOS = ("random-10", "random-50", "class", "noisy-10")
+NOISY_SHARE = 0.2  # noisy-10: the share of forget items mislabelled before training
 METRICS = ("UA", "RA", "TA", "MIA")
 
 
@@ -70,6 +77,7 @@ class Data:
     eval_x: torch.Tensor  # test (or validation, when tuning) images
     eval_y: torch.Tensor
     forgotten_class: int | None = None
+    train_y: torch.Tensor | None = None  # the original's training labels, where not the split's
 
 
 def load_split(split_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -103,6 +111,11 @@ def scenario_data(split: dict, scenario: str, seed: int, eval_part: str) -> Data
     perm = torch.randperm(len(x), generator=g)
     k = int(round(frac * len(x)))
     f, r = perm[:k], perm[k:]
+    if scenario.startswith("noisy"):  # memorised items: wrong labels the original fitted
+        flip = f[: int(round(NOISY_SHARE * k))]
+        y = y.clone()
+        y[flip] = (y[flip] + torch.randint(1, 10, (len(flip),), generator=g)) % 10
+        return Data(x[f], y[f], x[r], y[r], ex, ey, train_y=y)
     return Data(x[f], y[f], x[r], y[r], ex, ey)
 
 
@@ -193,7 +206,8 @@ class Setting:
     lr: float
     epochs: int
     weighting: str = "uniform"
-    target_ess: float = 0.8
+    target_ess: float = 0.8  # static, dynamic, batch: tau set by this ESS
+    temperature: float = 1.0  # paper: a fixed tau on the batch's raw losses
     batch_size: int = 32
     extra: dict = field(default_factory=dict)
 
@@ -216,9 +230,15 @@ def make_weighting(s: Setting, model, data: Data):
     n = len(data.forget_x)
     if s.weighting == "uniform":
         return build_weighting("uniform", n)
-    w = build_weighting(
-        "loreun", n, variant=s.weighting, momentum=0.5, normalize=False, target_ess=s.target_ess
-    )
+    if s.weighting == "paper":
+        w = build_weighting(
+            "loreun", n, variant="paper", temperature=s.temperature, normalize=False
+        )
+    else:
+        w = build_weighting(
+            "loreun", n, variant=s.weighting, momentum=0.5, normalize=False,
+            target_ess=s.target_ess, min_ess=MIN_ESS,
+        )  # fmt: skip
     with torch.no_grad():
         w.fill(
             F.cross_entropy(model(data.forget_x), data.forget_y, reduction="none")[:, None], None
@@ -278,13 +298,16 @@ def step(model, opt, mask, loss) -> None:
 
 # ----------------------------------------------------------------------------- the grid
 
-GRIDS = {  # lr x epochs tuned for uniform weighting; smoke mode takes the second of each
+GRIDS = {  # one lr x epochs grid per method, shared by every weighting; smoke takes one point
     "FT": ([0.01, 0.03, 0.1, 0.3], [5, 10, 20, 40]),
     "GA": ([0.0003, 0.001, 0.003, 0.01], [1, 3, 5, 10]),
     "RL": ([0.0003, 0.001, 0.003, 0.01, 0.03], [1, 2, 5, 10]),
     "SalUn": ([0.0003, 0.001, 0.003, 0.01, 0.03], [1, 2, 5, 10]),
 }
+# LoReUn's own axis, tuned with lr and epochs: the target ESS of the tau-by-ESS variants, and
+# the paper variant's fixed tau (cross-entropies of fitted items sit near 1e-5 to 1).
 TARGET_ESS = (0.5, 0.8)
+PAPER_TAUS = (0.1, 1.0)
 
 
 class Bench:
@@ -295,10 +318,14 @@ class Bench:
         self._original: dict[int, torch.nn.Module] = {}
         self._retrain: dict[tuple, dict] = {}
 
-    def original(self, seed: int) -> torch.nn.Module:
-        if seed not in self._original:
-            self._original[seed] = train_from_scratch(*self.split["train"], seed)
-        return self._original[seed]
+    def original(self, seed: int, data: Data | None = None) -> torch.nn.Module:
+        """The model trained on the whole training set, or on ``data.train_y``'s labels."""
+        noisy = data is not None and data.train_y is not None
+        key = (seed, noisy)
+        if key not in self._original:
+            x, y = self.split["train"]
+            self._original[key] = train_from_scratch(x, data.train_y if noisy else y, seed)
+        return self._original[key]
 
     def data(self, scenario: str, seed: int, part: str) -> Data:
         return scenario_data(self.split, scenario, seed, part)
@@ -313,7 +340,7 @@ class Bench:
 
     def run(self, scenario: str, s: Setting, seed: int, part: str) -> dict:
         d = self.data(scenario, seed, part)
-        original = self.original(seed)
+        original = self.original(seed, d)
         started = time.perf_counter()
         model = unlearn(original, d, s, seed)
         seconds = time.perf_counter() - started
@@ -343,24 +370,38 @@ def premise(original, model, d: Data) -> dict:
     }
 
 
-def tune(bench: Bench, scenario: str, method: str, seeds, smoke: bool) -> dict[str, Setting]:
-    """lr and epochs for uniform on the tuning seeds (TA on validation), then LoReUn's target
-    ESS at the same lr and epochs. Returns the chosen setting per weighting."""
+def grid(method: str, weighting: str, smoke: bool) -> list[Setting]:
+    """The settings a weighting is tuned over: the method's lr x epochs grid, times LoReUn's
+    own axis (target ESS, or tau for the paper variant)."""
     lrs, epochs = GRIDS[method]
     if smoke:
         lrs, epochs = lrs[1:2], epochs[1:2]
+    if weighting == "uniform":
+        return [Setting(method, lr, ep) for lr, ep in itertools.product(lrs, epochs)]
+    if weighting == "paper":
+        taus = PAPER_TAUS[-1:] if smoke else PAPER_TAUS
+        points = itertools.product(lrs, epochs, taus)
+        return [Setting(method, lr, ep, weighting, temperature=t) for lr, ep, t in points]
+    ess = TARGET_ESS[-1:] if smoke else TARGET_ESS
+    points = itertools.product(lrs, epochs, ess)
+    return [Setting(method, lr, ep, weighting, target_ess=e) for lr, ep, e in points]
 
-    def mean_gap(s):
-        return statistics.fmean(bench.run(scenario, s, seed, "val")["gap"] for seed in seeds)
 
-    grid = [Setting(method, lr, ep) for lr, ep in itertools.product(lrs, epochs)]
-    best = min(grid, key=mean_gap)
-    chosen = {"uniform": best}
-    if method == "FT":
-        return chosen
-    for w in WEIGHTINGS[1:]:
-        options = [Setting(method, best.lr, best.epochs, w, t) for t in TARGET_ESS]
-        chosen[w] = min(options, key=mean_gap) if not smoke else options[-1]
+def tune(bench: Bench, scenario: str, method: str, seeds, smoke: bool) -> dict[str, Setting]:
+    """Each weighting's setting, tuned alone on its grid (``grid``) over the tuning seeds by
+    the mean Avg. Gap on the validation split. Returns the chosen setting per weighting, with
+    its tuning budget (grid points x tuning seeds) in ``extra``."""
+    chosen = {}
+    for w in WEIGHTINGS if method != "FT" else WEIGHTINGS[:1]:  # FT has no forget term
+        options = grid(method, w, smoke)
+
+        def mean_gap(s):
+            return statistics.fmean(bench.run(scenario, s, seed, "val")["gap"] for seed in seeds)
+
+        print(f"{scenario} {method} {w}: tuning {len(options)} settings", flush=True)
+        best = min(options, key=mean_gap)
+        best.extra = {"tuning_runs": len(options) * len(seeds)}
+        chosen[w] = best
     return chosen
 
 
@@ -384,30 +425,80 @@ def _ms(values) -> str:
     return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
 
 
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``pvalues`` (in their order), for every row at once."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def compare(gaps: list[float], base: list[float]) -> dict:
+    """LoReUn against uniform over paired seeds: the relative Avg. Gap reduction
+    -mean(d) / mean(uniform) (positive: closer to retraining) with its 95% t interval (the
+    uniform mean taken as fixed), the paired t-test's p, and how many seeds came closer."""
+    from scipy.stats import t, ttest_rel
+
+    d = [g - u for g, u in zip(gaps, base)]
+    m, scale = statistics.fmean(d), statistics.fmean(base)
+    half = t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0
+    same = all(x == 0 for x in d)
+    p = 1.0 if same or len(d) < 2 else float(ttest_rel(gaps, base).pvalue)
+    return {
+        "rel": -m / scale, "lo": -(m + half) / scale, "hi": -(m - half) / scale,
+        "p": p if math.isfinite(p) else 1.0, "closer": sum(x < 0 for x in d), "pairs": len(d),
+    }  # fmt: skip
+
+
+def _setting(r: dict) -> str:
+    axis = {"uniform": "", "paper": f", tau {r['temperature']}"}.get(
+        r["weighting"], f", ESS {r['target_ess']}"
+    )
+    return f"lr {r['lr']:g}, {r['epochs']} ep{axis}"
+
+
 def gap_table(rows: list[dict]) -> str:
+    """One line per (scenario, method, weighting); Holm's correction runs over every LoReUn
+    line of the table."""
     lines = [
-        "| scenario | method | weighting | target ESS | UA | RA | TA | MIA | Avg. Gap | "
-        "LoReUn - uniform (95% CI) | closer/pairs | s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | method | weighting | setting | UA | RA | TA | MIA | Avg. Gap | "
+        "gap reduction vs uniform (95% CI) | Holm p | closer/pairs | tuning runs | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for sc in SCENARIOS:
         refs = [r for r in rows if r["scenario"] == sc and r["method"] == "retrain"]
         if refs:
             cells = [sc, "retrain", "-", "-", *(_ms(r[k] for r in refs) for k in METRICS)]
-            lines.append("| " + " | ".join(cells + ["0", "-", "-", "-"]) + " |")
+            lines.append("| " + " | ".join(cells + ["0", "-", "-", "-", "-", "-"]) + " |")
+    body, tests = [], []
     for sc, me in itertools.product(SCENARIOS, METHODS):
         base = {r["seed"]: r["gap"] for r in rows if _is(r, sc, me, "uniform")}
         for w in WEIGHTINGS:
-            sub = [r for r in rows if _is(r, sc, me, w)]
+            sub = [r for r in rows if _is(r, sc, me, w) and r["seed"] in base]
             if not sub:
                 continue
-            cells = [sc, me, w, "-" if w == "uniform" else f"{sub[0]['target_ess']}"]
+            cells = [sc, me, w, _setting(sub[0])]
             cells += [_ms(r[k] for r in sub) for k in (*METRICS, "gap")]
-            diffs = [r["gap"] - base[r["seed"]] for r in sub if r["seed"] in base]
-            closer = sum(d < 0 for d in diffs)
-            cells += ["-", "-"] if w == "uniform" else [_ci(diffs), f"{closer}/{len(diffs)}"]
-            cells.append(f"{statistics.median(r['seconds'] for r in sub):.2f}")
-            lines.append("| " + " | ".join(cells) + " |")
+            cmp = None
+            if w != "uniform":
+                cmp = compare([r["gap"] for r in sub], [base[r["seed"]] for r in sub])
+                tests.append((len(body), cmp["p"]))
+            body.append((cells, cmp, sub))
+    adjusted = dict(zip([i for i, _ in tests], holm([p for _, p in tests])))
+    for i, (cells, cmp, sub) in enumerate(body):
+        if cmp is None:
+            cells += ["-", "-", "-"]
+        else:
+            cells += [
+                f"{cmp['rel']:+.0%} [{cmp['lo']:+.0%}, {cmp['hi']:+.0%}]",
+                f"{adjusted[i]:.3g}",
+                f"{cmp['closer']}/{cmp['pairs']}",
+            ]
+        cells.append(str(sub[0].get("extra", {}).get("tuning_runs", "-")))
+        cells.append(f"{statistics.median(r['seconds'] for r in sub):.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -432,7 +523,7 @@ def premise_table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=20, help="evaluation seeds 0..N-1")
-    p.add_argument("--tune-seeds", type=int, default=3, help="tuning seeds 100..100+N-1")
+    p.add_argument("--tune-seeds", type=int, default=5, help="tuning seeds 100..100+N-1")
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     p.add_argument("--smoke", action="store_true", help="2 seeds, 1 tuning seed, one grid point")
     p.add_argument("--threads", type=int, default=1, help="torch threads")

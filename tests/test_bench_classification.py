@@ -19,12 +19,29 @@ def test_smoke_prints_the_gap_table(tmp_path):
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    header = "| scenario | method | weighting | target ESS | UA | RA | TA | MIA | Avg. Gap"
+    header = "| scenario | method | weighting | setting | UA | RA | TA | MIA | Avg. Gap"
     assert header in res.stdout
     lines = res.stdout.split("\n\n")[0].splitlines()  # the gap table, before the premise one
     rows = [ln.split(" | ") for ln in lines if ln.startswith("| random-10 | RL")]
-    assert [r[2] for r in rows] == ["uniform", "static", "dynamic", "batch"]
-    assert (tmp_path / "runs.jsonl").read_text().count("\n") == 3 * (1 + 3 * 4) * 2 + 3 * 2
+    assert [r[2] for r in rows] == ["uniform", "static", "dynamic", "batch", "paper"]
+    assert "| noisy-10 | SalUn | paper |" in res.stdout  # every scenario and testbed
+    # 4 scenarios x (FT + 3 methods x 5 weightings) x 2 seeds, and the retrain references
+    assert (tmp_path / "runs.jsonl").read_text().count("\n") == 4 * (1 + 3 * 5) * 2 + 4 * 2
+
+
+def test_holm_adjusts_in_step_down_order():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts/bench_classification.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = bench  # dataclasses look their module up while it loads
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules["bench"]
+    # by hand: sorted 0.01, 0.02, 0.04 -> 3*0.01, max(0.03, 2*0.02), max(0.04, 1*0.04)
+    assert bench.holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert bench.holm([0.5, 0.9]) == [1.0, 1.0]
 
 
 def test_testbed_weighs_with_the_library_weighting():
