@@ -292,6 +292,7 @@ def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
             while step < cfg.steps:
                 started = time.perf_counter()
                 found = adversarial_round(run, cfg, acc, step)
+                reprobe(run, cfg, acc, step)
                 stats = train_step(run, cfg, acc, step)
                 seconds = time.perf_counter() - started
                 step += 1
@@ -325,6 +326,20 @@ def adversarial_round(run: Run, cfg: EraseConfig, acc, step: int) -> dict:
     entry = grow_pool(run, cfg, acc, step)
     say(acc, f"step {step}: the attack found {entry.text!r}; pool {len(run.adversarial)}")
     return {"adversarial_prompt": entry.text, "attack_loss": entry.loss}
+
+
+def reprobe(run: Run, cfg: EraseConfig, acc, step: int) -> None:
+    """Every ``reprobe_every`` steps, probe the forget items on the fill's grid under the
+    current weights and hand the weighting the new difficulties (``LoReUnWeighting.refill``)."""
+    every = getattr(run.weighting, "reprobe_every", 0)
+    if not every or step == 0 or step % every:
+        return
+    student = run.family.predictor(acc.unwrap_model(run.denoiser))
+    with torch.no_grad(), acc.autocast():
+        grid, t_grid = probe_grid(
+            student, run.forget, run.schedule, cfg.seed, acc.device, cfg.probe_times
+        )
+    run.weighting.refill(grid, t_grid)
 
 
 def train_step(run: Run, cfg: EraseConfig, acc, step: int) -> dict[str, float]:

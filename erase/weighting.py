@@ -53,6 +53,24 @@ class Weighting(Protocol):
 
     def weights(self, ids: torch.Tensor) -> torch.Tensor: ...
 
+    def refill(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        """Replace the memory with a new probe [N, K] at the fill's times [K], under the
+        current weights; tau is solved again where a target ESS sets it.
+
+        The same grid (times and noises) as the fill, so the memory moves only where the
+        items' fit has moved. Below ``min_reliability`` the run keeps its uniform fallback.
+        """
+        if self.fell_back:
+            return
+        losses = losses.detach().float().cpu()
+        if self.normalizer is not None:
+            losses = losses / losses.mean(0, keepdim=True).clamp_min(1e-12)
+        self.memory = losses.mean(1)
+        self.reliability = split_half_reliability(losses)
+        if self.target_ess is not None:
+            self.temperature = temperature_for_ess(self.memory, self.target_ess)
+        self._weights = None
+
     def observe(self, ids: torch.Tensor, t: torch.Tensor, loss: torch.Tensor) -> None: ...
 
     def all_weights(self) -> torch.Tensor | None: ...
@@ -238,6 +256,9 @@ class LoReUnWeighting:
             weigh uniformly.
         min_ess: the memory variants' weights keep an ESS of at least this fraction of N
             (tau rises where the memory has spread).
+        reprobe_every: dynamic only: the trainer re-probes every item on the probe grid every
+            this many steps (``refill``) instead of folding in each step's single draws, which
+            are noise (docs/results.md); 0 keeps the single draws.
     """
 
     name = "loreun"
@@ -254,6 +275,7 @@ class LoReUnWeighting:
         target_ess: float | None = None,
         min_reliability: float = -1.0,
         min_ess: float = 0.0,
+        reprobe_every: int = 0,
     ):
         if variant not in VARIANTS:
             raise ValueError(f"unknown LoReUn variant {variant!r}; choose one of {VARIANTS}")
@@ -266,8 +288,12 @@ class LoReUnWeighting:
         self.variant = variant
         self.per_batch = variant in ("batch", "paper")  # weights from each batch alone
         self.min_ess = min_ess
-        self.observes = variant != "static"  # wants each step's difficulties
-        self.gathers = variant == "dynamic"  # its memory folds in every process's items
+        if reprobe_every and variant != "dynamic":
+            raise ValueError(f"re-probing updates the dynamic variant's memory, not {variant}'s")
+        self.reprobe_every = reprobe_every
+        # each step's difficulties, unless re-probes replace them
+        self.observes = variant != "static" and not reprobe_every
+        self.gathers = self.observes and variant == "dynamic"  # every process's items
         self.momentum = momentum
         raw = variant == "paper"  # the current model's plain losses
         self.normalizer = TimestepNormalizer(bucket) if normalize and not raw else None
@@ -305,6 +331,24 @@ class LoReUnWeighting:
                 self.temperature = temperature_for_ess(self.memory, self.target_ess)
             except ValueError as e:  # more items tie for easiest than the target allows
                 raise ValueError(f"--target-ess: {e}; choose a larger fraction") from None
+        self._weights = None
+
+    def refill(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        """Replace the memory with a new probe [N, K] at the fill's times [K], under the
+        current weights; tau is solved again where a target ESS sets it.
+
+        The same grid (times and noises) as the fill, so the memory moves only where the
+        items' fit has moved. Below ``min_reliability`` the run keeps its uniform fallback.
+        """
+        if self.fell_back:
+            return
+        losses = losses.detach().float().cpu()
+        if self.normalizer is not None:
+            losses = losses / losses.mean(0, keepdim=True).clamp_min(1e-12)
+        self.memory = losses.mean(1)
+        self.reliability = split_half_reliability(losses)
+        if self.target_ess is not None:
+            self.temperature = temperature_for_ess(self.memory, self.target_ess)
         self._weights = None
 
     def observe(self, ids: torch.Tensor, t: torch.Tensor, loss: torch.Tensor) -> None:

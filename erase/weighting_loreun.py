@@ -87,6 +87,14 @@ class LoReUnSettings:
             "(-1 keeps LoReUn's weights whatever it is)"
         },
     )
+    reprobe_every: int = field(
+        default=0,
+        metadata={
+            "help": "dynamic: every N steps, probe every forget item again on the probe grid "
+            "under the current weights and replace the memory, instead of folding in each "
+            "step's single draws, which are mostly noise (0: single draws)"
+        },
+    )
     min_ess: float = field(
         default=MIN_ESS,
         metadata={
@@ -106,6 +114,11 @@ def check(cfg, chosen: bool) -> None:
     _check_ranges(cfg)
     if not chosen:
         return
+    if cfg.reprobe_every and cfg.loreun_variant != "dynamic":
+        raise ValueError(
+            f"--reprobe-every: re-probes the dynamic variant's memory; --loreun-variant is "
+            f"{cfg.loreun_variant}"
+        )
     if cfg.loreun_variant == "paper" and cfg.target_ess is not None:
         raise ValueError("--target-ess: the paper variant keeps tau fixed; set --temperature")
     if cfg.loreun_variant in ("batch", "paper") and cfg.batch_size < 2:
@@ -136,6 +149,8 @@ def _check_ranges(cfg) -> None:
         raise ValueError(f"--min-ess: must be in [0, 1], got {cfg.min_ess}")
     if not -1 <= cfg.min_reliability <= 1:
         raise ValueError(f"--min-reliability: must be in [-1, 1], got {cfg.min_reliability}")
+    if cfg.reprobe_every < 0:
+        raise ValueError(f"--reprobe-every: must be >= 0, got {cfg.reprobe_every}")
     if not 0 <= cfg.loreun_momentum < 1:
         raise ValueError(f"--loreun-momentum: must be in [0, 1), got {cfg.loreun_momentum}")
 
@@ -159,4 +174,5 @@ def build(cfg, num_items: int, schedule):
         target_ess=cfg.target_ess,
         min_reliability=cfg.min_reliability,
         min_ess=cfg.min_ess,
+        reprobe_every=cfg.reprobe_every,
     )

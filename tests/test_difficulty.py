@@ -2,8 +2,10 @@
 draw is not; the split-half reliability says which, and a memory of noise falls back to
 uniform weights."""
 
+import json
 import math
 
+import pytest
 import torch
 
 from loreun.erase.weighting import LoReUnWeighting, rank_correlation, split_half_reliability
@@ -88,3 +90,44 @@ def test_the_ess_floor_keeps_memory_weights_from_collapsing_on_one_item():
     assert effective_sample_size(free.all_weights()) < 1.01  # all weight on the easy item
     assert effective_sample_size(floored.all_weights()) >= 0.2 * 50 - 1e-3
     assert floored.all_weights()[0] > floored.all_weights()[1]  # still the easy item first
+
+
+def test_refill_replaces_the_memory_and_solves_tau_again():
+    w = LoReUnWeighting(4, variant="dynamic", normalize=False, target_ess=0.8, reprobe_every=5)
+    assert not w.observes and not w.gathers  # re-probes replace the single draws
+    t = torch.tensor([100, 500, 900])
+    w.fill(torch.tensor([[1.0, 1.1, 0.9]] * 2 + [[3.0, 3.2, 2.8]] * 2), t)
+    tau = w.temperature
+    w.refill(torch.tensor([[3.0, 3.1, 2.9]] * 2 + [[1.0, 1.2, 0.8]] * 2), t)
+    assert torch.allclose(w.memory, torch.tensor([3.0, 3.0, 1.0, 1.0]))
+    assert w.all_weights()[0] < w.all_weights()[2]  # the fitted pair is now the other one
+    assert math.isfinite(w.temperature) and w.temperature == pytest.approx(tau, rel=1e-3)
+    with pytest.raises(ValueError, match="dynamic variant"):
+        LoReUnWeighting(4, variant="static", reprobe_every=5)
+
+
+def test_an_erase_run_reprobes_every_m_steps(tiny_pipeline_dir, tmp_path):
+    from loreun.cli.main import main
+
+    from .conftest import erase_args
+
+    out = tmp_path / "o"
+    extra = ["--weighting", "loreun", "--min-reliability", "-1", "--reprobe-every", "2"]
+    assert main(erase_args(tiny_pipeline_dir, out, *extra, "--steps", "5", "-q")) == 0
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    drift = [r["memory_rank_corr"] for r in log]
+    reliability = [r["difficulty_reliability"] for r in log]
+    # no single draws folded in: the memory moves only at the re-probes, before steps 2 and 4
+    assert drift[0] == drift[1] == 1.0 and drift[2] == drift[3]
+    assert reliability[0] == reliability[1] != reliability[2] == reliability[3] != reliability[4]
+    argv = erase_args(
+        tiny_pipeline_dir,
+        tmp_path / "p",
+        "--reprobe-every",
+        "2",
+        "--weighting",
+        "loreun",
+        "--loreun-variant",
+        "static",
+    )
+    assert main(argv) == 2
