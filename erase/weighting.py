@@ -53,24 +53,6 @@ class Weighting(Protocol):
 
     def weights(self, ids: torch.Tensor) -> torch.Tensor: ...
 
-    def refill(self, losses: torch.Tensor, t: torch.Tensor) -> None:
-        """Replace the memory with a new probe [N, K] at the fill's times [K], under the
-        current weights; tau is solved again where a target ESS sets it.
-
-        The same grid (times and noises) as the fill, so the memory moves only where the
-        items' fit has moved. Below ``min_reliability`` the run keeps its uniform fallback.
-        """
-        if self.fell_back:
-            return
-        losses = losses.detach().float().cpu()
-        if self.normalizer is not None:
-            losses = losses / losses.mean(0, keepdim=True).clamp_min(1e-12)
-        self.memory = losses.mean(1)
-        self.reliability = split_half_reliability(losses)
-        if self.target_ess is not None:
-            self.temperature = temperature_for_ess(self.memory, self.target_ess)
-        self._weights = None
-
     def observe(self, ids: torch.Tensor, t: torch.Tensor, loss: torch.Tensor) -> None: ...
 
     def all_weights(self) -> torch.Tensor | None: ...
@@ -348,7 +330,10 @@ class LoReUnWeighting:
         self.memory = losses.mean(1)
         self.reliability = split_half_reliability(losses)
         if self.target_ess is not None:
-            self.temperature = temperature_for_ess(self.memory, self.target_ess)
+            try:
+                self.temperature = temperature_for_ess(self.memory, self.target_ess)
+            except ValueError:  # ties with the easiest item: keep the last tau
+                pass
         self._weights = None
 
     def observe(self, ids: torch.Tensor, t: torch.Tensor, loss: torch.Tensor) -> None:

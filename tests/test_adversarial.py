@@ -104,3 +104,15 @@ def test_adversarial_erasure_refuses_a_family_the_attack_does_not_support(tmp_pa
     code = main(erase_args(sdxl, tmp_path / "o", "--adversarial", "-q"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "--adversarial: loreun's attack supports" in err[-1]
+
+
+def test_adversarial_erasure_runs_on_a_v_prediction_model(tmp_path):
+    """SD 2.x's v-prediction: the attack's target and the pool's objective follow the
+    schedule's own target, so the same flags work."""
+    from loreun.pipelines.tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline(tmp_path / "sd2", prediction_type="v_prediction")
+    out = tmp_path / "o"
+    assert main(erase_args(model, out, *ADV, "--steps", "3", "-q")) == 0
+    log = _log(out)
+    assert [r["pool"] for r in log] == [0, 0, 1] and "adversarial_prompt" in log[2]
