@@ -7,8 +7,10 @@ The testbed follows SalUn's protocol (Fan et al., ICLR 2024) at laptop scale:
 - model: an MLP (64 -> 256 -> 256 -> 10) trained to fit its training set, as ResNet-18 fits
   CIFAR-10 in the paper's setting;
 - scenarios: random-data forgetting of 10% and of 50% of the training set, class-wise
-  forgetting of one class (chosen by the seed), and noisy-10: a random 10% whose items were 20%
-  mislabelled before the original was trained (memorised items: difficulty varies for a reason);
+  forgetting of one class (chosen by the seed), noisy-10: a random 10% whose items were 20%
+  mislabelled before the original was trained (memorised items), and atypical-10: the same with
+  20% of the items rotated by 90 degrees, right labels kept (unusual images); in the last two
+  difficulty varies for a reason;
 - reference: retraining from scratch on the retain set, same seed and recipe;
 - methods: FT (fine-tune on the retain set), GA (gradient ascent on the forget set), RL
   (random labels on the forget set plus the retain loss), SalUn (RL on the 50% of weights with
@@ -58,8 +60,8 @@ from loreun.erase.weighting_loreun import MIN_ESS
 
 WEIGHTINGS = ("uniform", "static", "dynamic", "batch", "paper")
 METHODS = ("FT", "GA", "RL", "SalUn")
-SCENARIOS = ("random-10", "random-50", "class", "noisy-10")
-NOISY_SHARE = 0.2  # noisy-10: the share of forget items mislabelled before training
+SCENARIOS = ("random-10", "random-50", "class", "noisy-10", "atypical-10")
+NOISY_SHARE = 0.2  # noisy-10 / atypical-10: the share of forget items made odd before training
 METRICS = ("UA", "RA", "TA", "MIA")
 
 
@@ -78,6 +80,7 @@ class Data:
     eval_y: torch.Tensor
     forgotten_class: int | None = None
     train_y: torch.Tensor | None = None  # the original's training labels, where not the split's
+    train_x: torch.Tensor | None = None  # the original's training images, where not the split's
 
 
 def load_split(split_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -111,11 +114,15 @@ def scenario_data(split: dict, scenario: str, seed: int, eval_part: str) -> Data
     perm = torch.randperm(len(x), generator=g)
     k = int(round(frac * len(x)))
     f, r = perm[:k], perm[k:]
+    odd = f[: int(round(NOISY_SHARE * k))]
     if scenario.startswith("noisy"):  # memorised items: wrong labels the original fitted
-        flip = f[: int(round(NOISY_SHARE * k))]
         y = y.clone()
-        y[flip] = (y[flip] + torch.randint(1, 10, (len(flip),), generator=g)) % 10
+        y[odd] = (y[odd] + torch.randint(1, 10, (len(odd),), generator=g)) % 10
         return Data(x[f], y[f], x[r], y[r], ex, ey, train_y=y)
+    if scenario.startswith("atypical"):  # rotated copies: right labels, unusual images
+        x = x.clone()
+        x[odd] = x[odd].view(-1, 8, 8).rot90(1, (1, 2)).reshape(-1, 64)
+        return Data(x[f], y[f], x[r], y[r], ex, ey, train_x=x)
     return Data(x[f], y[f], x[r], y[r], ex, ey)
 
 
@@ -318,13 +325,16 @@ class Bench:
         self._original: dict[int, torch.nn.Module] = {}
         self._retrain: dict[tuple, dict] = {}
 
-    def original(self, seed: int, data: Data | None = None) -> torch.nn.Module:
-        """The model trained on the whole training set, or on ``data.train_y``'s labels."""
-        noisy = data is not None and data.train_y is not None
-        key = (seed, noisy)
+    def original(self, seed: int, data: Data, scenario: str) -> torch.nn.Module:
+        """The model trained on the whole training set, or on the scenario's own training
+        images or labels (the noisy and atypical testbeds, which change them)."""
+        own = data.train_x is not None or data.train_y is not None
+        key = (seed, scenario if own else None)
         if key not in self._original:
             x, y = self.split["train"]
-            self._original[key] = train_from_scratch(x, data.train_y if noisy else y, seed)
+            x = x if data.train_x is None else data.train_x
+            y = y if data.train_y is None else data.train_y
+            self._original[key] = train_from_scratch(x, y, seed)
         return self._original[key]
 
     def data(self, scenario: str, seed: int, part: str) -> Data:
@@ -340,7 +350,7 @@ class Bench:
 
     def run(self, scenario: str, s: Setting, seed: int, part: str) -> dict:
         d = self.data(scenario, seed, part)
-        original = self.original(seed, d)
+        original = self.original(seed, d, scenario)
         started = time.perf_counter()
         model = unlearn(original, d, s, seed)
         seconds = time.perf_counter() - started
@@ -528,7 +538,13 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="2 seeds, 1 tuning seed, one grid point")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", type=Path, help="write runs.jsonl and results.md here")
+    p.add_argument(
+        "--report", type=Path, nargs="+", metavar="RUNS", help="only tabulate these runs.jsonl"
+    )
     args = p.parse_args()
+    if args.report:  # one table, one Holm correction, over runs made separately
+        rows = [json.loads(x) for f in args.report for x in f.read_text().splitlines()]
+        return publish(rows, args.out)
     torch.set_num_threads(args.threads)
     seeds = range(2 if args.smoke else args.seeds)
     tune_seeds = range(100, 101 if args.smoke else 100 + args.tune_seeds)
@@ -545,14 +561,19 @@ def main() -> None:
             {"scenario": sc, "method": "retrain", "seed": seed, **bench.reference(sc, seed, "test")}
             for seed in seeds
         ]
-    if args.out:  # the raw runs first: a table can be rebuilt from them
+    if args.out:  # the raw runs first: a table can be rebuilt from them (--report)
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / "runs.jsonl", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
+    publish(rows, args.out)
+
+
+def publish(rows: list[dict], out: Path | None) -> None:
     text = gap_table(rows) + "\n\n" + premise_table(rows)
     print(text)
-    if args.out:
-        (args.out / "results.md").write_text(text + "\n")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,13 @@ WEIGHTINGS = {
     "loreun-batch": {"weighting": "loreun", "loreun_variant": "batch"},
     "loreun-static-t0.1": {"weighting": "loreun", "loreun_variant": "static", "temperature": 0.1},
     "loreun-dynamic-t0.1": {"weighting": "loreun", "loreun_variant": "dynamic", "temperature": 0.1},
+    # the difficulty from a finer probe grid; the dynamic memory from re-probes, not single draws
+    "loreun-static-p30": {"weighting": "loreun", "loreun_variant": "static", "probe_times": 30},
+    "loreun-dynamic-reprobe": {
+        "weighting": "loreun",
+        "loreun_variant": "dynamic",
+        "reprobe_every": 10,
+    },  # fmt: skip
 }
 
 
