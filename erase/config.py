@@ -147,8 +147,9 @@ class RunFields:
     weighting: str = field(
         default="uniform",
         metadata=_help(
-            "per-sample weighting of the forget term; loreun did not bring diffusion erasure "
-            "closer to retraining in docs/results.md, so uniform is the default",
+            "per-sample weighting of the forget term; with esd and remap loreun erased less than "
+            "uniform on the digits model, so uniform is the default; with ga, loreun's dynamic "
+            "variant kept the other digits (docs/results.md, 'When to turn LoReUn on')",
             choices=WEIGHTINGS,
         ),
     )
