@@ -37,7 +37,6 @@ from loreun.pipelines.prefix_attack import PrefixAttack
 from .items import ItemSet
 from .objectives import per_sample_mse
 from .streams import ADVERSARIAL_STREAM, item_ids, step_generator
-from .weighting import LoReUnWeighting, UniformWeighting
 from .xt_sources import draw_batch
 
 
@@ -113,17 +112,7 @@ def build_pool(cfg, forget: ItemSet, schedule) -> AdversarialPool | None:
     """The run's pool, or None without ``--adversarial``."""
     if not cfg.adversarial:
         return None
-    if cfg.weighting == "loreun":
-        weighting = LoReUnWeighting(
-            cfg.adversarial_pool,
-            temperature=cfg.temperature,
-            variant="batch",
-            normalize=cfg.difficulty_norm == "timestep",
-            bucket=schedule.bucket,
-            target_ess=cfg.target_ess,
-        )
-    else:
-        weighting = UniformWeighting()
+    weighting = cfg.weighting_slot().build_pool(cfg, cfg.adversarial_pool, schedule)
     return AdversarialPool(forget, cfg.adversarial_pool, weighting)
 
 

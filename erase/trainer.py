@@ -160,13 +160,12 @@ def setup(
     probe = weighting.needs_difficulty and cfg.weighting_slot().can_differ(cfg)
     if probe and resume is None:
         # a resumed run reloads its memory; at tau = inf every weight is 1 whatever the memory
-        say(acc, f"probing the difficulty of {len(forget)} forget items at {cfg.probe_times} times")
+        k = weighting.probe_times
+        say(acc, f"probing the difficulty of {len(forget)} forget items at {k} times")
         with acc.autocast():
-            grid, t_grid = probe_grid(
-                teacher, forget, schedule, cfg.seed, acc.device, cfg.probe_times
-            )
+            grid, t_grid = probe_grid(teacher, forget, schedule, cfg.seed, acc.device, k)
         weighting.fill(grid, t_grid)
-        line = reliability_line(weighting.summary(), cfg.min_reliability)
+        line = reliability_line(weighting.summary(), weighting.min_reliability)
         (warn if weighting.summary().get("fell_back_to_uniform") else say)(acc, line)
     prepared, optimizer = prepare_optimizer(cfg, acc, denoiser, trained, mask)
     sampler = schedule.sampler(cfg.sample_steps) if cfg.xt_source != "cached" else None
@@ -337,7 +336,7 @@ def reprobe(run: Run, cfg: EraseConfig, acc, step: int) -> None:
     student = run.family.predictor(acc.unwrap_model(run.denoiser))
     with torch.no_grad(), acc.autocast():
         grid, t_grid = probe_grid(
-            student, run.forget, run.schedule, cfg.seed, acc.device, cfg.probe_times
+            student, run.forget, run.schedule, cfg.seed, acc.device, run.weighting.probe_times
         )
     run.weighting.refill(grid, t_grid)
 

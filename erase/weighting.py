@@ -238,6 +238,7 @@ class LoReUnWeighting:
             weigh uniformly.
         min_ess: the memory variants' weights keep an ESS of at least this fraction of N
             (tau rises where the memory has spread).
+        probe_times: K, the times of the probe grid the fill (and every re-probe) uses.
         reprobe_every: dynamic only: the trainer re-probes every item on the probe grid every
             this many steps (``refill``) instead of folding in each step's single draws, which
             are noise (docs/results.md); 0 keeps the single draws.
@@ -258,6 +259,7 @@ class LoReUnWeighting:
         min_reliability: float = -1.0,
         min_ess: float = 0.0,
         reprobe_every: int = 0,
+        probe_times: int = 10,
     ):
         if variant not in VARIANTS:
             raise ValueError(f"unknown LoReUn variant {variant!r}; choose one of {VARIANTS}")
@@ -272,7 +274,7 @@ class LoReUnWeighting:
         self.min_ess = min_ess
         if reprobe_every and variant != "dynamic":
             raise ValueError(f"re-probing updates the dynamic variant's memory, not {variant}'s")
-        self.reprobe_every = reprobe_every
+        self.reprobe_every, self.probe_times = reprobe_every, probe_times
         # each step's difficulties, unless re-probes replace them
         self.observes = variant != "static" and not reprobe_every
         self.gathers = self.observes and variant == "dynamic"  # every process's items

@@ -175,4 +175,21 @@ def build(cfg, num_items: int, schedule):
         min_reliability=cfg.min_reliability,
         min_ess=cfg.min_ess,
         reprobe_every=cfg.reprobe_every,
+        probe_times=cfg.probe_times,
+    )
+
+
+def build_pool(cfg, capacity: int, schedule):
+    """The weighting over ``--adversarial``'s pool of ``capacity`` prompts: LoReUn's batch
+    form (each pool batch weighed by its own current losses), since the pool changes every few
+    steps and a memory filled once would be stale (our choice)."""
+    from .weighting import LoReUnWeighting
+
+    return LoReUnWeighting(
+        capacity,
+        temperature=cfg.temperature,
+        variant="batch",
+        normalize=cfg.difficulty_norm == "timestep",
+        bucket=schedule.bucket,
+        target_ess=cfg.target_ess,
     )

@@ -30,3 +30,10 @@ def build(cfg, num_items: int, schedule):
     from .weighting import UniformWeighting
 
     return UniformWeighting()
+
+
+def build_pool(cfg, capacity: int, schedule):
+    """The weighting over ``--adversarial``'s pool: uniform too."""
+    from .weighting import UniformWeighting
+
+    return UniformWeighting()

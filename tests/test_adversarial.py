@@ -116,3 +116,14 @@ def test_adversarial_erasure_runs_on_a_v_prediction_model(tmp_path):
     assert main(erase_args(model, out, *ADV, "--steps", "3", "-q")) == 0
     log = _log(out)
     assert [r["pool"] for r in log] == [0, 0, 1] and "adversarial_prompt" in log[2]
+
+
+def test_loreun_weighs_the_pool_by_its_batch(tiny_pipeline_dir, tmp_path):
+    """With --weighting loreun the pool gets LoReUn's batch form, whose normaliser is in the
+    checkpoint with the pool."""
+    out = tmp_path / "o"
+    extra = ["--weighting", "loreun", "--min-reliability", "-1", "--checkpoint-every", "3"]
+    assert main(erase_args(tiny_pipeline_dir, out, *ADV, *extra, "--steps", "3", "-q")) == 0
+    state = json.loads((out / "checkpoints" / "checkpoint-3" / "state.json").read_text())
+    assert len(state["adversarial"]["entries"]) == 1
+    assert "timestep_means" in state["adversarial"]["weighting"]
