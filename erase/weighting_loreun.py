@@ -160,18 +160,29 @@ def can_differ(cfg) -> bool:
     return cfg.target_ess is not None or not math.isinf(cfg.temperature)
 
 
-def build(cfg, num_items: int, schedule):
-    """``LoReUnWeighting`` over ``num_items`` forget items, buckets from the run's schedule."""
+def _weighting(cfg, n: int, schedule, **variant):
+    """``LoReUnWeighting`` over ``n`` items with the run's tau, normalisation and buckets;
+    ``variant`` sets what differs between the forget set's and the pool's."""
     from .weighting import LoReUnWeighting
 
     return LoReUnWeighting(
-        num_items,
+        n,
         temperature=cfg.temperature,
-        variant=cfg.loreun_variant,
-        momentum=cfg.loreun_momentum,
         normalize=cfg.difficulty_norm == "timestep",
         bucket=schedule.bucket,
         target_ess=cfg.target_ess,
+        **variant,
+    )
+
+
+def build(cfg, num_items: int, schedule):
+    """LoReUn over ``num_items`` forget items, as the run's settings say."""
+    return _weighting(
+        cfg,
+        num_items,
+        schedule,
+        variant=cfg.loreun_variant,
+        momentum=cfg.loreun_momentum,
         min_reliability=cfg.min_reliability,
         min_ess=cfg.min_ess,
         reprobe_every=cfg.reprobe_every,
@@ -183,13 +194,4 @@ def build_pool(cfg, capacity: int, schedule):
     """The weighting over ``--adversarial``'s pool of ``capacity`` prompts: LoReUn's batch
     form (each pool batch weighed by its own current losses), since the pool changes every few
     steps and a memory filled once would be stale (our choice)."""
-    from .weighting import LoReUnWeighting
-
-    return LoReUnWeighting(
-        capacity,
-        temperature=cfg.temperature,
-        variant="batch",
-        normalize=cfg.difficulty_norm == "timestep",
-        bucket=schedule.bucket,
-        target_ess=cfg.target_ess,
-    )
+    return _weighting(cfg, capacity, schedule, variant="batch")
