@@ -2,15 +2,17 @@
 
 The testbed follows SalUn's protocol (Fan et al., ICLR 2024) at laptop scale:
 
-- data: scikit-learn's bundled handwritten digits (1,797 8x8 images), split into train (70%),
+- testbeds (data and model): ``digits``, scikit-learn's bundled handwritten digits (1,797 8x8
+  images) and an MLP (64 -> 256 -> 256 -> 10) that fits its training set to cross-entropies near
+  1e-5, as ResNet-18 fits CIFAR-10 in the paper's setting; ``mnist1d``, MNIST-1D's 5,000
+  signals of length 40 (generated offline by the ``mnist1d`` package) and a small 1-D CNN that
+  does not fit them all, so forget losses spread over decades. Each is split into train (70%),
   validation (10%) and test (20%); the split is fixed, the model and forget set vary by seed;
-- model: an MLP (64 -> 256 -> 256 -> 10) trained to fit its training set, as ResNet-18 fits
-  CIFAR-10 in the paper's setting;
 - scenarios: random-data forgetting of 10% and of 50% of the training set, class-wise
   forgetting of one class (chosen by the seed), noisy-10: a random 10% whose items were 20%
   mislabelled before the original was trained (memorised items), and atypical-10: the same with
-  20% of the items rotated by 90 degrees, right labels kept (unusual images); in the last two
-  difficulty varies for a reason;
+  20% of the items made odd, right labels kept (digits rotated by 90 degrees, MNIST-1D signals
+  reversed in time); in the last two difficulty varies for a reason;
 - reference: retraining from scratch on the retain set, same seed and recipe;
 - methods: FT (fine-tune on the retain set), GA (gradient ascent on the forget set), RL
   (random labels on the forget set plus the retain loss), SalUn (RL on the 50% of weights with
@@ -36,8 +38,9 @@ Run (the wall time is in docs/results.md; the tables do not depend on the thread
 
     OMP_NUM_THREADS=1 python scripts/bench_classification.py --out runs/cls
 
-``--smoke`` runs every scenario, method and weighting on 2 seeds, 1 tuning seed and one grid
-point, and prints the same tables (under a minute, one thread); CI runs it.
+``--smoke`` runs every testbed, scenario, method and weighting on 2 seeds, 1 tuning seed and
+one grid point (MNIST-1D's models trained for 4 epochs), and prints the same tables; CI runs
+it. ``--testbeds``, ``--scenarios`` and ``--methods`` choose a part of the full run.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +74,7 @@ METRICS = ("UA", "RA", "TA", "MIA")
 
 @dataclass
 class Data:
-    """Tensors of one scenario: x [n, 64] in [0, 1], y [n] class ids."""
+    """Tensors of one scenario: x [n, d] (the testbed's inputs), y [n] class ids."""
 
     forget_x: torch.Tensor
     forget_y: torch.Tensor
@@ -83,13 +87,8 @@ class Data:
     train_x: torch.Tensor | None = None  # the original's training images, where not the split's
 
 
-def load_split(split_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed train / validation / test split of scikit-learn's digits."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(d.target, dtype=torch.long)
+def _split(x: torch.Tensor, y: torch.Tensor, split_seed: int) -> dict:
+    """train (70%) / validation (10%) / test (20%) of one pool of labelled examples."""
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed))
     n_test, n_val = int(0.2 * len(x)), int(0.1 * len(x))
     parts = {
@@ -100,8 +99,89 @@ def load_split(split_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tenso
     return {k: (x[i], y[i]) for k, i in parts.items()}
 
 
-def scenario_data(split: dict, scenario: str, seed: int, eval_part: str) -> Data:
-    """Choose the forget set of a scenario for a seed."""
+def load_digits_split(split_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's digits: x [n, 64] in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    return _split(x, torch.tensor(d.target, dtype=torch.long), split_seed)
+
+
+def load_mnist1d_split(split_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """MNIST-1D (Greydanus, 2020), generated offline by the PyPI package from its fixed seed:
+    5,000 signals x [n, 40], standardised. Its own train/test cut is pooled and re-split like
+    digits, so both testbeds share one protocol."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    state = np.random.get_state()  # the generator seeds numpy's global stream; put it back
+    try:
+        d = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(state)
+    x = torch.tensor(np.concatenate([d["x"], d["x_test"]]), dtype=torch.float32)
+    y = torch.tensor(np.concatenate([d["y"], d["y_test"]]), dtype=torch.long)
+    return _split(x, y, split_seed)
+
+
+def make_mlp(seed: int) -> torch.nn.Module:
+    """digits' model: it fits its 1,257 training images to a cross-entropy near 1e-5."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
+
+
+def make_cnn1d(seed: int) -> torch.nn.Module:
+    """MNIST-1D's model: three strided 1-D convolutions (x [n, 40] -> [n, 25, 5]) and a linear
+    head. It does not fit every training signal, so forget losses spread over decades."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1, 40)),
+        torch.nn.Conv1d(1, 25, 5, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv1d(25, 25, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv1d(25, 25, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(125, 10),
+    )
+
+
+def rotate_8x8(x: torch.Tensor) -> torch.Tensor:
+    """[n, 64] images rotated by 90 degrees."""
+    return x.view(-1, 8, 8).rot90(1, (1, 2)).reshape(-1, 64)
+
+
+@dataclass(frozen=True)
+class Testbed:
+    """A data set and the model trained on it; ``atypical`` makes the odd copies of
+    atypical-10 (right labels, inputs the model rarely sees)."""
+
+    load: Callable[[int], dict]
+    make_model: Callable[[int], torch.nn.Module]
+    atypical: Callable[[torch.Tensor], torch.Tensor]
+    epochs: int  # of the original and the retrain reference
+    smoke_epochs: int
+
+
+TESTBEDS = {
+    "digits": Testbed(load_digits_split, make_mlp, rotate_8x8, epochs=40, smoke_epochs=40),
+    # a signal played backwards: the same values, in an order no training signal has
+    "mnist1d": Testbed(load_mnist1d_split, make_cnn1d, lambda x: x.flip(1), 40, 4),
+}
+
+
+def scenario_data(
+    split: dict, scenario: str, seed: int, eval_part: str, atypical=rotate_8x8
+) -> Data:
+    """Choose the forget set of a scenario for a seed; ``atypical`` makes atypical-10's odd
+    copies."""
     x, y = split["train"]
     ex, ey = split[eval_part]
     g = torch.Generator().manual_seed(10_000 + seed)
@@ -119,22 +199,11 @@ def scenario_data(split: dict, scenario: str, seed: int, eval_part: str) -> Data
         y = y.clone()
         y[odd] = (y[odd] + torch.randint(1, 10, (len(odd),), generator=g)) % 10
         return Data(x[f], y[f], x[r], y[r], ex, ey, train_y=y)
-    if scenario.startswith("atypical"):  # rotated copies: right labels, unusual images
+    if scenario.startswith("atypical"):  # odd copies: right labels, unusual inputs
         x = x.clone()
-        x[odd] = x[odd].view(-1, 8, 8).rot90(1, (1, 2)).reshape(-1, 64)
+        x[odd] = atypical(x[odd])
         return Data(x[f], y[f], x[r], y[r], ex, ey, train_x=x)
     return Data(x[f], y[f], x[r], y[r], ex, ey)
-
-
-def make_model(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(64, 256),
-        torch.nn.ReLU(),
-        torch.nn.Linear(256, 256),
-        torch.nn.ReLU(),
-        torch.nn.Linear(256, 10),
-    )
 
 
 def batches(n: int, size: int, g: torch.Generator):
@@ -142,7 +211,7 @@ def batches(n: int, size: int, g: torch.Generator):
     return [perm[i : i + size] for i in range(0, n, size)]
 
 
-def train_from_scratch(x, y, seed: int, epochs: int = 40) -> torch.nn.Module:
+def train_from_scratch(make_model, x, y, seed: int, epochs: int) -> torch.nn.Module:
     """The recipe of both the original model (all training data) and the retrain reference."""
     model = make_model(seed)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -320,31 +389,36 @@ PAPER_TAUS = (0.1, 1.0)
 class Bench:
     """Caches the original and retrained models, so each is trained once per seed."""
 
-    def __init__(self, split):
-        self.split = split
+    def __init__(self, name: str, smoke: bool = False):
+        self.name, self.bed = name, TESTBEDS[name]
+        self.split = self.bed.load(0)
+        self.epochs = self.bed.smoke_epochs if smoke else self.bed.epochs
         self._original: dict[int, torch.nn.Module] = {}
         self._retrain: dict[tuple, dict] = {}
 
     def original(self, seed: int, data: Data, scenario: str) -> torch.nn.Module:
         """The model trained on the whole training set, or on the scenario's own training
-        images or labels (the noisy and atypical testbeds, which change them)."""
+        inputs or labels (the noisy and atypical scenarios, which change them)."""
         own = data.train_x is not None or data.train_y is not None
         key = (seed, scenario if own else None)
         if key not in self._original:
             x, y = self.split["train"]
             x = x if data.train_x is None else data.train_x
             y = y if data.train_y is None else data.train_y
-            self._original[key] = train_from_scratch(x, y, seed)
+            self._original[key] = self.train(x, y, seed)
         return self._original[key]
 
     def data(self, scenario: str, seed: int, part: str) -> Data:
-        return scenario_data(self.split, scenario, seed, part)
+        return scenario_data(self.split, scenario, seed, part, self.bed.atypical)
+
+    def train(self, x, y, seed: int) -> torch.nn.Module:
+        return train_from_scratch(self.bed.make_model, x, y, seed, self.epochs)
 
     def reference(self, scenario: str, seed: int, part: str) -> dict:
         key = (scenario, seed, part)
         if key not in self._retrain:
             d = self.data(scenario, seed, part)
-            model = train_from_scratch(d.retain_x, d.retain_y, seed)
+            model = self.train(d.retain_x, d.retain_y, seed)
             self._retrain[key] = metrics(model, d, seed)
         return self._retrain[key]
 
@@ -355,7 +429,8 @@ class Bench:
         model = unlearn(original, d, s, seed)
         seconds = time.perf_counter() - started
         m = metrics(model, d, seed)
-        row = {"scenario": scenario, "seed": seed, "part": part, **s.__dict__, **m}
+        row = {"testbed": self.name, "scenario": scenario, "seed": seed, "part": part}
+        row.update(**s.__dict__, **m)
         row.update(gap=avg_gap(m, self.reference(scenario, seed, part)), seconds=seconds)
         if s.weighting == "uniform" and s.method != "FT":
             row.update(premise(original, model, d))
@@ -385,7 +460,7 @@ def grid(method: str, weighting: str, smoke: bool) -> list[Setting]:
     own axis (target ESS, or tau for the paper variant)."""
     lrs, epochs = GRIDS[method]
     if smoke:
-        lrs, epochs = lrs[1:2], epochs[1:2]
+        lrs, epochs = lrs[1:2], epochs[:1]
     if weighting == "uniform":
         return [Setting(method, lr, ep) for lr, ep in itertools.product(lrs, epochs)]
     if weighting == "paper":
@@ -408,7 +483,7 @@ def tune(bench: Bench, scenario: str, method: str, seeds, smoke: bool) -> dict[s
         def mean_gap(s):
             return statistics.fmean(bench.run(scenario, s, seed, "val")["gap"] for seed in seeds)
 
-        print(f"{scenario} {method} {w}: tuning {len(options)} settings", flush=True)
+        print(f"{bench.name} {scenario} {method} {w}: tuning {len(options)} settings", flush=True)
         best = min(options, key=mean_gap)
         best.extra = {"tuning_runs": len(options) * len(seeds)}
         chosen[w] = best
@@ -470,26 +545,26 @@ def _setting(r: dict) -> str:
 
 
 def gap_table(rows: list[dict]) -> str:
-    """One line per (scenario, method, weighting); Holm's correction runs over every LoReUn
-    line of the table."""
+    """One line per (testbed, scenario, method, weighting); Holm's correction runs over every
+    LoReUn line of the table."""
     lines = [
-        "| scenario | method | weighting | setting | UA | RA | TA | MIA | Avg. Gap | "
+        "| testbed | scenario | method | weighting | setting | UA | RA | TA | MIA | Avg. Gap | "
         "gap reduction vs uniform (95% CI) | Holm p | closer/pairs | tuning runs | s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for sc in SCENARIOS:
-        refs = [r for r in rows if r["scenario"] == sc and r["method"] == "retrain"]
+    for tb, sc in itertools.product(TESTBEDS, SCENARIOS):
+        refs = [r for r in rows if _is(r, tb, sc, "retrain", None)]
         if refs:
-            cells = [sc, "retrain", "-", "-", *(_ms(r[k] for r in refs) for k in METRICS)]
+            cells = [tb, sc, "retrain", "-", "-", *(_ms(r[k] for r in refs) for k in METRICS)]
             lines.append("| " + " | ".join(cells + ["0", "-", "-", "-", "-", "-"]) + " |")
     body, tests = [], []
-    for sc, me in itertools.product(SCENARIOS, METHODS):
-        base = {r["seed"]: r["gap"] for r in rows if _is(r, sc, me, "uniform")}
+    for tb, sc, me in itertools.product(TESTBEDS, SCENARIOS, METHODS):
+        base = {r["seed"]: r["gap"] for r in rows if _is(r, tb, sc, me, "uniform")}
         for w in WEIGHTINGS:
-            sub = [r for r in rows if _is(r, sc, me, w) and r["seed"] in base]
+            sub = [r for r in rows if _is(r, tb, sc, me, w) and r["seed"] in base]
             if not sub:
                 continue
-            cells = [sc, me, w, _setting(sub[0])]
+            cells = [tb, sc, me, w, _setting(sub[0])]
             cells += [_ms(r[k] for r in sub) for k in (*METRICS, "gap")]
             cmp = None
             if w != "uniform":
@@ -512,21 +587,25 @@ def gap_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _is(r, scenario, method, weighting) -> bool:
-    return (r["scenario"], r["method"], r.get("weighting")) == (scenario, method, weighting)
+def _is(r, testbed, scenario, method, weighting) -> bool:
+    """Whether a run belongs to a table line (runs made before testbeds were named are
+    digits')."""
+    key = (r.get("testbed", "digits"), r["scenario"], r["method"], r.get("weighting"))
+    return key == (testbed, scenario, method, weighting)
 
 
 def premise_table(rows: list[dict]) -> str:
     lines = [
-        "| scenario | method | Spearman(initial CE, final CE) | forget acc., easiest quartile | "
-        "forget acc., hardest quartile |",
-        "|---|---|---|---|---|",
+        "| testbed | scenario | method | Spearman(initial CE, final CE) | "
+        "forget acc., easiest quartile | forget acc., hardest quartile |",
+        "|---|---|---|---|---|---|",
     ]
-    for sc, me in itertools.product(SCENARIOS, METHODS[1:]):
-        sub = [r for r in rows if _is(r, sc, me, "uniform")]
+    keys = ("premise_rho", "acc_easiest_quartile", "acc_hardest_quartile")
+    for tb, sc, me in itertools.product(TESTBEDS, SCENARIOS, METHODS[1:]):
+        sub = [r for r in rows if _is(r, tb, sc, me, "uniform")]
         if sub:
-            keys = ("premise_rho", "acc_easiest_quartile", "acc_hardest_quartile")
-            lines.append(f"| {sc} | {me} | " + " | ".join(_ms(r[k] for r in sub) for k in keys))
+            cells = [tb, sc, me, *(_ms(r[k] for r in sub) for k in keys)]
+            lines.append("| " + " | ".join(cells))
     return "\n".join(ln if ln.endswith("|") else ln + " |" for ln in lines)
 
 
@@ -534,7 +613,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=20, help="evaluation seeds 0..N-1")
     p.add_argument("--tune-seeds", type=int, default=5, help="tuning seeds 100..100+N-1")
+    p.add_argument("--testbeds", nargs="+", default=list(TESTBEDS), choices=list(TESTBEDS))
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--smoke", action="store_true", help="2 seeds, 1 tuning seed, one grid point")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", type=Path, help="write runs.jsonl and results.md here")
@@ -548,19 +629,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     seeds = range(2 if args.smoke else args.seeds)
     tune_seeds = range(100, 101 if args.smoke else 100 + args.tune_seeds)
-    bench, rows, chosen = Bench(load_split()), [], {}
-    started = time.perf_counter()
-    for sc, me in itertools.product(args.scenarios, METHODS):
-        print(f"{sc} {me}: tuning and running", flush=True)
-        chosen[(sc, me)] = tune(bench, sc, me, tune_seeds, args.smoke)
-        for s in chosen[(sc, me)].values():
-            rows += [bench.run(sc, s, seed, "test") for seed in seeds]
-        print(f"{sc} {me}: done at {time.perf_counter() - started:.0f} s", flush=True)
-    for sc in args.scenarios:  # the reference itself, for the reader
-        rows += [
-            {"scenario": sc, "method": "retrain", "seed": seed, **bench.reference(sc, seed, "test")}
-            for seed in seeds
-        ]
+    rows, started = [], time.perf_counter()
+    for tb in args.testbeds:
+        bench = Bench(tb, args.smoke)
+        for sc, me in itertools.product(args.scenarios, args.methods):
+            print(f"{tb} {sc} {me}: tuning and running", flush=True)
+            for s in tune(bench, sc, me, tune_seeds, args.smoke).values():
+                rows += [bench.run(sc, s, seed, "test") for seed in seeds]
+            print(f"{tb} {sc} {me}: done at {time.perf_counter() - started:.0f} s", flush=True)
+        for sc in args.scenarios:  # the reference itself, for the reader
+            rows += [
+                {"testbed": tb, "scenario": sc, "method": "retrain", "seed": seed}
+                | bench.reference(sc, seed, "test")
+                for seed in seeds
+            ]
     if args.out:  # the raw runs first: a table can be rebuilt from them (--report)
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / "runs.jsonl", "w") as fh:

@@ -1,5 +1,6 @@
 """The classification testbed runs, and its table puts LoReUn beside uniform weighting."""
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ("random-10", "random-50", "class", "noisy-10", "atypical-10")
 
 
 @pytest.mark.slow
@@ -19,15 +21,16 @@ def test_smoke_prints_the_gap_table(tmp_path):
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    header = "| scenario | method | weighting | setting | UA | RA | TA | MIA | Avg. Gap"
+    header = "| testbed | scenario | method | weighting | setting | UA | RA | TA | MIA | Avg. Gap"
     assert header in res.stdout
     lines = res.stdout.split("\n\n")[0].splitlines()  # the gap table, before the premise one
-    rows = [ln.split(" | ") for ln in lines if ln.startswith("| random-10 | RL")]
-    assert [r[2] for r in rows] == ["uniform", "static", "dynamic", "batch", "paper"]
-    for testbed in ("noisy-10", "atypical-10"):  # every scenario and testbed
-        assert f"| {testbed} | SalUn | paper |" in res.stdout
-    # 5 scenarios x (FT + 3 methods x 5 weightings) x 2 seeds, and the retrain references
-    assert (tmp_path / "runs.jsonl").read_text().count("\n") == 5 * (1 + 3 * 5) * 2 + 5 * 2
+    rows = [ln.split(" | ") for ln in lines if ln.startswith("| digits | random-10 | RL")]
+    assert [r[3] for r in rows] == ["uniform", "static", "dynamic", "batch", "paper"]
+    for testbed, scenario in itertools.product(("digits", "mnist1d"), SCENARIOS):
+        assert f"| {testbed} | {scenario} | SalUn | paper |" in res.stdout
+    # 2 testbeds x 5 scenarios x (FT + 3 methods x 5 weightings) x 2 seeds, and the references
+    runs = (tmp_path / "runs.jsonl").read_text().count("\n")
+    assert runs == 2 * (5 * (1 + 3 * 5) * 2 + 5 * 2)
     report = ["scripts/bench_classification.py", "--report", str(tmp_path / "runs.jsonl")]
     again = subprocess.run(
         [sys.executable, *report], cwd=ROOT, capture_output=True, text=True, timeout=600
