@@ -10,7 +10,10 @@ generate the bundled digits prompt set; the built-in classifier scores them:
 
 - forget accuracy: the erased digit's prompts classified as that digit;
 - retain accuracy: the other digits' prompts classified as their digit;
-- Avg. Gap: mean of |forget - forget_retrain| and |retain - retain_retrain|.
+- Avg. Gap: mean of |forget - forget_retrain| and |retain - retain_retrain|;
+- prompt gap (with ``--retrain``): the same at the resolution of one prompt row. The retrain
+  model generates the evaluation's own prompts and seeds, and each row's accuracy is compared
+  with the retrain model's on that row, so prompts erased too much and too little do not cancel.
 
 Results are appended to ``--out/runs.jsonl`` as they finish (a rerun skips finished runs), and
 ``--out/results.md`` holds the mean +- std table. Run:
@@ -130,7 +133,7 @@ def erase_and_score(run_key: dict, args, root: Path) -> dict:
     from loreun.erase import EraseConfig, erase
 
     k = run_key
-    run = root / "-".join(f"{v}" for v in k.values())
+    run = run_dir(root, k)
     saliency = None if k["saliency"] == "none" else float(k["saliency"])
     settings = dict(
         model="digits",
@@ -159,6 +162,40 @@ def erase_and_score(run_key: dict, args, root: Path) -> dict:
         "erase_seconds": seconds,
         **shared_size_and_step(path.parent),
     }
+
+
+def run_dir(root: Path, key: dict) -> Path:
+    """A run's folder: its planned key's values, in order (``planned_runs``)."""
+    names = ("digit", "objective", "method", "weighting", "source", "saliency", "seed")
+    parts = [f"{key[n]}" for n in names]
+    if key.get("recipe", "default") != "default":
+        parts.append(key["recipe"])
+    return root / "-".join(parts)
+
+
+def prompt_accuracy(audit_csv: Path) -> dict[str, tuple[str, float]]:
+    """Per prompt row id: its class and the share of its images the classifier calls that
+    class, from an audit's results.csv."""
+    import csv
+
+    hits: dict[str, list] = {}
+    with open(audit_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            hits.setdefault(row["id"], [row["class"], []])[1].append(
+                row["digits_top1_correct"] == "True"
+            )
+    return {i: (c, sum(h) / len(h)) for i, (c, h) in hits.items()}
+
+
+def prompt_gap(run: dict, ref: dict, digit: int) -> float:
+    """Avg. Gap at the resolution of one prompt row: the mean |accuracy - retrain's| over the
+    erased digit's rows, and over the other digits' rows, averaged. Rows are matched by id, so
+    both models must have generated the same prompt file with the same seeds."""
+    if run.keys() != ref.keys():
+        raise ValueError("the run and the retrain model generated different prompt rows")
+    forget = [abs(a - ref[i][1]) for i, (c, a) in run.items() if c == str(digit)]
+    retain = [abs(a - ref[i][1]) for i, (c, a) in run.items() if c != str(digit)]
+    return (statistics.fmean(forget) + statistics.fmean(retain)) / 2
 
 
 def shared_size_and_step(folder: Path) -> dict:
@@ -207,7 +244,7 @@ def _ms(rows: list[dict], name: str) -> str:
     return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 
 
-GROUP = ("digit", "objective", "method", "weighting", "source", "saliency", "recipe")
+GROUP = ("digit", "objective", "method", "weighting", "source", "saliency", "recipe", "lr")
 
 
 def table(rows: list[dict], refs: dict) -> str:
@@ -215,20 +252,21 @@ def table(rows: list[dict], refs: dict) -> str:
     for r in rows:
         groups.setdefault(tuple(r[k] for k in GROUP), []).append(r)
     out = [
-        "| digit | objective | method | weighting | x_t source | saliency | recipe | forget acc | "
-        "retain acc | Avg. Gap | erase s | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| digit | objective | method | weighting | x_t source | saliency | recipe | lr | "
+        "forget acc | retain acc | Avg. Gap | prompt gap | erase s | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for digit, ref in sorted(refs.items()):
         out.append(
-            f"| {digit} | retrain | - | - | - | - | - | {ref['forget']:.3f} | {ref['retain']:.3f} "
-            "| 0 | - | - |"
+            f"| {digit} | retrain | - | - | - | - | - | - | {ref['forget']:.3f} | "
+            f"{ref['retain']:.3f} | 0 | 0 | - | - |"
         )
     for key, rs in sorted(groups.items()):
+        pg = _ms(rs, "prompt_gap") if all("prompt_gap" in r for r in rs) else "-"
         out.append(
-            f"| {' | '.join(map(str, key))} | {_ms(rs, 'forget')} | {_ms(rs, 'retain')} | "
-            f"{_ms(rs, 'gap')} | {statistics.mean(r['erase_seconds'] for r in rs):.1f} | "
-            f"{len(rs)} |"
+            f"| {' | '.join(f'{k:g}' if isinstance(k, float) else str(k) for k in key)} | "
+            f"{_ms(rs, 'forget')} | {_ms(rs, 'retain')} | {_ms(rs, 'gap')} | {pg} | "
+            f"{statistics.mean(r['erase_seconds'] for r in rs):.1f} | {len(rs)} |"
         )
     return "\n".join(out)
 
@@ -246,31 +284,55 @@ def _ci(diffs: list[float]) -> str:
     return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
 
 
-def weighting_summary(rows: list[dict]) -> str:
-    """Avg. Gap per weighting, pooled over digits and seeds, for each erasure setting.
+def weighting_summary(rows: list[dict], gap: str = "gap") -> str:
+    """A gap (Avg. Gap, or the prompt gap) per weighting, pooled over digits and seeds, for
+    each erasure setting (learning rate included).
 
     The "vs uniform" columns are the paired mean difference (same digit and seed) and how many
     of the pairs LoReUn made closer to the retrain model, so a reader sees at once whether
     LoReUn narrowed the gap and whether the difference is larger than the seed noise.
     """
-    setting = ("objective", "method", "source", "saliency", "recipe")
+    setting = ("objective", "method", "source", "saliency", "recipe", "lr")
+    rows = [r for r in rows if gap in r]
     names = sorted({r["weighting"] for r in rows} - {"uniform"})
     out = [
-        "| objective | method | x_t source | saliency | recipe | uniform gap |"
+        "| objective | method | x_t source | saliency | recipe | lr | uniform gap |"
         + "".join(f" {n} gap | {n} - uniform, 95% CI (closer/pairs) |" for n in names),
-        "|---|---|---|---|---|---|" + "---|---|" * len(names),
+        "|---|---|---|---|---|---|---|" + "---|---|" * len(names),
     ]
     for key in sorted({tuple(r[k] for k in setting) for r in rows}):
         sub = [r for r in rows if tuple(r[k] for k in setting) == key]
-        base = {(r["digit"], r["seed"]): r["gap"] for r in sub if r["weighting"] == "uniform"}
-        cells = [_ms([r for r in sub if r["weighting"] == "uniform"], "gap")]
+        base = {(r["digit"], r["seed"]): r[gap] for r in sub if r["weighting"] == "uniform"}
+        if not base:
+            continue
+        cells = [_ms([r for r in sub if r["weighting"] == "uniform"], gap)]
         for n in names:
             mine = [r for r in sub if r["weighting"] == n and (r["digit"], r["seed"]) in base]
-            diffs = [r["gap"] - base[(r["digit"], r["seed"])] for r in mine]
+            diffs = [r[gap] - base[(r["digit"], r["seed"])] for r in mine]
             closer = sum(d < 0 for d in diffs)
-            cells += [_ms(mine, "gap") if mine else "-", f"{_ci(diffs)} ({closer}/{len(diffs)})"]
+            cells += [_ms(mine, gap) if mine else "-", f"{_ci(diffs)} ({closer}/{len(diffs)})"]
         out.append(f"| {' | '.join(map(str, key))} | {' | '.join(cells)} |")
     return "\n".join(out)
+
+
+def report(done: list[dict], refs: dict, root: Path, prompt_level: list[int]) -> str:
+    """Score every run against its digit's reference and tabulate. ``prompt_level``: the digits
+    whose retrain model generated here (root/retrain-D), so the prompt gap can be computed."""
+    per_prompt = {d: prompt_accuracy(root / f"retrain-{d}/audit/results.csv") for d in prompt_level}
+    for r in done:
+        r.setdefault("recipe", "default")  # runs logged before memory recipes used the default
+        ref = refs.get(r["digit"])
+        if ref is None:
+            continue
+        r["gap"] = (abs(r["forget"] - ref["forget"]) + abs(r["retain"] - ref["retain"])) / 2
+        if r["digit"] in per_prompt:
+            mine = prompt_accuracy(run_dir(Path(r.get("_root", root)), r) / "audit/results.csv")
+            r["prompt_gap"] = prompt_gap(mine, per_prompt[r["digit"]], r["digit"])
+    scored = [r for r in done if r["digit"] in refs]
+    parts = [table(scored, refs), weighting_summary(scored)]
+    if per_prompt:
+        parts.append(weighting_summary(scored, "prompt_gap"))
+    return "\n\n".join(parts)
 
 
 def main() -> int:
@@ -316,6 +378,14 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=1, help="images per prompt row")
     p.add_argument("--out", required=True)
     p.add_argument("--report-only", action="store_true", help="tabulate finished runs only")
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="also tabulate the finished runs of these earlier --out folders",
+    )
     a = p.parse_args()
     root = Path(a.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -333,15 +403,11 @@ def main() -> int:
         with open(log, "a") as f:
             f.write(json.dumps(done[-1]) + "\n")
         print(json.dumps(done[-1]), flush=True)
+    for d in a.runs:
+        done += [{**json.loads(x), "_root": str(d)} for x in (d / "runs.jsonl").open()]
     refs = {d: score(f, None, root / f"retrain-{d}", d, a.samples) for d, f in retrain.items()}
     refs.update({d: {"forget": float(f), "retain": float(r)} for d, (f, r) in recorded.items()})
-    for r in done:
-        ref = refs[r["digit"]]
-        r["gap"] = (abs(r["forget"] - ref["forget"]) + abs(r["retain"] - ref["retain"])) / 2
-    for r in done:  # runs logged before memory recipes existed used the default one
-        r.setdefault("recipe", "default")
-    scored = [r for r in done if r["digit"] in refs]
-    text = table(scored, refs) + "\n\n" + weighting_summary(scored)
+    text = report(done, refs, root, prompt_level=list(retrain))
     (root / "results.md").write_text(text + "\n")
     print(text)
     return 0
