@@ -57,12 +57,4 @@ def check(cfg) -> None:
         raise ValueError(
             "--adversarial: attacks concept prompts; give --concept prompts, not --forget-images"
         )
-    if cfg.weighting == "loreun" and cfg.adversarial_batch < 2:
-        raise ValueError(
-            "--adversarial-batch: LoReUn weighs the pool's prompts within each batch; use 2 or more"
-        )
-    if cfg.weighting == "loreun" and cfg.xt_source != "cached":
-        raise ValueError(
-            "--adversarial with --weighting loreun: the pool's difficulty is its denoising error, "
-            "known for forward-noised items only; use --xt-source cached"
-        )
+    cfg.weighting_slot().check_pool(cfg)  # what the weighting needs of the pool

@@ -190,6 +190,19 @@ def build(cfg, num_items: int, schedule):
     )
 
 
+def check_pool(cfg) -> None:
+    """What LoReUn's batch form needs of ``--adversarial``'s pool batches."""
+    if cfg.adversarial_batch < 2:
+        raise ValueError(
+            "--adversarial-batch: LoReUn weighs the pool's prompts within each batch; use 2 or more"
+        )
+    if cfg.xt_source != "cached":
+        raise ValueError(
+            "--adversarial with --weighting loreun: the pool's difficulty is its denoising error, "
+            "known for forward-noised items only; use --xt-source cached"
+        )
+
+
 def build_pool(cfg, capacity: int, schedule):
     """The weighting over ``--adversarial``'s pool of ``capacity`` prompts: LoReUn's batch
     form (each pool batch weighed by its own current losses), since the pool changes every few

@@ -32,6 +32,10 @@ def build(cfg, num_items: int, schedule):
     return UniformWeighting()
 
 
+def check_pool(cfg) -> None:
+    """Uniform weights need nothing of ``--adversarial``'s pool batches."""
+
+
 def build_pool(cfg, capacity: int, schedule):
     """The weighting over ``--adversarial``'s pool: uniform too."""
     from .weighting import UniformWeighting
