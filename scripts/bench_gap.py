@@ -303,8 +303,8 @@ def weighting_summary(rows: list[dict], gap: str = "gap") -> str:
     for key in sorted({tuple(r[k] for k in setting) for r in rows}):
         sub = [r for r in rows if tuple(r[k] for k in setting) == key]
         base = {(r["digit"], r["seed"]): r[gap] for r in sub if r["weighting"] == "uniform"}
-        if not base:
-            continue
+        if not base or all(r["weighting"] == "uniform" for r in sub):
+            continue  # a uniform-only control: the per-setting table shows it
         cells = [_ms([r for r in sub if r["weighting"] == "uniform"], gap)]
         for n in names:
             mine = [r for r in sub if r["weighting"] == n and (r["digit"], r["seed"]) in base]
