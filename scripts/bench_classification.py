@@ -34,9 +34,13 @@ The testbed follows SalUn's protocol (Fan et al., ICLR 2024) at laptop scale:
 - premise check: Spearman correlation between a forget item's loss before unlearning and after
   uniform unlearning (positive: items fitted well before stay fitted, i.e. resist forgetting).
 
-Run (the wall time is in docs/results.md; the tables do not depend on the thread count):
+Run (the tables do not depend on the thread count):
 
     OMP_NUM_THREADS=1 python scripts/bench_classification.py --out runs/cls
+
+docs/results.md lists the parts its table was run in (``--testbeds``, ``--scenarios``,
+``--methods``), each with its measured wall time; ``--report`` joins them under one Holm
+correction, and the rows equal those of a single run.
 
 ``--smoke`` runs every testbed, scenario, method and weighting on 2 seeds, 1 tuning seed and
 one grid point (MNIST-1D's models trained for 4 epochs), and prints the same tables; CI runs
@@ -173,13 +177,13 @@ class Testbed:
 TESTBEDS = {
     "digits": Testbed(load_digits_split, make_mlp, rotate_8x8, epochs=40, smoke_epochs=40),
     # a signal played backwards: the same values, in an order no training signal has
-    "mnist1d": Testbed(load_mnist1d_split, make_cnn1d, lambda x: x.flip(1), 40, 4),
+    "mnist1d": Testbed(
+        load_mnist1d_split, make_cnn1d, lambda x: x.flip(1), epochs=40, smoke_epochs=4
+    ),
 }
 
 
-def scenario_data(
-    split: dict, scenario: str, seed: int, eval_part: str, atypical=rotate_8x8
-) -> Data:
+def scenario_data(split: dict, scenario: str, seed: int, eval_part: str, atypical) -> Data:
     """Choose the forget set of a scenario for a seed; ``atypical`` makes atypical-10's odd
     copies."""
     x, y = split["train"]
