@@ -18,6 +18,12 @@ if os.environ.get("CI"):
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# One of the kernel settings scripts/numerics_check.py runs the numerics tests under.
+if os.environ.get("LOREUN_TEST_ONEDNN") == "0":
+    import torch
+
+    torch.backends.mkldnn.enabled = False
+
 
 def external_prompts_dir() -> Path:
     """The team's shared prompt files sit in ``shared/`` beside the checkout.

@@ -40,14 +40,20 @@ def _finite_checkpoint(folder: Path) -> bool:
 
 
 # 1. A finite loss can give a non-finite update: no checkpoint may hold it.
+@pytest.mark.numerics
 def test_divergence_keeps_only_finite_checkpoints_and_the_advice_works(
     tiny_pipeline_dir, tmp_path, capsys
 ):
+    """Divergence by construction, on every CPU: at lr 1e36 with weight decay 0.01, AdamW's
+    first step multiplies each weight by 1 - 1e34 and moves it by about 1e36 (still finite, so
+    checkpoint-1 is good); the second multiplies weights of ~1e35 by 1e34 again, far past
+    float32's 3.4e38. No rounding keeps that finite, as it could a merely large lr. (At 1e38
+    the first step already overflows: AdamW divides lr by its bias correction, 0.1.)"""
     out = tmp_path / "o"
     args = erase_args(tiny_pipeline_dir, out, "--steps", "6", "--checkpoint-every", "1")
-    assert main(args + ["--lr", "1e6", "--seed", "1"]) == 1
+    assert main(args + ["--lr", "1e36", "--weight-decay", "0.01", "--seed", "1"]) == 1
     err = _err(capsys)[-1]
-    assert "became NaN or inf by step 2" in err and "checkpoint-1" in err
+    assert ("became NaN or inf by step 2" in err or " at step 2;" in err) and "checkpoint-1" in err
     found = sorted((out / "checkpoints").glob("checkpoint-*"))
     assert [p.name for p in found] == ["checkpoint-1"] and _finite_checkpoint(found[0])
     assert not (out / "unet-erased.safetensors").exists()
