@@ -133,7 +133,7 @@ def format_errors(rows: list[dict]) -> str:
 
 def matrix() -> int:
     upd, logt = tolerances()
-    print(f"tolerances: update {upd:.0e} of its norm, logged terms {logt:.0e} relative\n")
+    print(f"tolerances: update {upd:.1e} of its norm, logged terms {logt:.1e} relative\n")
     print("| threads | instruction set | oneDNN | tests | golden errors (update / log) |")
     print("|---|---|---|---|---|")
     failed, worst = 0, [0.0, 0.0]
@@ -183,7 +183,7 @@ def apply_plant(path: str, old: str, new: str) -> str:
 def plant() -> int:
     upd, logt = tolerances()
     stage()
-    print(f"tolerances: update {upd:.0e} of its norm, logged terms {logt:.0e} relative\n")
+    print(f"tolerances: update {upd:.1e} of its norm, logged terms {logt:.1e} relative\n")
     print("| planted change | golden tests | errors (update / log) | times the tolerance |")
     print("|---|---|---|---|")
     code, rows = run_tests(STAGE, {}, [GOLDEN, "-k", "golden_reference"])

@@ -14,11 +14,12 @@ each run is reduced to numbers that any real change moves and rounding does not:
 
 How the tolerances were chosen (``python scripts/numerics_check.py matrix`` and ``... plant``;
 docs/reliability.md has the tables): across 12 kernel settings on one AVX-512 machine (1 and 2
-threads, ``ATEN_CPU_CAPABILITY`` default / avx2 / avx512, oneDNN on and off) the largest error
-was 3e-6 of the update's norm and 4e-6 relative on the logged losses. Planted one-line changes
-(ESD's eta 1% larger, the noise schedule one timestep off, the DDIM guidance 1% larger, LoReUn's
-temperature 10% larger) moved at least one family by 1e-3 or more on both. The tolerances sit at
-``1e-4``: 30x above the rounding seen, 10x below the smallest planted change.
+threads; ATen, MKL and oneDNN at the CPU's own instructions, held to AVX2, or to the baseline;
+oneDNN on and off) the largest error was 1.3e-5 of the update's norm and 4.6e-5 relative on the
+logged terms. The tolerances sit about ten times above that: 1.5e-4 and 5e-4. Each planted
+one-line change (ESD's eta 1% larger, the noise schedule one timestep off, the DDIM guidance 1%
+larger, the retain term 1% heavier, LoReUn's temperature 10% higher) moved some family by 21 to
+321 times the tolerance.
 
 A change that moves them on purpose rewrites the references in the same commit and says why:
 ``LOREUN_GOLDEN_WRITE=1 python -m pytest tests/test_golden.py``.
@@ -38,8 +39,8 @@ from loreun.cli.main import main
 from .conftest import erase_args
 
 REFERENCES = Path(__file__).with_name("golden_erasures.json")
-UPDATE_TOLERANCE = 1e-4  # of the whole update's norm (see the module docstring)
-LOG_TOLERANCE = 1e-4  # relative, on each logged loss term and the ESS
+UPDATE_TOLERANCE = 1.5e-4  # of the whole update's norm (see the module docstring)
+LOG_TOLERANCE = 5e-4  # relative, on each logged loss term and the ESS
 LOGGED = ("loss", "forget", "retain", "ess")
 
 # Each family through a different path: partial sampling with the in-batch variant, GA with a

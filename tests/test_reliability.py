@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from loreun.cli.main import main
 
-from .conftest import erase_args, external_prompts_dir
+from .conftest import assert_same_images, erase_args, external_prompts_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -267,8 +267,7 @@ def test_kill_9_mid_generate_resumes_to_the_same_images(tiny_pipeline_dir, tmp_p
     assert _cli(gen + ["--out", str(straight)]) == 0  # fresh processes, as for erase above
     _run_and_kill(gen + ["--out", str(killed)], killed / "images" / "000004-0.png")
     assert _cli(gen + ["--out", str(killed)]) == 0
-    for png in sorted((straight / "images").glob("*.png")):
-        assert (killed / "images" / png.name).read_bytes() == png.read_bytes()
+    assert_same_images(straight, killed)
     recs = (killed / "manifest.jsonl").read_text().splitlines()
     assert [json.loads(x)["index"] for x in recs] == list(range(24))
 
