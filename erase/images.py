@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loreun.pipelines.files import IMAGE_SUFFIXES
+from loreun.pipelines.image_files import open_rgb
 from loreun.prompts.reader import jsonl_objects
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
@@ -141,16 +142,16 @@ def _check_all_captioned(images: dict, captions: dict, flag: str, root: Path) ->
 
 
 def check_readable(root: Path, images: dict[str, Path], flag: str) -> None:
-    """Decode every image in full: a truncated file fails here, not halfway through training."""
-    from PIL import Image
-
+    """Decode every image in full: a truncated file fails here, not halfway through training;
+    one too large to decode safely is named with its size."""
     bad = []
     for name, path in images.items():
         try:
-            with Image.open(path) as im:
-                im.load()
-        except (OSError, SyntaxError, ValueError):
+            open_rgb(path)
+        except (OSError, SyntaxError):
             bad.append(name)
+        except ValueError as e:
+            raise ValueError(f"{flag}: {e}") from None
     if bad:
         raise ValueError(f"{flag}: {root}: unreadable or truncated images: {_names(bad)}")
 
@@ -166,8 +167,7 @@ def load_image_tensor(path: Path, size: int):
     import torch
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    with open_rgb(path) as im:
         scale = size / min(im.size)
         w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
         im = im.resize((w, h), Image.Resampling.BICUBIC)

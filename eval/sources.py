@@ -85,11 +85,9 @@ def open_images(records: list[dict], workers: int | None = None) -> tuple[list, 
 
 def _decode(rec: dict) -> tuple[object, str | None]:
     """(the RGB image, None), or (None, the error) for a file that does not decode."""
-    from PIL import Image
+    from loreun.pipelines.image_files import open_rgb
 
     try:
-        with Image.open(rec["file"]) as im:
-            im.load()  # forces a full decode, so a truncated file fails here
-            return im.convert("RGB"), None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return open_rgb(rec["file"]), None  # decoded in full: a truncated file fails here
+    except (OSError, ValueError, SyntaxError) as e:
         return None, f"{type(e).__name__}: {e}"
