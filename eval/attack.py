@@ -64,8 +64,9 @@ def attack(
     from loreun.pipelines.files import FolderLock, check_apart, check_writable
     from loreun.pipelines.generate import mixes_guidance, prepare_pipeline
     from loreun.pipelines.generate_settings import GenerateSettings
-    from loreun.pipelines.loading import copy_into, erased_file, file_sha256
+    from loreun.pipelines.loading import copy_into, erased_file, read_erased
     from loreun.pipelines.outputs import claim_output
+    from loreun.pipelines.prefix_attack import check_prefix_fits
     from loreun.prompts import load_prompts
 
     settings, audit = settings or AttackSettings(), audit or AuditSettings()
@@ -82,10 +83,11 @@ def attack(
     inputs = {"--model": model, "--config": model_config, "--erased": erased}
     check_apart(out, {**inputs, "--prompts": prompt_file})
     erased = erased_file(erased) if erased else None
+    weights = read_erased(erased) if erased else None  # hashed as read, checked once loaded
     info = {
         "model": str(model),
         "erased": str(erased) if erased else None,
-        "erased_sha256": file_sha256(erased) if erased else None,
+        "erased_sha256": weights[2] if weights else None,
         "prompts": [[r.id, r.prompt, r.seed, r.guidance, r.width, r.height] for r in rows],
         "attack": asdict(settings),
         "generate": {k: v for k, v in asdict(generate).items() if k != "batch_size"},
@@ -99,7 +101,8 @@ def attack(
             f"--model: {model}: loreun attack needs a pipeline with one CLIP text encoder "
             "(SD 1.x or 2.x)"
         )
-    erased_tensors = _checked_erased(pipe, erased, force)
+    check_prefix_fits(pipe.tokenizer, settings.prefix_tokens, "--attack-tokens")
+    erased_tensors = _checked_erased(pipe, weights, erased, force)
     jobs = _jobs(rows, generate, pipe)
     with FolderLock(check_writable(out)):
         claim_output(out, info, create=True, config=ATTACK_CONFIG, kind="attack")
@@ -154,14 +157,14 @@ def concept_rows(rows: list, detector, audit: AuditSettings, source) -> list:
     return kept
 
 
-def _checked_erased(pipe, erased, force: bool = False):
-    """Read and check the erased file against the loaded UNet before any work, so a wrong
-    file fails at once and leaves nothing behind."""
-    if erased is None:
+def _checked_erased(pipe, weights, erased, force: bool = False):
+    """Check the erased file's tensors (``read_erased``'s result) against the loaded denoiser
+    before any work, so a wrong file fails at once and leaves nothing behind."""
+    if weights is None:
         return None
-    from loreun.pipelines.loading import check_compatible, read_erased_file
+    from loreun.pipelines.loading import check_compatible
 
-    tensors, meta = read_erased_file(erased)
+    tensors, meta, _ = weights
     check_compatible(denoiser(pipe), tensors, meta, force=force, source=str(erased))
     return tensors
 

@@ -267,6 +267,19 @@ class Family:
         """Image tokens the denoiser sees, for schedules that shift with it; None for a UNet."""
         return None
 
+    def max_size(self, pipe) -> int | None:
+        """The largest pixel size the denoiser can take, where it has one; None: no bound."""
+        return None
+
+    def check_size(self, pipe, size: int | None, flag: str) -> None:
+        """Refuse a size the denoiser cannot take, naming ``flag``, before any work."""
+        largest = self.max_size(pipe)
+        if size is not None and largest is not None and size > largest:
+            raise ValueError(
+                f"{flag}: {size} px is above the largest size this {type(pipe).__name__} "
+                f"takes, {largest} px (its position embeddings end there)"
+            )
+
     def guidance_kind(self, pipe) -> str:
         """How the pipeline's ``guidance_scale`` acts, for generate's manifest."""
         return "classifier-free"
@@ -290,6 +303,12 @@ class SD3Family(Family):
         _, h, w = self.latent_shape(pipe, resolution)
         p = self.denoiser(pipe).config.patch_size
         return (h // p) * (w // p)
+
+    def max_size(self, pipe) -> int | None:
+        """``pos_embed_max_size`` patches a side (SD3's transformer crops its embeddings)."""
+        config = self.denoiser(pipe).config
+        patches = config.get("pos_embed_max_size")
+        return None if patches is None else patches * config.patch_size * self.vae_scale(pipe)
 
     def pipe_kwargs(self, pipe) -> dict:
         """T5's tokens: the pipeline's default 256 with T5; without it they are zeros, and

@@ -27,7 +27,7 @@ from .files import (
     open_append,
 )
 from .generate_settings import SCHEDULERS, GenerateSettings
-from .loading import apply_erased_weights, erased_file, file_sha256
+from .loading import apply_erased, erased_file, read_erased
 from .meta import quiet
 from .models import load_pipeline
 from .outputs import claim_output, read_jsonl
@@ -123,18 +123,29 @@ def generate(
     inputs = {"--model": model, "--config": model_config, "--erased": erased}
     check_apart(out, {**inputs, "--prompts": prompt_file})
     erased = erased_file(erased) if erased else None
-    erased_hash = file_sha256(erased) if erased else None
+    # read once: the hash recorded is of the very bytes the images are made with
+    weights = read_erased(erased) if erased else None
     info = {
         "model": str(model),
         "erased": str(erased) if erased else None,
-        "erased_sha256": erased_hash,
+        "erased_sha256": weights[2] if weights else None,
+        "dtype": str(torch_dtype or "the model's own").removeprefix("torch."),
         "prompts_sha256": _rows_hash(rows),
         "settings": {k: v for k, v in asdict(settings).items() if k != "batch_size"},
     }
     claim_output(out, info, False, GENERATE_CONFIG)  # refuse another run's folder before loading
     # Load and check --erased before the folder is claimed: a wrong file must not leave a
     # claim that refuses the rerun with the right one.
-    pipe = prepare_pipeline(model, model_config, torch_dtype, erased, settings, state.device, force)
+    pipe = prepare_pipeline(
+        model,
+        model_config,
+        torch_dtype,
+        weights and (weights, erased),
+        settings,
+        state.device,
+        force,
+    )
+    check_sizes(pipe, rows, settings, prompt_file)
     lock = FolderLock(check_writable(out)).acquire() if state.is_main_process else None
     try:
         with state.main_process_first():  # the others then find the main process's claim
@@ -147,6 +158,16 @@ def generate(
         if lock is not None:
             lock.release()
     return out / MANIFEST
+
+
+def check_sizes(pipe, rows, settings: GenerateSettings, prompt_file=None) -> None:
+    """Every size the run asks for fits the denoiser (SD3's position embeddings end), refused
+    by flag or by row before any image is made."""
+    family = family_of(pipe)
+    family.check_size(pipe, settings.size, "--size")
+    where = f"{prompt_file}: " if prompt_file else ""
+    for job in plan_jobs(rows, settings, family.native_size(pipe))[:: settings.samples_per_prompt]:
+        family.check_size(pipe, max(job.width, job.height), f"{where}row {job.row.id}")
 
 
 def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> None:
@@ -165,6 +186,7 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
         "model": info["model"],
         "erased": info["erased"],
         "erased_sha256": info["erased_sha256"],
+        "dtype": info["dtype"],
         "steps": settings.steps,
         "scheduler": settings.scheduler,
         "guidance_kind": family_of(pipe).guidance_kind(pipe),  # FLUX.1-dev's is embedded
@@ -186,11 +208,12 @@ def _generate_missing(pipe, rows, settings, out: Path, info: dict, state) -> Non
 
 
 def prepare_pipeline(model, model_config, torch_dtype, erased, settings, device, force=False):
-    """The pipeline generate and attack sample with: loaded, ``erased`` applied after its checks
-    (``force`` skips the fingerprint), ``settings.scheduler`` set, on ``device``, silent."""
+    """The pipeline generate and attack sample with: loaded, ``erased`` (``(read_erased's
+    result, its path)``) applied after its checks (``force`` skips the fingerprint),
+    ``settings.scheduler`` set, on ``device``, silent."""
     pipe = load_pipeline(model, model_config, torch_dtype)
     if erased:
-        apply_erased_weights(pipe, erased, force=force)
+        apply_erased(pipe, erased[0], force, str(erased[1]))
     name = SCHEDULERS[settings.scheduler]
     if name and family_of(pipe).schedule != "ddpm":
         raise ValueError(
@@ -360,3 +383,22 @@ def merge_manifest(out: Path) -> None:
     atomic_write_text(out / MANIFEST, lines)
     for part in out.glob(".manifest-rank*.jsonl"):
         part.unlink()
+
+
+def remove_generation(out: Path) -> None:
+    """Remove what a generate run wrote into ``out`` (its images, manifest and config), and
+    nothing else: a user's file in the folder or in ``images/`` stays. ``loreun demo
+    --overwrite`` uses it when its settings changed."""
+    from .files import remove_ours
+
+    if not (out / GENERATE_CONFIG).is_file():
+        return
+    images = [
+        Path(rec["path"]).name
+        for rec in read_manifest(out, include_parts=True)
+        if is_image_record(rec, out)
+    ]
+    if (out / "images").is_dir():
+        remove_ours(out / "images", tuple(images))
+    parts = tuple(p.name for p in out.glob(".manifest-rank*.jsonl"))
+    remove_ours(out, (MANIFEST, GENERATE_CONFIG, *parts))

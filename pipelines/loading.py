@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -102,25 +103,27 @@ def read_erased_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
     Raises:
         ValueError: a pickle-based file, a corrupt or truncated file, no loreun metadata,
-            tensors that do not match the content hash in the header, or NaN/inf values.
+            tensors that do not match the content hash in the header, NaN/inf values, or a
+            path that is not a regular file (a FIFO or a device would block or never end).
         FileNotFoundError: no such file.
     """
+    tensors, meta, _ = read_erased(path)
+    return tensors, meta
+
+
+def read_erased(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """``read_erased_file`` plus the sha256 of the very bytes the tensors were read from, so a
+    manifest's ``erased_sha256`` names the weights its images came from even if the file is
+    replaced while a run loads."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import load
 
     path = erased_file(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(
-            f"{path}: refusing to unpickle a {path.suffix} file, which can run "
-            "code; use the unet-erased.safetensors that loreun exports"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such erased-weights file")
+    data = _read_regular_file(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
+        header = _safetensors_metadata(data)
+        tensors = load(data)
+    except (SafetensorError, ValueError) as e:
         raise ValueError(
             f"{path}: not a readable safetensors file (truncated or corrupt): {e}"
         ) from e
@@ -133,7 +136,48 @@ def read_erased_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: its loreun metadata is not a JSON object; not a loreun export")
     check_contents(path, tensors, meta)
-    return tensors, meta
+    return tensors, meta, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of an erased file, after refusing pickles and anything but a regular file."""
+    import stat
+
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path}: refusing to unpickle a {path.suffix} file, which can run "
+            "code; use the unet-erased.safetensors that loreun exports"
+        )
+    try:
+        with open(path, "rb", opener=_nonblocking) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError(f"{path}: not a regular file (a FIFO, a device or a socket)")
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such erased-weights file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a folder, not an erased-weights file") from None
+
+
+def _nonblocking(path, flags: int) -> int:
+    """Open without blocking, so a FIFO with no writer is refused instead of waited on."""
+    return os.open(path, flags | os.O_NONBLOCK)
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file held in memory (8-byte little-endian header
+    length, then the JSON header)."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError("its header runs past the end of the file")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"its header is not JSON ({e.__class__.__name__})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 # Format 2: the content hash is required and covers the header too. Format 1 files hashed
@@ -236,14 +280,19 @@ def apply_erased_weights(pipe_or_unet, path: str | Path, force: bool = False):
     Returns:
         The object passed in, for chaining.
     """
+    apply_erased(pipe_or_unet, read_erased_file(path), force, str(path))
+    return pipe_or_unet
+
+
+def apply_erased(pipe_or_unet, erased: tuple[dict, dict], force: bool, source: str) -> None:
+    """Check and copy already-read ``(tensors, meta)`` into a pipeline's denoiser."""
     from .family import FAMILIES, denoiser
 
     named = type(pipe_or_unet).__name__ in FAMILIES
     unet = denoiser(pipe_or_unet) if named else pipe_or_unet
-    tensors, meta = read_erased_file(path)
-    check_compatible(unet, tensors, meta, force=force, source=str(path))
+    tensors, meta = erased[:2]
+    check_compatible(unet, tensors, meta, force=force, source=source)
     copy_into(unet, tensors)
-    return pipe_or_unet
 
 
 def copy_into(unet, tensors: dict[str, torch.Tensor]) -> None:

@@ -75,6 +75,17 @@ class TokenSpace:
         self.table = weight.detach()[self.ids.to(weight.device)]
 
 
+def check_prefix_fits(tokenizer, k: int, flag: str) -> None:
+    """K prefix tokens must leave the start token, one prompt token and the end token room in
+    the text encoder's context (77 for CLIP), or the prompt is cut to nothing."""
+    room = tokenizer.model_max_length - 3
+    if k > room:
+        raise ValueError(
+            f"{flag}: {k} prefix tokens do not fit the text encoder's "
+            f"{tokenizer.model_max_length} tokens with a prompt; use at most {room}"
+        )
+
+
 def prefixed_ids(tokenizer, prompt: str, k: int) -> torch.Tensor:
     """[1, L] token ids: start token, K placeholders, then the prompt cut to fit L - K - 1
     (its end token and padding kept), so the prefix never pushes the end token out."""
