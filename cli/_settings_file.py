@@ -7,7 +7,9 @@ Keys are the flags' names, with dashes or underscores (``samples-per-prompt`` or
 from __future__ import annotations
 
 # Settings files are small; a larger one is a mistake (or a YAML bomb), refused before parsing.
+# A saved erase_config.json is JSON (no aliases to expand) and can list thousands of concepts.
 MAX_SETTINGS_BYTES = 1 << 20
+MAX_JSON_SETTINGS_BYTES = 64 << 20
 # Never from a file: a reused config (a saved erase_config.json holds it) must not replace
 # another run's results unless --overwrite is typed.
 COMMAND_LINE_ONLY = ("overwrite",)
@@ -40,18 +42,27 @@ def _read_small_text(path: str) -> str:
         raise ValueError(f"--config-file: {path}: {e.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
         raise ValueError(f"--config-file: {path}: not a regular file")
-    if info.st_size > MAX_SETTINGS_BYTES:
+    if info.st_size > MAX_JSON_SETTINGS_BYTES:
         raise ValueError(
-            f"--config-file: {path}: {info.st_size} bytes; settings files are <= 1 MiB"
+            f"--config-file: {path}: {info.st_size} bytes; settings files are <= 1 MiB "
+            "(JSON: 64 MiB)"
         )
     try:
         with open(path, "rb") as fh:
-            return fh.read(MAX_SETTINGS_BYTES + 1).decode("utf-8-sig")
+            return fh.read(MAX_JSON_SETTINGS_BYTES + 1).decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"--config-file: {path}: not UTF-8 text (byte {e.start})") from None
 
 
 def _load_yaml(text: str, path: str):
+    """YAML with the 1.2 core schema's scalars, so a value means what the same text means on the
+    command line: ``010`` is ten (YAML 1.1: eight), ``0x1f``, ``1:30`` and ``yes`` stay text for
+    the flag's own type to read or refuse, and only true/false are booleans. A JSON file (a saved
+    ``erase_config.json``) is read as JSON."""
+    if text.lstrip().startswith("{"):
+        data = _load_json(text, path)
+        if data is not None:
+            return data
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -67,20 +78,79 @@ def _load_yaml(text: str, path: str):
                 raise ValueError(f"--config-file: {path}: {dup!r} is given twice")
             return super().construct_mapping(node, deep)
 
+    _core_schema_scalars(Loader)
+    if len(text.encode()) > MAX_SETTINGS_BYTES:
+        raise ValueError(f"--config-file: {path}: settings files are <= 1 MiB (JSON: 64 MiB)")
     try:
         return yaml.load(text, Loader=Loader) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"--config-file: {path}: not valid YAML ({e.__class__.__name__})") from e
 
 
+def _core_schema_scalars(loader) -> None:
+    """Replace PyYAML's YAML 1.1 resolvers for booleans, integers and floats on ``loader`` by
+    the 1.2 core schema's, and read integers in base ten."""
+    import re
+
+    tags = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float")}
+    loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in tags]
+        for first, resolvers in loader.yaml_implicit_resolvers.items()
+    }
+    core = {
+        "bool": (r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        "int": (r"^[-+]?[0-9]+$", "-+0123456789"),
+        "float": (
+            r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+            r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+            "-+0123456789.",
+        ),
+    }
+    for name, (pattern, first) in core.items():
+        loader.add_implicit_resolver(f"tag:yaml.org,2002:{name}", re.compile(pattern), list(first))
+    loader.add_constructor(
+        "tag:yaml.org,2002:int", lambda self, node: int(self.construct_scalar(node))
+    )
+
+
+def _load_json(text: str, path: str) -> dict | None:
+    """The file as JSON (duplicate keys refused), or None where it is not JSON."""
+    import json
+
+    def pairs(items):
+        keys = [k for k, _ in items]
+        dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if dup is not None:
+            raise ValueError(f"--config-file: {path}: {dup!r} is given twice")
+        return dict(items)
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError:
+        return None  # a YAML flow mapping, {lr: 1e-4}, or broken: YAML says which
+
+
 def find_config_file(argv: list[str]) -> str | None:
-    """The value of ``--config-file`` in an argument list, before argparse sees it."""
+    """The value of ``--config-file`` in an argument list, before argparse sees it.
+
+    Given twice, or abbreviated (``--config-f``, which argparse would accept and then ignore),
+    it is refused rather than half-read."""
+    found = []
     for i, arg in enumerate(argv):
-        if arg == "--config-file" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--config-file="):
-            return arg.split("=", 1)[1]
-    return None
+        if arg == "--":
+            break
+        flag, eq, value = arg.partition("=")
+        if len(flag) > 2 and "--config-file".startswith(flag) and flag != "--config-file":
+            raise ValueError(f"{flag}: write --config-file in full")
+        if flag == "--config-file":
+            if not eq and i + 1 >= len(argv):
+                raise ValueError("--config-file: expected a file")
+            found.append(value if eq else argv[i + 1])
+    if len(found) > 1:
+        raise ValueError(
+            f"--config-file: given {len(found)} times ({', '.join(found)}); merge them into one"
+        )
+    return found[0] if found else None
 
 
 def check_value(action, value, where: str) -> None:
@@ -104,21 +174,28 @@ def typed_value(action, value, where: str):
     """The value as the flag would parse it, from YAML's own type: YAML 1.1 reads ``1e-4`` as
     text, a 400-digit number must not become inf, and ``2.5`` is no whole number. A choice
     outside the flag's choices is refused here, naming the setting."""
+    import argparse
+
     if action.nargs == 0:
         return action.const if value else action.default
-    if isinstance(value, list):
-        return [typed_value_one(action, v, where) for v in value]
+    if isinstance(action, argparse._AppendAction):  # one value is a list of one, not letters
+        items = value if isinstance(value, list) else [value]
+        return [typed_value_one(action, v, where) for v in items]
     return typed_value_one(action, value, where)
 
 
 def typed_value_one(action, value, where: str):
     kind = action.type or str
     try:
-        if kind is int:
-            as_float = float(value)
-            if not as_float.is_integer():
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            typed = value
+        elif kind is int:
+            as_float = float(value)  # "1e3" reads as 1000, as in a JSON file
+            if not as_float.is_integer() or isinstance(value, bool):
                 raise ValueError(value)
-            typed = int(as_float)
+            typed = (
+                int(value) if isinstance(value, str) and value.strip().isdigit() else int(as_float)
+            )
         elif kind is float:
             typed = float(value)
         else:
@@ -149,10 +226,11 @@ def apply_settings_file(parser, path: str) -> None:
     leaves a flag at its default (a saved ``erase_config.json`` reads back as the same run).
     """
     data = read_settings_file(path)
-    actions = {}
+    actions, options = {}, set()
     for action in parser._actions:  # argparse keeps no public list of its options
         for option in action.option_strings:
             actions[option.lstrip("-").replace("-", "_")] = action
+            options.add(option.lstrip("-").replace("-", "_"))
         actions.setdefault(action.dest, action)
     unknown = sorted(k for k in data if k not in actions or k in ("help", "config_file"))
     if unknown:
@@ -166,6 +244,11 @@ def apply_settings_file(parser, path: str) -> None:
         where = f"--config-file: {path}: {key}"
         check_value(action, value, where)
         if value is None:
+            continue
+        if action.nargs == 0 and key not in options:
+            # the setting's own name (``blur: true``, as a saved config writes it) gives its
+            # value; the switch's name (``no_blur: true``) means what typing the switch means
+            parser.set_defaults(**{action.dest: value})
             continue
         parser.set_defaults(**{action.dest: typed_value(action, value, where)})
         action.required = False

@@ -9,10 +9,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# The learning rate at which 150 esd-x steps erase the digit (docs/results.md): the flow
-# model's text-stream attention needs a larger one than the UNet's cross-attention.
-DEMO_LR = {"digits": 1e-4, "digits-flow": 5e-4}
-
 
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(
@@ -31,11 +27,12 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--out", default="loreun-demo", help="output folder")
     p.add_argument("--method", default="esd-x", help="ESD parameter preset")
     p.add_argument("--weighting", default="uniform", help="uniform or loreun")
-    p.add_argument("--steps", type=int, default=150, help="erase steps")
+    p.add_argument("--steps", type=int, help="erase steps (default: the model's own, 150 on both)")
     p.add_argument(
         "--lr",
         type=float,
-        help="erase learning rate (default: 1e-4 on digits, 5e-4 on digits-flow)",
+        help="erase learning rate (default: the model's own, 1e-4 on digits, 5e-4 on "
+        "digits-flow: its text-stream attention needs a larger one than the UNet's)",
     )
     p.add_argument(
         "--samples-per-prompt",
@@ -53,7 +50,8 @@ def run(args) -> int:
     from loreun.erase import EraseConfig, erase
     from loreun.eval.audit import AuditSettings, audit
     from loreun.pipelines.digits_data import digit_captions
-    from loreun.pipelines.generate import GenerateSettings, generate
+    from loreun.pipelines.generate import GenerateSettings, generate, remove_generation
+    from loreun.pipelines.models import carried_erase_settings
 
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
@@ -61,24 +59,31 @@ def run(args) -> int:
             f"--out: {out} holds an earlier demo; pass --overwrite to run it again, or choose "
             "another --out"
         )
+    own = carried_erase_settings(args.model)
     cfg = EraseConfig(
         model=args.model,
         out=str(out / "erase"),
         concepts=digit_captions(args.digit),
         method=args.method,
         weighting=args.weighting,
-        steps=args.steps,
-        lr=args.lr or DEMO_LR[args.model],
+        steps=args.steps or own["steps"],
+        lr=args.lr or own["lr"],
         checkpoint_every=0,
         overwrite=args.overwrite,
     )
-    what = f"{args.method}, {args.weighting}, {args.steps} steps"
+    what = f"{args.method}, {args.weighting}, {cfg.steps} steps, lr {cfg.lr:g}"
     print(f"[1/3] erasing digit {args.digit} from {args.model} ({what})")
     erased = erase(cfg)
     gen = GenerateSettings(samples_per_prompt=args.samples_per_prompt, batch_size=20)
     print("[2/3] generating the digits prompt set before and after")
     for name, weights in (("original", None), ("erased", erased)):
-        generate(args.model, "digits", out / name, erased=weights, settings=gen)
+        try:
+            generate(args.model, "digits", out / name, erased=weights, settings=gen)
+        except FileExistsError:  # the earlier demo's images, of other weights or settings
+            if not args.overwrite:
+                raise
+            remove_generation(out / name)
+            generate(args.model, "digits", out / name, erased=weights, settings=gen)
     print("[3/3] auditing with the digit classifier")
     settings = AuditSettings(detectors=["digits"], erased_classes=[str(args.digit)])
     summary = audit(

@@ -47,7 +47,7 @@ def slot_fields(slots: dict) -> list[str]:
 # The --help sections, in the order a user meets the decisions; every config field is in one,
 # and each slot's settings join its slot's section.
 GROUPS = {
-    "model": ("model", "model_config", "resolution"),
+    "model": ("model", "model_config", "resolution", "model_defaults"),
     "memory": (
         "mixed_precision",
         "gradient_checkpointing",
@@ -107,12 +107,30 @@ def config_from_args(args) -> EraseConfig:
     data = {}
     for f in dataclasses.fields(EraseConfig):
         value = getattr(args, f.name)
-        if value is not None and value is not False:
+        if value is not None and (value is not False or f.default is True):
             data[f.name] = value
     for required in ("model", "out"):
         if required not in data:
             raise ValueError(f"--{required}: required")
-    return EraseConfig.from_dict(data)
+    return EraseConfig.from_dict({**data, **model_settings(data)})
+
+
+def model_settings(data: dict) -> dict:
+    """The built-in model's own settings for what ``data`` (the given flags) leaves unset, said
+    in the run's first line."""
+    from loreun.pipelines.models import carried_erase_settings
+
+    if not data.get("model_defaults", True):
+        return {}
+    filled = {k: v for k, v in carried_erase_settings(data["model"]).items() if data.get(k) is None}
+    if filled and os.environ.get("RANK", "0") == "0":
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in filled.items())
+        print(
+            f"loreun erase: {data['model']}'s own settings: {flags} (a flag overrides each; "
+            "--no-model-defaults uses the library's)",
+            file=sys.stderr,
+        )
+    return filled
 
 
 def run(args) -> int:

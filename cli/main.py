@@ -151,14 +151,20 @@ class _DropFallbackNotice:
         return "requires torchvision (not installed)" not in record.getMessage()
 
 
+# More threads than CPUs only slows torch down; 100000 of them took a 2-core machine down.
+MAX_THREADS = os.cpu_count() or 1
+
+
 def apply_common_flags(args) -> int | None:
     """Set verbosity and threads before a subcommand runs.
 
     Returns:
         torch's thread count before, when it was changed, so an in-process caller gets it back.
     """
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads: must be >= 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise ValueError(
+            f"--threads: must be in 1..{MAX_THREADS} (this machine's CPUs), got {args.threads}"
+        )
     if args.quiet:
         os.environ["LOREUN_QUIET"] = "1"
         os.environ["TRANSFORMERS_VERBOSITY"] = os.environ["DIFFUSERS_VERBOSITY"] = "error"

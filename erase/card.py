@@ -171,6 +171,9 @@ def base_name(meta: dict) -> str:
 
 def made_with(meta: dict) -> str:
     v = meta.get("versions", {})
+    if not isinstance(v, dict):
+        v = {}
+    v = {k: md(v.get(k, "?")) for k in ("loreun", "diffusers", "torch")}  # header text, escaped
     return (
         f"Made with loreun {v.get('loreun', '?')} (diffusers {v.get('diffusers', '?')}, torch "
         f"{v.get('torch', '?')})."

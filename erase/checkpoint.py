@@ -61,7 +61,7 @@ def prepare_output_dir(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out: {out} is a file, not a folder")
     found = [p for p in out.iterdir() if p.name != FolderLock.NAME] if out.is_dir() else []
-    if found and not (overwrite or resume or never_started(out)):
+    if found and not (overwrite or resumes_here(out, resume) or never_started(out)):
         raise FileExistsError(
             f"--out: {out} is not empty; pass --overwrite to write into it "
             "(files loreun did not write are kept) or --resume latest"
@@ -75,6 +75,17 @@ def prepare_output_dir(
         for ckpt in list_checkpoints(out):
             remove_ours(ckpt, CHECKPOINT_FILES)
     return out, lock
+
+
+def resumes_here(out: Path, resume: str | None) -> bool:
+    """Whether ``resume`` continues the run in ``out`` (``latest``, or one of its own
+    checkpoints). A checkpoint of another folder starts a new run from it, into a folder that
+    must be empty, like any new run's, or given with --overwrite."""
+    if resume is None:
+        return False
+    if resume == "latest":
+        return True
+    return Path(resume).resolve().parent == (out / CHECKPOINTS).resolve()
 
 
 def never_started(out: Path) -> bool:
@@ -210,10 +221,16 @@ def read_state(folder: Path) -> dict:
     return state
 
 
-def checkpoint_config(folder: Path) -> dict | None:
-    """The config saved with a checkpoint, or None for one written before configs were kept."""
+def checkpoint_config(folder: Path) -> dict:
+    """The config saved with a checkpoint; without it nothing says which settings made its
+    steps, so the resume is refused rather than continued with whatever is given."""
     path = folder / ERASE_CONFIG
-    return read_json(path, "--resume") if path.is_file() else None
+    if not path.is_file():
+        raise ValueError(
+            f"--resume: {folder} holds no {ERASE_CONFIG}, so its settings cannot be checked "
+            "against this run's; start a new run instead"
+        )
+    return read_json(path, "--resume")
 
 
 def check_log_reaches(out: Path, step: int, checkpoint: Path) -> None:
@@ -253,9 +270,9 @@ class TrainingDiverged(RuntimeError):
 def check_resume_settings(resume: Path | None, cfg: EraseConfig, world_size: int = 1) -> None:
     """Refuse a resume whose settings, or number of processes, differ from the ones that made
     its checkpoint: each process draws its own batches, so either changes the steps to come."""
-    saved = checkpoint_config(resume) if resume is not None else None
-    if saved is None:
+    if resume is None:
         return
+    saved = checkpoint_config(resume)
     made_with = read_state(resume).get("world_size", world_size)
     if made_with != world_size:
         raise ValueError(

@@ -92,6 +92,14 @@ class RunFields:
             choices=METHODS,
         ),
     )
+    model_defaults: bool = field(
+        default=True,
+        metadata=_help(
+            "use the settings a built-in model carries (its lr and steps) where no flag or "
+            "settings file gives them; --no-model-defaults uses the library's own",
+            flag="--no-model-defaults",
+        ),
+    )
     objective: str = field(
         default="esd",
         metadata=_help(
@@ -533,12 +541,27 @@ def flag_name(f: dataclasses.Field) -> str:
 
 
 def read_concepts_file(path: str) -> list[str]:
-    """One concept per non-empty line; lines starting with '#' are comments."""
+    """One concept per non-empty line; lines starting with '#' are comments. A prompt file
+    (.csv, .tsv, .jsonl) gives its rows' prompts, so its header is never erased as a concept."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--concepts-file: {path}: no such file")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
+    if p.suffix.lower() in (".csv", ".tsv", ".jsonl"):
+        from loreun.prompts.reader import load_prompts
+
+        try:
+            prompts = [row.prompt.strip() for row in load_prompts(p)]
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"--concepts-file: {e}") from None
+        return list(dict.fromkeys(c for c in prompts if c)) or _no_concepts(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--concepts-file: {path}: not UTF-8 text (byte {e.start})") from None
+    lines = [ln.strip() for ln in text.splitlines()]
     concepts = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not concepts:
-        raise ValueError(f"--concepts-file: {path}: holds no concepts")
-    return concepts
+    return concepts or _no_concepts(path)
+
+
+def _no_concepts(path: str):
+    raise ValueError(f"--concepts-file: {path}: holds no concepts")

@@ -27,9 +27,11 @@ from loreun.pipelines.loading import (
     FORMAT_VERSION,
     METADATA_KEY,
     content_hash,
+    read_erased,
     read_erased_file,
 )
 from loreun.pipelines.meta import package_version
+from loreun.pipelines.models import carried_erase_settings
 from loreun.pipelines.runtime import say
 
 from .card import (
@@ -77,6 +79,7 @@ def build_metadata(
         "weighting": cfg.weighting,
         "weighting_chosen": weighting or {},
         "hyperparameters": shareable_settings(dataclasses.asdict(cfg)),
+        "model_settings": carried_erase_settings(cfg.model) if cfg.model_defaults else {},
         "steps_done": steps_done,
         "world_size": world_size,  # processes; the effective batch is batch_size times this
         "num_tensors": num_tensors,
@@ -127,10 +130,18 @@ def save_pipeline_folder(
     for left in recover_folder(final):
         print(f"finished the move of an interrupted export: {left} (its files are in {final})")
     tmp = temp_dir(final)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    scrub_local_paths(tmp)
-    base_id = base_id or (hub_id(base) if base else None)
-    atomic_write_text(tmp / CARD, model_card(meta, audit, base_id, base_license(base)))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        scrub_local_paths(tmp)
+        base_id = base_id or (hub_id(base) if base else None)
+        atomic_write_text(tmp / CARD, model_card(meta, audit, base_id, base_license(base)))
+    except BaseException as e:  # a full disk: nothing half-written is left behind
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError":
+            raise OSError(f"cannot write the pipeline folder {final}: {e}") from None
+        raise
     replace_folder(tmp, final)  # a user's files in an earlier folder are kept
     return final
 
@@ -212,8 +223,8 @@ def export_shared(
     if dtype not in SINGLE_FILE_DTYPES:
         raise ValueError(f"--dtype: unknown value {dtype!r}; choose one of fp16, bf16, fp32")
     path = erased_file(run)
-    _, meta = read_erased_file(path)
-    summary = _audit_summary(audit)
+    _, meta, sha = read_erased(path)
+    summary = _audit_summary(audit, sha)
     base = model or _run_base(path, meta)
     targets = [Path(p) for p in (single_file, pipeline) if p]
     inputs = {"--model": base, "--config": model_config, "RUN": run, "--audit": audit}
@@ -224,8 +235,8 @@ def export_shared(
         if (
             refuse_link(target).exists()
             and not overwrite
-            and (target.is_file() or any(target.iterdir()))
-        ):
+            and (target.is_file() or any(p.name != FolderLock.NAME for p in target.iterdir()))
+        ):  # a lock left by a killed export is no content: it holds no lock once its owner died
             raise FileExistsError(f"export: {target} exists; pass --overwrite to replace it")
     if single_file and Path(single_file).suffix != ".safetensors":
         raise ValueError(f"--single-file: {single_file} must end in .safetensors")
@@ -265,7 +276,9 @@ def _run_base(path: Path, meta: dict) -> str:
     return model if isinstance(model, str) and model else meta["base_model"]
 
 
-def _audit_summary(audit: str | Path | None) -> dict | None:
+def _audit_summary(audit: str | Path | None, erased_sha256: str) -> dict | None:
+    """The audit's summary, if one of its sources was made with these very erased weights:
+    another run's numbers must not appear in this run's card."""
     if audit is None:
         return None
     path = Path(audit)
@@ -273,8 +286,15 @@ def _audit_summary(audit: str | Path | None) -> dict | None:
     if not path.is_file():
         raise FileNotFoundError(f"--audit: {audit}: no summary.json from loreun audit or evaluate")
     summary = read_json(path, "--audit")
-    if not isinstance(summary.get("sources", {}), dict):
+    sources = summary.get("sources", {})
+    if not isinstance(sources, dict):
         raise ValueError(f"--audit: {path}: not a summary.json from loreun audit or evaluate")
+    audited = [s.get("erasure") or {} for s in sources.values() if isinstance(s, dict)]
+    if not any(isinstance(e, dict) and e.get("sha256") == erased_sha256 for e in audited):
+        raise ValueError(
+            f"--audit: {path} audits no images made with this run's erased file "
+            f"({erased_sha256[:19]}...); audit this run (loreun evaluate --erased RUN)"
+        )
     return summary
 
 

@@ -16,6 +16,7 @@ import torch
 
 from loreun.pipelines.family import encode_prompts, family_of
 from loreun.pipelines.files import atomic_save_safetensors, make_dir, refuse_link
+from loreun.pipelines.models import model_files_key
 from loreun.pipelines.runtime import say
 from loreun.pipelines.schedule import schedule_of
 
@@ -258,7 +259,7 @@ def build_retain_set(
 def cached_image_latents(cfg, pipe, acc, stem: Path, images: list[ImageItem]) -> torch.Tensor:
     """VAE latents of a folder's images, cached under OUT/cache and reused while unchanged."""
     size = cfg.resolution or family_of(pipe).native_size(pipe)
-    key = {"model": cfg.model, "images": folder_key(images, size)}
+    key = {"model": model_files_key(cfg.model), "images": folder_key(images, size)}
 
     def encode():
         say(acc, f"encoding {len(images)} images with the VAE")
@@ -271,7 +272,7 @@ def cached_image_latents(cfg, pipe, acc, stem: Path, images: list[ImageItem]) ->
 def cached_samples(cfg, pipe, teacher, acc, stem: Path, items: ItemSet, prompts) -> torch.Tensor:
     """Base-model samples of each prompt, cached under OUT/cache and reused by a rerun."""
     key = {
-        "model": cfg.model,
+        "model": model_files_key(cfg.model),
         "concepts": prompts,
         "samples": cfg.samples_per_concept,
         "steps": cfg.sample_steps,
@@ -318,7 +319,7 @@ def cached_trajectories(cfg, pipe, teacher, acc, stem: Path, items: ItemSet, pro
             "--trajectory-cache-mb"
         )
     key = {
-        "model": cfg.model,
+        "model": model_files_key(cfg.model),
         "prompts": prompts,
         "pool": cfg.trajectory_pool,
         "steps": cfg.sample_steps,

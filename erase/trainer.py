@@ -25,6 +25,7 @@ from loreun.pipelines.files import TRAIN_LOG, open_append
 from loreun.pipelines.loading import base_fingerprints
 from loreun.pipelines.meta import quiet
 from loreun.pipelines.models import load_pipeline
+from loreun.pipelines.prefix_attack import check_prefix_fits
 from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, restart_rate, say, warn
 from loreun.pipelines.schedule import Sampler, Schedule, schedule_of
 
@@ -141,6 +142,7 @@ def setup(
     folders = folders or read_folders(cfg)
     pipe = load_pipeline(cfg.model, cfg.model_config)
     family = family_of(pipe)
+    family.check_size(pipe, cfg.resolution, "--resolution")
     denoiser = family.denoiser(pipe).to(acc.device)
     denoiser.requires_grad_(False)
     if cfg.gradient_checkpointing:
@@ -191,6 +193,8 @@ def setup(
             f"--adversarial: loreun's attack supports one-CLIP-encoder pipelines (SD 1.x, 2.x), "
             f"not {type(pipe).__name__}"
         )
+    if cfg.adversarial:
+        check_prefix_fits(pipe.tokenizer, cfg.adversarial_tokens, "--adversarial-tokens")
     if not restore_checkpoint(run, resume):
         say(acc, f"{resume} holds no optimizer state: the optimizer restarts from zero moments")
     return run

@@ -292,6 +292,8 @@ def erasure_of(records: list[dict]) -> dict | None:
     hp = meta.get("hyperparameters", {}) if isinstance(meta, dict) else {}
     return {
         "file": str(path),
+        # the bytes the images were made with (generate's manifest): what export --audit checks
+        "sha256": next((r.get("erased_sha256") for r in records if r.get("erased_sha256")), None),
         "concepts": meta.get("concepts") or [hp.get("forget_caption") or "images"],
         "method": meta.get("method"),
         "objective": meta.get("objective"),

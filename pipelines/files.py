@@ -286,7 +286,10 @@ def recover_folder(final: str | Path) -> list[Path]:
             continue
         if final.is_dir():
             for old in sorted(p for p in left.rglob("*") if p.is_file()):
-                dest = final / old.relative_to(left)
+                rel = old.relative_to(left).parts
+                for depth in range(1, len(rel) + 1):  # never through a link planted in final
+                    refuse_link(final.joinpath(*rel[:depth]))
+                dest = final.joinpath(*rel)
                 if not dest.exists():
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(old, dest)

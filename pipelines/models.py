@@ -15,6 +15,20 @@ BUILTIN_DIR = Path(__file__).parent / "builtin"
 # digits: SD 1.x's architecture; digits-flow: SD3's (rectified flow), on the same data and VAE.
 BUILTIN_MODELS = {"digits": BUILTIN_DIR / "digits", "digits-flow": BUILTIN_DIR / "digits-flow"}
 BUILTIN_CLASSIFIERS = {"digits": BUILTIN_DIR / "digits-classifier"}
+# The erase settings a built-in model carries in its folder, used where no flag gives one: the
+# library's defaults (lr 1e-5) suit SD 1.4, and leave a 1.5 M-parameter model unerased.
+ERASE_DEFAULTS_FILE = "loreun_erase_defaults.json"
+
+
+def carried_erase_settings(model: str) -> dict:
+    """``{setting: value}`` that the built-in model ``model`` erases with (``{}`` for any other
+    model: a folder of the user's own carries none)."""
+    import json
+
+    path = BUILTIN_MODELS[model] / ERASE_DEFAULTS_FILE if model in BUILTIN_MODELS else None
+    if path is None or not path.is_file():
+        return {}
+    return json.loads(path.read_text())
 
 
 def resolve_model(model: str) -> str:
@@ -44,6 +58,22 @@ def resolve_model(model: str) -> str:
     if _looks_like_path(model):
         raise FileNotFoundError(f"--model: {model}: no such file or folder")
     return model
+
+
+def model_files_key(model: str) -> list:
+    """What a cache made from ``model`` depends on: each file's path (relative to the folder),
+    size and modification time, for a local folder or single file. Replacing the weights under
+    the same ``--model`` path changes it, where the path alone would not. A hub id is its own
+    key (the hub cache keeps one snapshot per revision)."""
+    ref = Path(resolve_model(model))
+    if ref.is_file():
+        files, root = [ref], ref.parent
+    elif ref.is_dir():
+        files, root = sorted(p for p in ref.rglob("*") if p.is_file()), ref
+    else:
+        return [model]
+    stats = [(p, p.stat()) for p in files]
+    return [[str(p.relative_to(root)), st.st_size, st.st_mtime_ns] for p, st in stats]
 
 
 def _looks_like_path(model: str) -> bool:

@@ -93,6 +93,16 @@ def _read_txt(path: Path) -> list[dict]:
     return [{"prompt": ln.strip()} for ln in lines if ln.strip()]
 
 
+class _NotJSON(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    """NaN and Infinity are Python's extension of JSON: a manifest (written strictly) could
+    not record the row after its image was made, on every rerun."""
+    raise _NotJSON(name)
+
+
 def jsonl_objects(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file; a bad line names itself."""
     out = []
@@ -100,9 +110,13 @@ def jsonl_objects(path: Path) -> list[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from e
+        except _NotJSON as e:
+            raise ValueError(
+                f"{path}: line {n}: {e} is not JSON (write null, or the number as text)"
+            ) from None
         if not isinstance(rec, dict):
             raise ValueError(f"{path}: line {n}: expected a JSON object")
         out.append((n, rec))

@@ -390,7 +390,7 @@ def test_generate_numbers_fail_at_once(tiny_pipeline_dir, tmp_path, capsys, flag
 @pytest.mark.parametrize(
     "text, needle",
     [
-        ("lr: yes\n", "lr: expected a value, got True"),
+        ("lr: yes\n", "lr: expected float, got 'yes'"),  # YAML 1.1 read it as true
         ("steps: 3\nsteps: 4\n", "'steps' is given twice"),
         ("lr: " + "9" * 400 + "\n", "lr: expected float"),
         ("model: [a, b]\n", "model: expected one value"),
@@ -408,7 +408,7 @@ def test_erase_settings_files_are_read_safely(finished, tmp_path, capsys, text, 
 @pytest.mark.parametrize(
     "text, needle",
     [
-        ("guidance: yes\n", "guidance: expected a value, got True"),
+        ("guidance: yes\n", "guidance: expected float, got 'yes'"),
         ("steps: [1, 2]\n", "steps: expected one value"),
         ("prompts: {a: 1}\n", "prompts: expected one value"),
     ],

@@ -121,9 +121,18 @@ def test_pipeline_folder_has_a_model_card_and_no_local_paths(erased_sd1, tmp_pat
     out = tmp_path / "shared"
     audit = tmp_path / "eval"
     audit.mkdir()
+    from loreun.pipelines.loading import read_erased
+
+    sha = read_erased(erased_sd1)[2]  # the audit must be of this run's weights
     summary = {
         "protocol": "test protocol",
-        "sources": {"erased": {"digits": {"rows": [["erased top-1", 0.125]]}, "images": 8}},
+        "sources": {
+            "erased": {
+                "digits": {"rows": [["erased top-1", 0.125]]},
+                "images": 8,
+                "erasure": {"sha256": sha},
+            }
+        },
     }
     (audit / "summary.json").write_text(json.dumps(summary))
     assert main(["export", str(erased_sd1), "--pipeline", str(out), "--audit", str(audit)]) == 0
@@ -291,7 +300,10 @@ def test_export_from_a_single_file_base_into_an_empty_folder(erased_sd1, sd1_sha
     (tmp_path / "empty").mkdir()
     summary = tmp_path / "eval" / "summary.json"
     summary.parent.mkdir()
-    summary.write_text(json.dumps({"sources": {}}))
+    from loreun.pipelines.loading import read_erased
+
+    erasure = {"sha256": read_erased(erased_sd1)[2]}  # an audit of this very run
+    summary.write_text(json.dumps({"sources": {"erased": {"erasure": erasure}}}))
     written = export_shared(
         erased_sd1,
         single_file=tmp_path / "e.safetensors",
