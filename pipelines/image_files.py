@@ -20,13 +20,18 @@ def open_rgb(path: str | Path):
     clipped); float images are taken as [0, 1].
 
     Raises:
-        ValueError: more than ``MAX_PIXELS`` pixels declared, naming the file and its size.
+        ValueError: more than ``MAX_PIXELS`` pixels declared, naming the file and its size, or
+            not a regular file.
         OSError: a file PIL cannot decode (truncated, not an image).
     """
+    import os
+    import stat
     import warnings
 
     from PIL import Image
 
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO named x.png would block the read
+        raise ValueError(f"{path}: not a regular file (a FIFO, a device or a socket)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
