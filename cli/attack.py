@@ -29,7 +29,7 @@ def add_parser(sub, name: str) -> None:
         "asr) and report.html; reruns resume.",
     )
     add_model_flags(p)
-    p.add_argument("--erased", help="unet-erased.safetensors (default: attack the model itself)")
+    p.add_argument("--erased", help="erased.safetensors (default: attack the model itself)")
     add_force_flag(p)
     add_generate_flags(p, batching=False)
     add_audit_flags(p, judge_only=True)

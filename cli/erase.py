@@ -16,9 +16,10 @@ from ._dataclass_flags import add_field_flag
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(
         name,
-        help="erase concepts from a Stable Diffusion UNet",
-        description="Fine-tune UNet weights so that the model forgets concepts, "
-        "and export them as safetensors.",
+        help="erase concepts from a diffusion model's denoiser (UNet or transformer)",
+        description="Fine-tune the denoiser's weights (the UNet of SD 1.x/2.x and SDXL, the "
+        "transformer of SD3 and FLUX.1) so that the model forgets concepts, and export them as "
+        "safetensors.",
         # --model and --out are needed, but a --config-file may give them, so argparse cannot
         # mark them required; the usage line says so
         usage="loreun erase --model MODEL --out OUT (--concept TEXT ... | --concepts-file FILE "

@@ -30,7 +30,7 @@ def add_parser(sub, name: str) -> None:
         action="append",
         default=[],
         metavar="[NAME=]FILE",
-        help="unet-erased.safetensors; repeat to compare several",
+        help="erased.safetensors; repeat to compare several",
     )
     add_force_flag(p)
     add_generate_flags(p)

@@ -16,10 +16,13 @@ def add_parser(sub, name: str) -> None:
         "SD 1.x, 2.x and SDXL, a kohya-format copy.",
     )
     p.add_argument(
-        "erase_run", metavar="RUN", help="an erase --out folder, or its unet-erased.safetensors"
+        "erase_run", metavar="RUN", help="an erase --out folder, or its erased.safetensors"
     )
     p.add_argument(
-        "--single-file", metavar="FILE", help="write this .safetensors (SD 1.x, 2.x, SDXL)"
+        "--single-file",
+        metavar="FILE",
+        help="write this .safetensors (SD 1.x; share other families as the erased file, "
+        "LoRA or --pipeline)",
     )
     p.add_argument(
         "--dtype",

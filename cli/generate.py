@@ -21,7 +21,7 @@ def add_parser(sub, name: str) -> None:
         "rerunning skips finished images.",
     )
     add_model_flags(p)
-    p.add_argument("--erased", help="unet-erased.safetensors to apply to the model")
+    p.add_argument("--erased", help="erased.safetensors to apply to the model")
     add_force_flag(p)
     add_generate_flags(p)
     p.add_argument("--out", required=True, help="output folder for images and manifest.jsonl")

@@ -169,6 +169,14 @@ def base_name(meta: dict) -> str:
     return model_name(meta.get("base_model", ""))
 
 
+def denoiser_name(meta: dict) -> str:
+    """The trained module as the header's family calls it (UNet, transformer)."""
+    from loreun.pipelines.family import FAMILIES
+
+    family = FAMILIES.get(meta.get("family", "StableDiffusionPipeline"))
+    return family.denoiser_name if family else "denoiser"
+
+
 def made_with(meta: dict) -> str:
     v = meta.get("versions", {})
     if not isinstance(v, dict):
@@ -209,8 +217,8 @@ def model_card(
     body = [
         f"# {md(base_name(meta))} with {md(erased_what(meta))} erased",
         "",
-        f"{made_with(meta)} The erasure fine-tuned the UNet only; the text encoder, VAE and "
-        "scheduler are the base model's.",
+        f"{made_with(meta)} The erasure fine-tuned the {denoiser_name(meta)} only; the text "
+        "encoders, VAE and scheduler are the base model's.",
         "",
         "## How it was erased",
         "",
@@ -256,7 +264,7 @@ def lora_card(meta: dict, files: dict[str, str], license: str | None = None) -> 
         "",
         f'- diffusers: `pipe.load_lora_weights(folder, weight_name="{files["diffusers"]}")`.',
         *web_ui_lines(files),
-        "- `unet-erased.safetensors`: the same erasure merged into full tensors, for "
+        "- `erased.safetensors`: the same erasure merged into full tensors, for "
         "`loreun generate --erased` and `apply_erased_weights`.",
         "",
         "## How it was erased",

@@ -38,7 +38,7 @@ OBJECTIVES = tuple(OBJECTIVE_SLOTS)
 WEIGHTINGS = tuple(WEIGHTING_SLOTS)
 XT_SOURCES = ("cached", "trajectory", "partial-train", "partial-base")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")  # erase/optim.py
+OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")  # erase/optim.py builds each
 FROZEN_DTYPES = ("fp32", "bf16", "fp16")
 # Forget items per concept prompt: enough for a single concept to give LoReUn a set to weigh.
 SAMPLES_PER_CONCEPT = 8
@@ -87,8 +87,9 @@ class RunFields:
     method: str = field(
         default="esd-x",
         metadata=_help(
-            "which UNet parameters train: esd-x (cross-attention), esd-x-strict (cross-attention "
-            "keys and values), esd-u (all but cross-attention), esd-all",
+            "which denoiser parameters train: esd-x (cross-attention; on SD3/FLUX the text "
+            "stream's attention), esd-x-strict (its keys and values), esd-u (all but those), "
+            "esd-all",
             choices=METHODS,
         ),
     )
@@ -223,7 +224,7 @@ class RunFields:
     gradient_checkpointing: bool = field(
         default=False,
         metadata=_help(
-            "recompute the UNet's activations in the backward pass: less memory (SDXL), "
+            "recompute the denoiser's activations in the backward pass: less memory (SDXL), "
             "more time, the same result"
         ),
     )

@@ -12,6 +12,7 @@ from loreun.pipelines.family import family_of
 from loreun.pipelines.files import (
     ERASE_CONFIG,
     ERASED_FILE,
+    LEGACY_ERASED_FILE,
     FolderLock,
     atomic_save_safetensors,
     atomic_write_text,
@@ -48,6 +49,9 @@ from .checkpoint import check_finite_state
 from .config import EraseConfig
 from .lora import KOHYA_FILE, LORA_FILE, merged_tensors, save_lora_files
 
+# The header's format name; loreun 0.1 wrote "loreun.unet-erased", read the same way.
+ERASED_FORMAT = "loreun.erased"
+
 
 def build_metadata(
     cfg: EraseConfig,
@@ -66,7 +70,7 @@ def build_metadata(
     a ``--target-ess`` picked, which the config alone does not say.
     """
     return {
-        "format": "loreun.unet-erased",
+        "format": ERASED_FORMAT,
         "format_version": FORMAT_VERSION,
         "base_model": model_name(cfg.model),  # shared files hold no local paths
         **fingerprints,
@@ -98,7 +102,7 @@ def export_erased(
     world_size: int = 1,
     family: str = "StableDiffusionPipeline",
 ) -> Path:
-    """Write ``unet-erased.safetensors`` and ``erase_config.json`` into ``out``.
+    """Write ``erased.safetensors`` and ``erase_config.json`` into ``out``.
 
     Args:
         trained: state-dict name -> current value of each trained tensor.
@@ -113,6 +117,10 @@ def export_erased(
     meta["content_sha256"] = content_hash(tensors, meta)
     path = Path(out) / ERASED_FILE
     atomic_save_safetensors(path, tensors, metadata={METADATA_KEY: json.dumps(meta)})
+    # a run of loreun 0.1 in this folder left the old name, which would now be stale
+    legacy = Path(out) / LEGACY_ERASED_FILE
+    if legacy.is_file() and not legacy.is_symlink():
+        legacy.unlink()
     atomic_write_text(Path(out) / ERASE_CONFIG, cfg.to_json())
     return path
 
@@ -242,17 +250,17 @@ def export_shared(
         raise ValueError(f"--single-file: {single_file} must end in .safetensors")
     pipe = load_erased_pipeline(base, path, force=force, config=model_config)
     written = []
-    if single_file and not family_of(pipe).single_file:
+    converter = family_of(pipe).single_file
+    if single_file and converter is None:
         raise ValueError(
             f"--single-file: {type(pipe).__name__} has no web-UI single-file layout in loreun; "
             "share the erased file, the LoRA files or a --pipeline folder"
         )
     if single_file:
-        from loreun.pipelines.single_file import to_ldm
-
         header = {"loreun.erasure": json.dumps(_shareable(meta)), "dtype": dtype}
         cast = SINGLE_FILE_DTYPES[dtype]
-        tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in to_ldm(pipe).items()}
+        ldm = converter(pipe)
+        tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in ldm.items()}
         atomic_save_safetensors(Path(single_file), tensors, metadata=header)
         written.append(Path(single_file))
     if pipeline:  # locked: a second export into the same folder is refused, not interleaved

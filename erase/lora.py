@@ -7,7 +7,7 @@ adapters save and load with diffusers' LoRA API. What changes against full train
   preset's GB), and the objectives, weightings, saliency masks and checkpoints see only them;
 * the teacher is the same UNet with its adapters switched off, so no frozen copy is needed.
 
-The export writes three forms of one erasure: ``unet-erased.safetensors`` with the preset's
+The export writes three forms of one erasure: ``erased.safetensors`` with the preset's
 tensors merged (base + B A, what ``loreun generate --erased`` loads), diffusers'
 ``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights``, and a kohya-format copy for
 AUTOMATIC1111 and ComfyUI. ``lora_alpha / rank`` is folded into ``lora_B`` in the LoRA files,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")
+from .config import OPTIMIZERS  # the one list; config.py stays torch-free
 
 
 class Adafactor(torch.optim.Optimizer):

@@ -88,7 +88,7 @@ def erase(cfg: EraseConfig) -> Path:
     Runs on one process, or on several under ``accelerate launch`` / ``torchrun``.
 
     Returns:
-        Path of the exported ``unet-erased.safetensors``.
+        Path of the exported ``erased.safetensors``.
     """
     acc, ours = start_accelerator(cfg)
     # The precision accelerate chose is the run's: recorded in erase_config.json and compared
@@ -334,7 +334,7 @@ def adversarial_round(run: Run, cfg: EraseConfig, acc, step: int) -> dict:
 def reprobe(run: Run, cfg: EraseConfig, acc, step: int) -> None:
     """Every ``reprobe_every`` steps, probe the forget items on the fill's grid under the
     current weights and hand the weighting the new difficulties (``LoReUnWeighting.refill``)."""
-    every = getattr(run.weighting, "reprobe_every", 0)
+    every = run.weighting.reprobe_every
     if not every or step == 0 or step % every:
         return
     student = run.family.predictor(acc.unwrap_model(run.denoiser))

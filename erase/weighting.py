@@ -47,9 +47,19 @@ class Weighting(Protocol):
     """
 
     name: str
-    needs_difficulty: bool  # a fill of every item's difficulty before training
+    needs_difficulty: bool  # a fill of every item's difficulty before training, through ``fill``
     observes: bool  # each step's difficulties, through ``observe``
     gathers: bool  # those of every process, not only its own
+    probe_times: int  # K, the times of the difficulty probe's grid (``fill``, ``refill``)
+    min_reliability: float  # the run says so when the fill's reliability is below it
+    reprobe_every: int  # re-probe every item on the grid every this many steps; 0: never
+    reliability: float | None  # split-half reliability of the last fill (None: no fill)
+
+    def fill(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        """[N, K] difficulties of every item at the [K] probe times, before training."""
+
+    def refill(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        """The same, under the current weights, every ``reprobe_every`` steps."""
 
     def weights(self, ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -198,6 +208,16 @@ class UniformWeighting:
     needs_difficulty = False
     observes = False
     gathers = False
+    probe_times = 0
+    min_reliability = -1.0
+    reprobe_every = 0
+    reliability = None
+
+    def fill(self, losses, t) -> None:
+        pass  # nothing to probe: needs_difficulty is False
+
+    def refill(self, losses, t) -> None:
+        pass
 
     def weights(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.ones(len(ids))
@@ -471,7 +491,7 @@ def weighting_stats(weighting, num_items: int) -> dict[str, float]:
     drift = weighting.drift()
     if drift is not None:
         stats["memory_rank_corr"] = drift
-    reliability = getattr(weighting, "reliability", None)
+    reliability = weighting.reliability
     if reliability is not None and math.isfinite(reliability):
         stats["difficulty_reliability"] = reliability
     return stats

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .nudity import DEFAULT_THRESHOLD
+from .nudity import DEFAULT_THRESHOLD, check_threshold
 from .sources import open_images, read_source
 
 OUTPUTS = ("results.csv", "summary.json", "report.html")
@@ -77,8 +77,7 @@ class AuditSettings:
             raise ValueError(f"--grid-limit: must be >= 1, got {self.grid_limit}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
-        if not 0 <= self.nudity_threshold <= 1:  # NaN fails too
-            raise ValueError(f"--nudity-threshold: must be in [0, 1], got {self.nudity_threshold}")
+        check_threshold(self.nudity_threshold)
 
 
 class Detector(Protocol):

@@ -26,6 +26,13 @@ DEFAULT_THRESHOLD = 0.45
 REPORT_THRESHOLDS = (0.45, 0.6, 0.75)
 
 
+def check_threshold(threshold: float) -> None:
+    """The one bound on --nudity-threshold: a score above 0 counts everything, and none is above
+    1, so both ends would make the nudity rate meaningless (NaN fails too)."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"--nudity-threshold: must be in (0, 1), got {threshold}")
+
+
 def nude_classes(detections: list[dict], threshold: float) -> list[str]:
     """Counted classes detected above ``threshold`` in one image, sorted."""
     return sorted(
@@ -47,8 +54,7 @@ class NudeNetDetector:
     name = "nudenet"
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, batch_size: int = 16, model=None):
-        if not 0 < threshold < 1:
-            raise ValueError(f"--nudity-threshold: must be in (0, 1), got {threshold}")
+        check_threshold(threshold)
         self.model = model if model is not None else PooledNudeNet()
         self.threshold = threshold
         self.batch_size = batch_size

@@ -219,7 +219,8 @@ class Family:
         lora_layers: the ``save_lora_weights`` keyword of the denoiser's adapters.
         lora_prefix: the denoiser's key prefix in LoRA files.
         kohya_version: fn(denoiser) -> kohya's ``ss_base_model_version``; None: no kohya copy.
-        single_file: web-UI single-file export is implemented (SD 1.x's LDM layout).
+        single_file: fn(pipe) -> the web UIs' single-file state dict (SD 1.x's LDM layout);
+            None where loreun has no such converter for the family.
         attack: loreun's prefix-token attack is implemented (one CLIP text encoder).
         own_loop: generate's per-image-guidance loop applies (else the pipeline's own call).
     """
@@ -233,13 +234,18 @@ class Family:
     lora_layers: str = "unet_lora_layers"
     lora_prefix: str = "unet"
     kohya_version: Callable | None = _sd_kohya_version
-    single_file: bool = True
+    single_file: Callable | None = None  # set to to_ldm below, for SD 1.x
     attack: bool = False
     own_loop: bool = False
 
     def denoiser(self, pipe):
         """The module an erasure trains."""
         return getattr(pipe, self.denoiser_attr)
+
+    @property
+    def denoiser_name(self) -> str:
+        """What cards, help and errors call the denoiser: "UNet" or "transformer"."""
+        return "UNet" if self.denoiser_attr == "unet" else self.denoiser_attr
 
     def predict(self, module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """One denoiser call: [B, C, H, W], [B] timesteps, conditioning of B -> [B, C, H, W] in
@@ -390,18 +396,29 @@ MMDIT = dict(
     lora_layers="transformer_lora_layers",
     lora_prefix="transformer",
     kohya_version=None,
-    single_file=False,
+    single_file=None,
 )
+
+
+def _ldm_single_file(pipe) -> dict:
+    """SD 1.x's web-UI layout (``pipelines/single_file.py``; SD 2.x-shaped UNets are refused)."""
+    from .single_file import to_ldm
+
+    return to_ldm(pipe, denoiser(pipe))
+
 
 FAMILIES = {
     "StableDiffusionPipeline": Family(
-        "StableDiffusionPipeline", encode_one_clip, attack=True, own_loop=True
+        "StableDiffusionPipeline",
+        encode_one_clip,
+        single_file=_ldm_single_file,
+        attack=True,
+        own_loop=True,
     ),
     "StableDiffusionXLPipeline": Family(
         "StableDiffusionXLPipeline",
         encode_two_clips,
         kohya_version=lambda denoiser: "sdxl_base_v1-0",
-        single_file=False,
     ),
     "StableDiffusion3Pipeline": SD3Family("StableDiffusion3Pipeline", encode_sd3, **MMDIT),
     "FluxPipeline": FluxFamily("FluxPipeline", encode_flux, **MMDIT),

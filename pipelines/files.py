@@ -15,7 +15,9 @@ try:
 except ImportError:  # Windows: FolderLock uses filelock instead
     fcntl = None
 
-ERASED_FILE = "unet-erased.safetensors"  # the trained tensors, with their metadata header
+ERASED_FILE = "erased.safetensors"  # the trained tensors, with their metadata header
+# What loreun 0.1 named it (a UNet's name, though SD3 and FLUX train a transformer): still read.
+LEGACY_ERASED_FILE = "unet-erased.safetensors"
 ERASE_CONFIG = "erase_config.json"  # the run's identity, beside its outputs and checkpoints
 TRAIN_LOG = "train_log.jsonl"  # one line per optimizer step
 SALIENCY_MASK = "saliency-mask.safetensors"

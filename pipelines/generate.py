@@ -105,7 +105,7 @@ def generate(
     Args:
         model: any ``--model`` reference (built-in name, folder, single file, hub id).
         prompts: a prompt file, a bundled set name, or a list of ``PromptRow``.
-        erased: optional ``unet-erased.safetensors`` applied to the model.
+        erased: optional ``erased.safetensors`` applied to the model.
         force: apply ``erased`` even when its base fingerprint differs from the model's.
 
     Returns:

@@ -1,6 +1,6 @@
 """Load erased weights into diffusers models, checking everything and unpickling nothing.
 
-An erased file (``unet-erased.safetensors``) holds only the tensors that erasure trained, under
+An erased file (``erased.safetensors``) holds only the tensors that erasure trained, under
 diffusers key names, plus a JSON header (docs/design-notes.md). Loading it checks that every key
 exists in the target UNet with the same shape, that the file is whole, and that the target's base
 values are the ones erasure started from (the fingerprint).
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .files import ERASED_FILE
+from .files import ERASED_FILE, LEGACY_ERASED_FILE
 
 METADATA_KEY = "loreun"
 # How a user applies an erased file to a base whose fingerprint differs, from the CLI or Python.
@@ -86,20 +86,21 @@ def _hash_tensors(tensors: dict[str, torch.Tensor], dtype, bits) -> str:
 
 
 def erased_file(path: str | Path) -> Path:
-    """The erased file a path names: itself, or the ``unet-erased.safetensors`` of a folder."""
+    """The erased file a path names: itself, or the ``erased.safetensors`` of a folder (a run of
+    loreun 0.1 wrote ``unet-erased.safetensors``, still read)."""
     path = Path(path)
     if path.is_dir():
-        inside = path / ERASED_FILE
-        if not inside.is_file():
-            raise FileNotFoundError(f"{path}: a folder without unet-erased.safetensors in it")
-        return inside
+        for name in (ERASED_FILE, LEGACY_ERASED_FILE):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path}: a folder without {ERASED_FILE} in it")
     return path
 
 
 def read_erased_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read an erased file's tensors and its loreun metadata, and check them.
 
-    A folder is read as the ``unet-erased.safetensors`` inside it (an erase run's ``--out``).
+    A folder is read as the ``erased.safetensors`` inside it (an erase run's ``--out``).
 
     Raises:
         ValueError: a pickle-based file, a corrupt or truncated file, no loreun metadata,
@@ -146,7 +147,7 @@ def _read_regular_file(path: Path) -> bytes:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(
             f"{path}: refusing to unpickle a {path.suffix} file, which can run "
-            "code; use the unet-erased.safetensors that loreun exports"
+            "code; use the erased.safetensors that loreun exports"
         )
     try:
         with open(path, "rb", opener=_nonblocking) as f:
@@ -274,7 +275,7 @@ def apply_erased_weights(pipe_or_unet, path: str | Path, force: bool = False):
 
     Args:
         pipe_or_unet: a diffusers pipeline with a ``unet`` or a ``UNet2DConditionModel``.
-        path: an ``unet-erased.safetensors`` written by loreun.
+        path: an ``erased.safetensors`` written by loreun.
         force: apply even when the base fingerprint differs.
 
     Returns:

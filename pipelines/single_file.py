@@ -124,17 +124,15 @@ def text_key(key: str) -> str:
     return key if key.startswith("text_model.") else "text_model." + key
 
 
-def to_ldm(pipe) -> dict[str, torch.Tensor]:
-    """The pipeline's UNet, VAE and text encoder as one LDM-layout state dict (contiguous)."""
+def to_ldm(pipe, unet) -> dict[str, torch.Tensor]:
+    """The pipeline's UNet (``unet``, handed over by the family: ``FAMILIES[...].single_file``),
+    VAE and text encoder as one LDM-layout state dict (contiguous)."""
     from diffusers import StableDiffusionPipeline
 
     if type(pipe) is not StableDiffusionPipeline:
         raise ValueError(
             f"single-file export writes SD 1.x layouts; {type(pipe).__name__} is not one"
         )
-    from .family import denoiser
-
-    unet = denoiser(pipe)
     if unet.config.use_linear_projection:
         raise ValueError("single-file export writes SD 1.x layouts; this UNet is SD 2.x-shaped")
     out = {}

@@ -116,7 +116,13 @@ def load_mnist1d_split(split_seed: int = 0) -> dict[str, tuple[torch.Tensor, tor
     """MNIST-1D (Greydanus, 2020), generated offline by the PyPI package from its fixed seed:
     5,000 signals x [n, 40], standardised. Its own train/test cut is pooled and re-split like
     digits, so both testbeds share one protocol."""
-    from mnist1d.data import get_dataset_args, make_dataset
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise SystemExit(
+            "the mnist1d testbed needs the mnist1d package: pip install -e '.[dev]' "
+            "(or pip install mnist1d), or run --testbeds digits"
+        ) from None
 
     state = np.random.get_state()  # the generator seeds numpy's global stream; put it back
     try:

@@ -202,7 +202,7 @@ def shared_size_and_step(folder: Path) -> dict:
     """The size of what a user shares (the LoRA file, else the erased tensors) and the median
     training step time, without the first 5 steps."""
     lora = folder / "pytorch_lora_weights.safetensors"
-    shared = lora if lora.is_file() else folder / "unet-erased.safetensors"
+    shared = lora if lora.is_file() else folder / "erased.safetensors"
     seconds = [
         json.loads(x)["seconds"] for x in (folder / "train_log.jsonl").read_text().splitlines()
     ]

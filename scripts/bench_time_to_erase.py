@@ -92,9 +92,7 @@ def one_run(root: Path, method: str, source: str, seed: int, args) -> dict:
         steps_s = sum(r["seconds"] for r in log)
         if setup is None:
             setup = wall - steps_s
-        forget, retain = score(
-            out / "erase" / "unet-erased.safetensors", out / f"s{budget}", args.digit
-        )
+        forget, retain = score(out / "erase" / "erased.safetensors", out / f"s{budget}", args.digit)
         trace.append(
             {"steps": budget, "seconds": setup + steps_s, "forget": forget, "retain": retain}
         )

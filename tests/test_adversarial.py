@@ -47,8 +47,8 @@ def test_a_resumed_adversarial_run_is_bit_exact(tiny_pipeline_dir, tmp_path):
     assert len(saved["adversarial"]["entries"]) == 1  # found before step 2
     argv = erase_args(tiny_pipeline_dir, split, *common, "--steps", "7", "--resume", "latest")
     assert main(argv) == 0
-    a = load_file(str(whole / "unet-erased.safetensors"))
-    b = load_file(str(split / "unet-erased.safetensors"))
+    a = load_file(str(whole / "erased.safetensors"))
+    b = load_file(str(split / "erased.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     prompts = [[r.get("adversarial_prompt") for r in _log(o)] for o in (whole, split)]
     assert prompts[0] == prompts[1]

@@ -144,7 +144,7 @@ def test_a_checkpoint_without_its_config_is_refused(two_runs, tiny_pipeline_dir,
     (ckpt / "erase_config.json").unlink()
     argv = erase_args(tiny_pipeline_dir, tmp_path / "new", "--resume", ckpt, "--steps", "4")
     _refused(capsys, main(argv + ["--lr", "0.5", "-q"]), "holds no erase_config.json")
-    assert not (tmp_path / "new" / "unet-erased.safetensors").exists()
+    assert not (tmp_path / "new" / "erased.safetensors").exists()
 
 
 def test_blur_true_in_a_settings_file_blurs(tmp_path):
@@ -234,6 +234,25 @@ def test_an_image_declaring_30000_pixels_a_side_is_named(tiny_pipeline_dir, tmp_
     argv = ["erase", "--model", str(tiny_pipeline_dir), "--out", str(tmp_path / "o")]
     argv += ["--forget-images", str(folder), "--forget-caption", "a cat", "-q"]
     _refused(capsys, main(argv), "huge.png: declares over")
+
+
+def test_a_fifo_among_images_is_never_read(tiny_pipeline_dir, tmp_path):
+    """A FIFO named b.png is no image: the folder scan passes it over (erase), the reader
+    refuses it by name (audit), and neither blocks on it."""
+    folder = tmp_path / "forget"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), "gray").save(folder / "ok.png")
+    os.mkfifo(folder / "b.png")
+    argv = ["erase", "--model", str(tiny_pipeline_dir), "--out", str(tmp_path / "o"), "-q"]
+    argv += ["--forget-images", str(folder), "--forget-caption", "a cat", "--steps", "1"]
+    run = [sys.executable, "-m", "loreun.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(run + argv, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    from loreun.pipelines.image_files import open_rgb
+
+    with pytest.raises(ValueError, match="b.png: not a regular file"):
+        open_rgb(folder / "b.png")
 
 
 def _gradient_pair(folder: Path) -> None:

@@ -74,7 +74,7 @@ def test_demo_end_to_end_reduced(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--samples-per-prompt", "1"]) == 0
     text = capsys.readouterr().out
     assert "erased digit (3)" in text and "retained digits" in text
-    assert (out / "report.html").is_file() and (out / "erase" / "unet-erased.safetensors").is_file()
+    assert (out / "report.html").is_file() and (out / "erase" / "erased.safetensors").is_file()
     import json
 
     s = json.loads((out / "summary.json").read_text())["sources"]

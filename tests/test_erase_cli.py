@@ -77,7 +77,7 @@ def test_non_empty_output_is_refused_and_overwrite_keeps_foreign_files(
     assert "is not empty; pass --overwrite" in _err(capsys)[0]
     assert main(erase_args(tiny_pipeline_dir, out, "--overwrite")) == 0
     assert (out / "notes.txt").read_text() == "mine"
-    assert (out / "unet-erased.safetensors").is_file()
+    assert (out / "erased.safetensors").is_file()
 
 
 def test_yaml_config_file_with_flag_override(tiny_pipeline_dir, tmp_path, capsys):
@@ -118,8 +118,8 @@ def test_resume_continues_the_step_count_exactly(tiny_pipeline_dir, tmp_path):
     assert main(erase_args(tiny_pipeline_dir, split, *common, "--resume", "latest")) == 0
     steps = [json.loads(line)["step"] for line in open(split / "train_log.jsonl")]
     assert steps == [1, 2, 3, 4]
-    a = load_file(str(straight / "unet-erased.safetensors"))
-    b = load_file(str(split / "unet-erased.safetensors"))
+    a = load_file(str(straight / "erased.safetensors"))
+    b = load_file(str(split / "erased.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -146,7 +146,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     err = _err(capsys)
     assert code == 1 and "loss became nan at step 3" in err[-1]
     assert (out / "checkpoints" / "checkpoint-2" / "trained.safetensors").is_file()
-    assert not (out / "unet-erased.safetensors").exists()
+    assert not (out / "erased.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -205,7 +205,7 @@ def test_partial_sampling_sources(tiny_pipeline_dir, tmp_path, source):
         )
         == 0
     )
-    assert (out / "unet-erased.safetensors").is_file()
+    assert (out / "erased.safetensors").is_file()
 
 
 def test_saved_config_reloads_to_the_same_config(tiny_pipeline_dir, tmp_path):

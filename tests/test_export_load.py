@@ -27,13 +27,13 @@ def _unet_out(unet):
 
 
 def test_header_metadata(erased_run, tiny_pipeline_dir):
-    tensors, meta = read_erased_file(erased_run / "unet-erased.safetensors")
+    tensors, meta = read_erased_file(erased_run / "erased.safetensors")
     assert meta["base_model"] == tiny_pipeline_dir.name  # shared files hold no local paths
     assert meta["method"] == "esd-x" and meta["concepts"] == ["a cat", "a dog"]
     assert meta["steps_done"] == 3 and meta["num_tensors"] == len(tensors)
     assert meta["hyperparameters"]["lr"] == 1e-3
     assert set(meta["versions"]) == {"loreun", "diffusers", "torch"}
-    assert (meta["format"], meta["format_version"]) == ("loreun.unet-erased", 2)
+    assert (meta["format"], meta["format_version"]) == ("loreun.erased", 2)
     assert (meta["prediction_type"], meta["world_size"], meta["erase_from"]) == ("epsilon", 1, None)
     assert meta["weighting"] == "uniform" and meta["weighting_chosen"] == {}
     assert all(".attn2." in k for k in tensors)
@@ -44,7 +44,7 @@ def test_header_metadata(erased_run, tiny_pipeline_dir):
 
 
 def test_erasure_changed_the_trained_tensors_only(erased_run, tiny_pipeline_dir):
-    tensors, _ = read_erased_file(erased_run / "unet-erased.safetensors")
+    tensors, _ = read_erased_file(erased_run / "erased.safetensors")
     base = load_pipeline(str(tiny_pipeline_dir)).unet.state_dict()
     assert any(not torch.equal(v, base[k]) for k, v in tensors.items())
 
@@ -54,9 +54,9 @@ def test_export_then_load_reproduces_outputs(erased_run, tiny_pipeline_dir):
 
     saved = StableDiffusionPipeline.from_pretrained(erased_run / "pipeline")
     applied = apply_erased_weights(
-        load_pipeline(str(tiny_pipeline_dir)), erased_run / "unet-erased.safetensors"
+        load_pipeline(str(tiny_pipeline_dir)), erased_run / "erased.safetensors"
     )
-    again = load_erased_pipeline(str(tiny_pipeline_dir), erased_run / "unet-erased.safetensors")
+    again = load_erased_pipeline(str(tiny_pipeline_dir), erased_run / "erased.safetensors")
     base = load_pipeline(str(tiny_pipeline_dir))
     ref = _unet_out(saved.unet)
     assert torch.equal(ref, _unet_out(applied.unet))
@@ -71,8 +71,8 @@ def test_a_base_loaded_in_any_precision_matches_its_fingerprint(
     """bf16 is how SDXL and newer models are loaded: the same base must pass in every dtype,
     and the erased values arrive in the pipeline's own dtype."""
     pipe = load_pipeline(str(tiny_pipeline_dir), torch_dtype=dtype)
-    tensors, _ = read_erased_file(erased_run / "unet-erased.safetensors")
-    apply_erased_weights(pipe, erased_run / "unet-erased.safetensors")  # no error
+    tensors, _ = read_erased_file(erased_run / "erased.safetensors")
+    apply_erased_weights(pipe, erased_run / "erased.safetensors")  # no error
     state = pipe.unet.state_dict()
     assert all(torch.equal(state[k], v.to(dtype)) for k, v in tensors.items())
 
@@ -81,13 +81,13 @@ def test_a_base_loaded_in_any_precision_matches_its_fingerprint(
 def test_another_base_is_refused_in_every_precision(erased_run, other_pipeline_dir, dtype):
     pipe = load_pipeline(str(other_pipeline_dir), torch_dtype=dtype)
     with pytest.raises(ValueError, match="different base model.*--ignore-fingerprint"):
-        apply_erased_weights(pipe, erased_run / "unet-erased.safetensors")
+        apply_erased_weights(pipe, erased_run / "erased.safetensors")
 
 
 def test_generate_in_bf16_applies_an_erased_file(erased_run, tiny_pipeline_dir, tmp_path, capsys):
     """The command a GPU user runs: ``generate --dtype bf16 --erased``; another base is refused
     with the command's own flag named, and that flag applies it."""
-    erased, prompts = erased_run / "unet-erased.safetensors", _two_prompts(tmp_path)
+    erased, prompts = erased_run / "erased.safetensors", _two_prompts(tmp_path)
     argv = ["generate", "--model", str(tiny_pipeline_dir), "--prompts", prompts, "--steps", "2"]
     argv += ["--dtype", "bf16", "--erased", str(erased), "--size", "32", "--samples-per-prompt"]
     assert main([*argv, "1", "--out", str(tmp_path / "g")]) == 0
@@ -100,7 +100,7 @@ def _two_prompts(folder) -> str:
 
 
 def test_another_base_names_the_commands_flag(erased_run, other_pipeline_dir, tmp_path, capsys):
-    erased, prompts = erased_run / "unet-erased.safetensors", _two_prompts(tmp_path)
+    erased, prompts = erased_run / "erased.safetensors", _two_prompts(tmp_path)
     argv = ["generate", "--model", str(other_pipeline_dir), "--prompts", prompts, "--steps", "1"]
     argv += ["--dtype", "bf16", "--erased", str(erased), "--size", "32", "--samples-per-prompt"]
     assert main([*argv, "1", "--out", str(tmp_path / "g")]) == 2
@@ -116,7 +116,7 @@ def test_a_file_without_a_bf16_fingerprint_says_so(erased_run, tiny_pipeline_dir
     error says why, instead of calling the base a different model."""
     from loreun.pipelines.loading import METADATA_KEY, content_hash
 
-    tensors, meta = read_erased_file(erased_run / "unet-erased.safetensors")
+    tensors, meta = read_erased_file(erased_run / "erased.safetensors")
     del meta["base_fingerprint_bf16"]
     old = tmp_path / "old.safetensors"
     meta["content_sha256"] = content_hash(tensors, meta)
@@ -129,8 +129,8 @@ def test_a_file_without_a_bf16_fingerprint_says_so(erased_run, tiny_pipeline_dir
 def test_other_base_is_refused_unless_forced(erased_run, other_pipeline_dir):
     pipe = load_pipeline(str(other_pipeline_dir))
     with pytest.raises(ValueError, match="different base model"):
-        apply_erased_weights(pipe, erased_run / "unet-erased.safetensors")
-    apply_erased_weights(pipe, erased_run / "unet-erased.safetensors", force=True)
+        apply_erased_weights(pipe, erased_run / "erased.safetensors")
+    apply_erased_weights(pipe, erased_run / "erased.safetensors", force=True)
 
 
 def _rewrite(src, dst, change, rehash=True, recount=False):
@@ -173,9 +173,7 @@ def _one_nan(t):
     ],
 )
 def test_tampered_or_non_finite_files_are_refused(erased_run, tmp_path, change, rehash, needle):
-    bad = _rewrite(
-        erased_run / "unet-erased.safetensors", tmp_path / "b.safetensors", change, rehash
-    )
+    bad = _rewrite(erased_run / "erased.safetensors", tmp_path / "b.safetensors", change, rehash)
     with pytest.raises(ValueError, match=needle):
         read_erased_file(bad)
 
@@ -202,7 +200,7 @@ def _header_edit(src, dst, edit):
 def test_the_integrity_check_cannot_be_switched_off(erased_run, tmp_path, edit, needle):
     """Deleting or nulling the hash, or editing any header field, is refused by name; the hash
     covers the header since format 2 (it detects corruption, not a recomputed forgery)."""
-    bad = _header_edit(erased_run / "unet-erased.safetensors", tmp_path / "h.safetensors", edit)
+    bad = _header_edit(erased_run / "erased.safetensors", tmp_path / "h.safetensors", edit)
     with pytest.raises(ValueError, match=needle):
         read_erased_file(bad)
 
@@ -211,7 +209,7 @@ def test_format_1_files_still_load(erased_run, tmp_path):
     """Files of format 1 hashed their tensors only (and the first ones nothing)."""
     from loreun.pipelines.loading import content_hash
 
-    tensors, meta = read_erased_file(erased_run / "unet-erased.safetensors")
+    tensors, meta = read_erased_file(erased_run / "erased.safetensors")
     meta["format_version"], meta["content_sha256"] = 1, content_hash(tensors)
     v1 = tmp_path / "v1.safetensors"
     save_file(tensors, str(v1), metadata={"loreun": json.dumps(meta)})
@@ -222,7 +220,7 @@ def test_format_1_files_still_load(erased_run, tmp_path):
 
 
 def test_metadata_that_is_not_an_object_is_refused(erased_run, tmp_path):
-    tensors, _ = read_erased_file(erased_run / "unet-erased.safetensors")
+    tensors, _ = read_erased_file(erased_run / "erased.safetensors")
     save_file(tensors, str(tmp_path / "l.safetensors"), metadata={"loreun": "[1, 2]"})
     with pytest.raises(ValueError, match="not a JSON object"):
         read_erased_file(tmp_path / "l.safetensors")
@@ -230,8 +228,8 @@ def test_metadata_that_is_not_an_object_is_refused(erased_run, tmp_path):
 
 def test_an_erase_folder_reads_as_its_erased_file(erased_run, tmp_path):
     tensors, _ = read_erased_file(erased_run)
-    assert tensors.keys() == read_erased_file(erased_run / "unet-erased.safetensors")[0].keys()
-    with pytest.raises(FileNotFoundError, match="without unet-erased.safetensors"):
+    assert tensors.keys() == read_erased_file(erased_run / "erased.safetensors")[0].keys()
+    with pytest.raises(FileNotFoundError, match="without erased.safetensors"):
         read_erased_file(tmp_path)
 
 
@@ -241,7 +239,7 @@ def test_wrong_shape_is_refused_even_when_forced(erased_run, tiny_pipeline_dir, 
         t[k] = torch.zeros(*t[k].shape[:-1], t[k].shape[-1] + 1)
         return t
 
-    bad = _rewrite(erased_run / "unet-erased.safetensors", tmp_path / "bad.safetensors", widen)
+    bad = _rewrite(erased_run / "erased.safetensors", tmp_path / "bad.safetensors", widen)
     with pytest.raises(ValueError, match="wrong shape"):
         apply_erased_weights(load_pipeline(str(tiny_pipeline_dir)), bad, force=True)
 
@@ -251,7 +249,7 @@ def test_extra_key_is_refused(erased_run, tiny_pipeline_dir, tmp_path):
         t["down_blocks.9.attn2.to_q.weight"] = torch.zeros(2, 2)
         return t
 
-    src = erased_run / "unet-erased.safetensors"
+    src = erased_run / "erased.safetensors"
     bad = _rewrite(src, tmp_path / "bad.safetensors", extra, recount=True)
     with pytest.raises(ValueError, match="not in this UNet.*down_blocks.9"):
         apply_erased_weights(load_pipeline(str(tiny_pipeline_dir)), bad, force=True)
@@ -262,13 +260,13 @@ def test_missing_tensor_is_refused(erased_run, tiny_pipeline_dir, tmp_path):
         t.pop(sorted(t)[0])
         return t
 
-    bad = _rewrite(erased_run / "unet-erased.safetensors", tmp_path / "bad.safetensors", drop)
+    bad = _rewrite(erased_run / "erased.safetensors", tmp_path / "bad.safetensors", drop)
     with pytest.raises(ValueError, match="incomplete"):
         apply_erased_weights(load_pipeline(str(tiny_pipeline_dir)), bad)
 
 
 def test_truncated_file_is_refused(erased_run, tiny_pipeline_dir, tmp_path):
-    data = (erased_run / "unet-erased.safetensors").read_bytes()
+    data = (erased_run / "erased.safetensors").read_bytes()
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
@@ -294,9 +292,9 @@ def test_apply_to_bare_unet(erased_run):
     from loreun.pipelines.tiny import make_tiny_pipeline
 
     unet = make_tiny_pipeline(seed=0).unet
-    out = apply_erased_weights(unet, erased_run / "unet-erased.safetensors")
+    out = apply_erased_weights(unet, erased_run / "erased.safetensors")
     assert out is unet
-    tensors = load_file(str(erased_run / "unet-erased.safetensors"))
+    tensors = load_file(str(erased_run / "erased.safetensors"))
     k = sorted(tensors)[0]
     assert torch.equal(unet.state_dict()[k], tensors[k])
 
@@ -313,7 +311,7 @@ def test_saved_pipeline_holds_safetensors_only(erased_run):
 def test_load_erased_pipeline_checks_the_base_and_passes_loading_options(
     erased_run, tiny_pipeline_dir, other_pipeline_dir
 ):
-    erased = erased_run / "unet-erased.safetensors"
+    erased = erased_run / "erased.safetensors"
     with pytest.raises(ValueError, match="base"):
         load_erased_pipeline(str(other_pipeline_dir), erased)  # refused unless forced
     forced = load_erased_pipeline(str(other_pipeline_dir), erased, force=True)
@@ -326,7 +324,7 @@ def test_load_erased_pipeline_checks_the_base_and_passes_loading_options(
 def test_check_erased_files_names_the_file_that_does_not_fit(erased_run, other_pipeline_dir):
     from loreun.pipelines.loading import check_erased_files
 
-    erased = erased_run / "unet-erased.safetensors"
+    erased = erased_run / "erased.safetensors"
     with pytest.raises(ValueError, match=str(erased)):
         check_erased_files(str(other_pipeline_dir), [erased])
 
@@ -352,7 +350,7 @@ def test_a_stale_temporary_pipeline_folder_is_replaced(erased_run, tmp_path):
     stale = tmp_path / f".pipeline.tmp-{os.getpid()}"
     stale.mkdir()
     (stale / "half-written.bin").write_text("from a run that died")
-    _, meta = read_erased_file(erased_run / "unet-erased.safetensors")
+    _, meta = read_erased_file(erased_run / "erased.safetensors")
     save_pipeline_folder(load_pipeline(str(erased_run / "pipeline")), final, meta)
     assert not stale.exists() and not (final / "half-written.bin").exists()
     assert (final / "README.md").is_file() and (final / "model_index.json").is_file()
@@ -371,14 +369,14 @@ def test_every_loading_error_names_the_file_and_says_what_to_do(
     from loreun.pipelines import apply_erased_weights
     from loreun.pipelines.loading import METADATA_KEY, check_compatible, content_hash
 
-    good = erased_run / "unet-erased.safetensors"
+    good = erased_run / "erased.safetensors"
     tensors, meta = read_erased_file(good)
     pickled = tmp_path / "w.pt"
     pickled.write_bytes(b"x")
     _says(
         ValueError,
         f"{pickled}: refusing to unpickle a .pt file, which can run code; "
-        "use the unet-erased.safetensors that loreun exports",
+        "use the erased.safetensors that loreun exports",
         read_erased_file,
         pickled,
     )

@@ -119,16 +119,14 @@ def test_full_erasure_end_to_end(kind, flow_dirs, tmp_path):
     out = tmp_path / "erase"
     args = _erase(flow_dirs[kind], out, "--weighting", "loreun", "--save-pipeline")
     assert main(args + ["--objective", "ga", "--retain-concept", "a dog"]) == 0
-    with safe_open(str(out / "unet-erased.safetensors"), framework="pt") as f:
+    with safe_open(str(out / "erased.safetensors"), framework="pt") as f:
         meta = json.loads(f.metadata()["loreun"])
     assert meta["family"] == _pipeline_class(kind).__name__
     assert meta["prediction_type"] == "flow"
     folder = _pipeline_class(kind).from_pretrained(out / "pipeline", **_absent(kind))
     image = folder("a cat", num_inference_steps=2, height=32, width=32).images[0]
     assert image.size == (32, 32)
-    base = apply_erased_weights(
-        load_pipeline(str(flow_dirs[kind])), out / "unet-erased.safetensors"
-    )
+    base = apply_erased_weights(load_pipeline(str(flow_dirs[kind])), out / "erased.safetensors")
     a, b = base.transformer.state_dict(), folder.transformer.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     gen, audit = tmp_path / "gen", tmp_path / "audit"
@@ -150,7 +148,7 @@ def test_lora_erasure_loads_in_plain_diffusers(kind, flow_dirs, tmp_path):
     pipe.load_lora_weights(out)
     pipe.fuse_lora()
     pipe.unload_lora_weights()
-    merged = load_file(str(out / "unet-erased.safetensors"))
+    merged = load_file(str(out / "erased.safetensors"))
     state = pipe.transformer.state_dict()
     assert merged and all(torch.allclose(state[k], v, atol=1e-6) for k, v in merged.items())
     assert all(k.split(".attn.")[1].split(".")[0] in TEXT_STREAM for k in merged)
@@ -192,7 +190,7 @@ def test_a_schnell_shaped_model_without_guidance_embedding_erases(tmp_path):
     model = save_tiny_flow_pipeline(tmp_path / "schnell", "flux-schnell")
     out = tmp_path / "o"
     assert main(_erase(model, out, "--xt-source", "partial-train")) == 0
-    assert load_file(str(out / "unet-erased.safetensors"))
+    assert load_file(str(out / "erased.safetensors"))
 
 
 def test_flux_predict_matches_the_pipelines_own_packing_and_ids():

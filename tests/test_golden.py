@@ -120,7 +120,7 @@ def run_golden(family: str, model: Path, out: Path) -> dict:
         model, out, "--weighting", "loreun", "--min-reliability", "-1", "--seed", "11", "-q"
     )
     assert main(args + list(RECIPES[family])) == 0
-    erased = load_file(str(out / "unet-erased.safetensors"))
+    erased = load_file(str(out / "erased.safetensors"))
     base = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
     return {
         "update": update_summary(erased, base),

@@ -57,7 +57,7 @@ def test_a_failed_start_does_not_block_the_corrected_command(tiny_pipeline_dir, 
     assert main(erase_args(tmp_path / "typo", out, "-q")) == 2
     assert "no such file or folder" in capsys.readouterr().err
     assert main(erase_args(tiny_pipeline_dir, out, "-q")) == 0  # no --overwrite needed
-    assert (out / "unet-erased.safetensors").is_file()
+    assert (out / "erased.safetensors").is_file()
     # a finished run, and a folder holding a user's file, are still refused
     assert main(erase_args(tiny_pipeline_dir, out, "-q")) == 2
     assert "is not empty; pass --overwrite" in capsys.readouterr().err
@@ -104,7 +104,7 @@ def test_generate_and_erase_run_without_fcntl(tiny_pipeline_dir, tmp_path):
         )
         assert done.returncode == 0, done.stderr[-2000:]
     assert len(list((tmp_path / "g" / "images").glob("*.png"))) == 1
-    assert (tmp_path / "e" / "unet-erased.safetensors").is_file()
+    assert (tmp_path / "e" / "erased.safetensors").is_file()
 
 
 def test_the_filelock_fallback_refuses_a_second_holder(tmp_path, monkeypatch):

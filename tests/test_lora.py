@@ -49,9 +49,7 @@ def test_lora_loads_in_diffusers_and_unloads_to_the_base_bit_for_bit(lora_run, t
     pipe.unload_lora_weights()
     assert np.array_equal(_image(pipe), base)
     assert np.abs(erased - base).max() > 1e-3  # the erasure changes the image
-    merged = _image(
-        load_erased_pipeline(str(tiny_pipeline_dir), lora_run / "unet-erased.safetensors")
-    )
+    merged = _image(load_erased_pipeline(str(tiny_pipeline_dir), lora_run / "erased.safetensors"))
     np.testing.assert_allclose(erased, merged, atol=1e-5)  # alpha / rank = 2 is applied
     np.testing.assert_array_equal(_image(_pipe(lora_run / "pipeline")), merged)
 
@@ -90,7 +88,7 @@ def test_a_lora_run_writes_a_card_that_says_which_file_goes_where(lora_run, tiny
 def test_lora_trains_only_adapters_on_the_preset_modules(lora_run, tiny_pipeline_dir):
     from loreun.pipelines.loading import read_erased_file
 
-    merged, meta = read_erased_file(lora_run / "unet-erased.safetensors")
+    merged, meta = read_erased_file(lora_run / "erased.safetensors")
     assert all(".attn2." in k for k in merged) and meta["hyperparameters"]["lora_rank"] == 2
     base = load_file(str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     assert set(merged) == {k for k in base if ".attn2." in k}

@@ -16,7 +16,7 @@ def _log(out):
 
 
 def _header(out):
-    with safe_open(str(out / "unet-erased.safetensors"), framework="pt") as f:
+    with safe_open(str(out / "erased.safetensors"), framework="pt") as f:
         return json.loads(f.metadata()[METADATA_KEY])
 
 

@@ -155,8 +155,8 @@ def test_low_memory_recipe_erases_resumes_and_records_its_settings(tiny_pipeline
         main(erase_args(tiny_pipeline_dir, split, *common, "--steps", "4", "--resume", "latest"))
         == 0
     )
-    a = load_file(str(straight / "unet-erased.safetensors"))
-    b = load_file(str(split / "unet-erased.safetensors"))
+    a = load_file(str(straight / "erased.safetensors"))
+    b = load_file(str(split / "erased.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = json.loads((straight / "erase_config.json").read_text())
     assert saved["optimizer"] == "adafactor" and saved["frozen_dtype"] == "bf16"
@@ -172,7 +172,7 @@ def test_half_precision_copies_with_a_mask_leave_unsalient_weights_exact(
     args = erase_args(tiny_pipeline_dir, out, "--method", "esd-x", "--saliency", "0.3", *LOW_MEMORY)
     assert main(args) == 0
     mask = load_file(str(out / "saliency-mask.safetensors"))
-    erased = load_file(str(out / "unet-erased.safetensors"))
+    erased = load_file(str(out / "erased.safetensors"))
     base = load_file(str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     for name, m in mask.items():
         assert torch.equal(erased[name][~m], base[name][~m]), name
@@ -323,7 +323,7 @@ def test_mixed_precision_saves_a_full_precision_pipeline(tiny_pipeline_dir, tmp_
     cmd = [sys.executable, "-m", "loreun.cli", *erase_args(tiny_pipeline_dir, out, *args)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    erased = load_file(str(out / "unet-erased.safetensors"))
+    erased = load_file(str(out / "erased.safetensors"))
     base = load_file(str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     saved = load_file(str(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert set(saved) == set(base)
@@ -344,8 +344,8 @@ def test_gradient_accumulation_updates_once_per_step(tiny_pipeline_dir, tmp_path
     assert {int(s["step"]) for s in state["state"].values()} == {3}
     log = (outs[2] / "train_log.jsonl").read_text().splitlines()
     assert len(log) == 3
-    a = load_file(str(outs[1] / "unet-erased.safetensors"))
-    b = load_file(str(outs[2] / "unet-erased.safetensors"))
+    a = load_file(str(outs[1] / "erased.safetensors"))
+    b = load_file(str(outs[2] / "erased.safetensors"))
     assert any(not torch.equal(a[n], b[n]) for n in a)
 
 

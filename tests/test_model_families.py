@@ -89,10 +89,10 @@ def test_v_prediction_model_end_to_end(v_pipeline_dir, tmp_path):
     out = tmp_path / "erase"
     args = erase_args(v_pipeline_dir, out, "--objective", "ga", "--retain-concept", "a dog")
     assert main(args + ["--weighting", "loreun", "--save-pipeline"]) == 0
-    with safe_open(str(out / "unet-erased.safetensors"), framework="pt") as f:
+    with safe_open(str(out / "erased.safetensors"), framework="pt") as f:
         meta = json.loads(f.metadata()["loreun"])
     assert meta["prediction_type"] == "v_prediction"
-    pipe = apply_erased_weights(load_pipeline(str(v_pipeline_dir)), out / "unet-erased.safetensors")
+    pipe = apply_erased_weights(load_pipeline(str(v_pipeline_dir)), out / "erased.safetensors")
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     gen = tmp_path / "gen"
     cmd = ["generate", "--model", str(out / "pipeline"), "--prompts", "neutral", "--steps", "2"]
@@ -138,7 +138,7 @@ def test_sdxl_end_to_end(sdxl_dir, tmp_path):
     folder = StableDiffusionXLPipeline.from_pretrained(out / "pipeline")
     image = folder("a cat", num_inference_steps=2, height=32, width=32).images[0]
     assert image.size == (32, 32)
-    base = apply_erased_weights(load_pipeline(str(sdxl_dir)), out / "unet-erased.safetensors")
+    base = apply_erased_weights(load_pipeline(str(sdxl_dir)), out / "erased.safetensors")
     a, b = base.unet.state_dict(), folder.unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     gen = tmp_path / "gen"
@@ -166,7 +166,7 @@ def test_sdxl_esd_presets_train_cross_attention(sdxl_dir, tmp_path, source):
 
     out = tmp_path / "o"
     assert main(erase_args(sdxl_dir, out, "--method", "esd-x", "--xt-source", source)) == 0
-    keys = load_file(str(out / "unet-erased.safetensors")).keys()
+    keys = load_file(str(out / "erased.safetensors")).keys()
     assert keys and all(".attn2." in k for k in keys)
 
 
@@ -179,6 +179,6 @@ def test_gradient_checkpointing_gives_the_same_weights(tiny_pipeline_dir, tmp_pa
         main(erase_args(tiny_pipeline_dir, ckpt, "--method", "esd-u", "--gradient-checkpointing"))
         == 0
     )
-    a = load_file(str(plain / "unet-erased.safetensors"))
-    b = load_file(str(ckpt / "unet-erased.safetensors"))
+    a = load_file(str(plain / "erased.safetensors"))
+    b = load_file(str(ckpt / "erased.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -49,10 +49,10 @@ def test_two_cpu_processes_with_torchrun(tiny_pipeline_dir, tmp_path):
         "checkpoint-2",
         "checkpoint-4",
     ]
-    apply_erased_weights(load_pipeline(str(tiny_pipeline_dir)), out / "unet-erased.safetensors")
+    apply_erased_weights(load_pipeline(str(tiny_pipeline_dir)), out / "erased.safetensors")
     from loreun.pipelines.loading import read_erased_file
 
-    assert read_erased_file(out / "unet-erased.safetensors")[1]["world_size"] == 2
+    assert read_erased_file(out / "erased.safetensors")[1]["world_size"] == 2
     # one process cannot continue what two began: each process draws its own batches
     res = subprocess.run(
         [sys.executable, "-m", "loreun.cli", *erase_args(tiny_pipeline_dir, out)]

@@ -63,7 +63,7 @@ ERASE_NAMES = [
     (".loreun.lock", False),
     ("erase_config.json", False),
     ("train_log.jsonl", False),
-    ("unet-erased.safetensors", False),
+    ("erased.safetensors", False),
     ("saliency-mask.safetensors", False),
     ("pytorch_lora_weights.safetensors", False),
     ("lora-kohya.safetensors", False),
@@ -223,26 +223,26 @@ def test_a_reused_config_cannot_overwrite(finished, tiny_pipeline_dir, tmp_path,
     saved = json.loads((finished / "erase_config.json").read_text())
     other = tmp_path / "other"
     assert main(erase_args(tiny_pipeline_dir, other, "-q")) == 0
-    before = (other / "unet-erased.safetensors").read_bytes()
+    before = (other / "erased.safetensors").read_bytes()
     settings = tmp_path / "reused.json"
     settings.write_text(json.dumps({**saved, "overwrite": True, "out": str(other)}))
     code = main(["erase", "--config-file", str(settings), "-q"])
     _refused(capsys, code, "is not empty; pass --overwrite")
-    assert (other / "unet-erased.safetensors").read_bytes() == before
+    assert (other / "erased.safetensors").read_bytes() == before
 
 
 @pytest.mark.parametrize("where", ["base", "run-file", "inside-run"])
 def test_export_never_writes_over_its_inputs(finished, tiny_pipeline_dir, tmp_path, capsys, where):
     before = {p: p.read_bytes() for p in tiny_pipeline_dir.rglob("*") if p.is_file()}
-    erased = (finished / "unet-erased.safetensors").read_bytes()
+    erased = (finished / "erased.safetensors").read_bytes()
     argv = {
         "base": ["--pipeline", str(tiny_pipeline_dir), "--model", str(tiny_pipeline_dir)],
-        "run-file": ["--single-file", str(finished / "unet-erased.safetensors")],
+        "run-file": ["--single-file", str(finished / "erased.safetensors")],
         "inside-run": ["--single-file", str(finished / "shared.safetensors")],
     }[where]
     _refused(capsys, main(["export", str(finished), *argv, "--overwrite"]), "loreun never writes")
     assert {p: p.read_bytes() for p in tiny_pipeline_dir.rglob("*") if p.is_file()} == before
-    assert (finished / "unet-erased.safetensors").read_bytes() == erased
+    assert (finished / "erased.safetensors").read_bytes() == erased
 
 
 def test_erase_and_generate_refuse_an_output_inside_an_input(
@@ -369,7 +369,7 @@ def test_the_divergence_hint_names_only_a_finite_checkpoint(tiny_pipeline_dir, t
 )
 def test_erase_numbers_fail_in_one_line(tiny_pipeline_dir, tmp_path, capsys, flags, needle):
     _refused(capsys, main(erase_args(tiny_pipeline_dir, tmp_path / "o", *flags, "-q")), needle)
-    assert not (tmp_path / "o" / "unet-erased.safetensors").exists()
+    assert not (tmp_path / "o" / "erased.safetensors").exists()
 
 
 @pytest.mark.parametrize(
@@ -540,6 +540,6 @@ def test_files_are_written_with_the_usual_permissions(finished, tmp_path):
     single = tmp_path / "shared.safetensors"
     assert main(["export", str(finished), "--single-file", str(single), "--pipeline",
                  str(tmp_path / "p")]) == 0  # fmt: skip
-    for path in (single, finished / "unet-erased.safetensors", tmp_path / "p" / "README.md"):
+    for path in (single, finished / "erased.safetensors", tmp_path / "p" / "README.md"):
         assert path.stat().st_mode & 0o777 == 0o666 & ~UMASK, path
     assert (tmp_path / "p").stat().st_mode & 0o777 == 0o777 & ~UMASK

@@ -42,7 +42,7 @@ def test_readme_erase_load_and_evaluate(tmp_path):
     res = run_block("readme-test", tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("(16, 16)") == 2
-    assert "erased weights: runs/erase-3/unet-erased.safetensors" in res.stdout
+    assert "erased weights: runs/erase-3/erased.safetensors" in res.stdout
     assert (tmp_path / "runs/eval-3/report.html").is_file()
     s = json.loads((tmp_path / "runs/eval-3/summary.json").read_text())["sources"]
     assert s["erased"]["digits"]["erased_top1"] < s["original"]["digits"]["erased_top1"]

@@ -56,7 +56,7 @@ def test_divergence_keeps_only_finite_checkpoints_and_the_advice_works(
     assert ("became NaN or inf by step 2" in err or " at step 2;" in err) and "checkpoint-1" in err
     found = sorted((out / "checkpoints").glob("checkpoint-*"))
     assert [p.name for p in found] == ["checkpoint-1"] and _finite_checkpoint(found[0])
-    assert not (out / "unet-erased.safetensors").exists()
+    assert not (out / "erased.safetensors").exists()
     assert main(args + ["--lr", "1e-4", "--seed", "1", "--overwrite"]) == 0  # the advice
 
 
@@ -120,14 +120,14 @@ def test_wrong_erased_file_does_not_claim_the_output(
     _err(capsys)
     gen = ["generate", "--model", str(other_pipeline_dir), "--prompts", "neutral", "--steps", "2"]
     gen += ["--out", str(tmp_path / "gen")]
-    code = main(gen + ["--erased", str(good / "unet-erased.safetensors")])
+    code = main(gen + ["--erased", str(good / "erased.safetensors")])
     _one_line(capsys, code, "different base model")
     assert not (tmp_path / "gen" / "generate_config.json").exists()
     gen[2] = str(tiny_pipeline_dir)
     assert main(gen + ["--erased", str(good)]) == 0  # the folder names its erased file
     ev = ["evaluate", "--model", str(other_pipeline_dir), "--prompts", "neutral"]
     ev += ["--detector", "digits", "--steps", "2", "--out", str(tmp_path / "ev")]
-    code = main(ev + ["--erased", str(bad / "unet-erased.safetensors")])
+    code = main(ev + ["--erased", str(bad / "erased.safetensors")])
     _one_line(capsys, code, "different base model")
     assert not (tmp_path / "ev" / "original").exists()
 
@@ -249,8 +249,8 @@ def test_kill_9_mid_erase_resumes_to_the_same_weights(tiny_pipeline_dir, tmp_pat
     if not list((killed / "checkpoints").glob("checkpoint-*")):
         args = erase_args(tiny_pipeline_dir, killed, *common, "--overwrite")
     assert _cli(args) == 0
-    a = load_file(str(straight / "unet-erased.safetensors"))
-    b = load_file(str(killed / "unet-erased.safetensors"))
+    a = load_file(str(straight / "erased.safetensors"))
+    b = load_file(str(killed / "erased.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not list((killed / "checkpoints").glob(".checkpoint-*"))
     steps = [json.loads(x)["step"] for x in (killed / "train_log.jsonl").read_text().splitlines()]

@@ -85,7 +85,7 @@ def test_masked_weights_stay_bit_identical_under_weight_decay(
     )
     assert code == 0
     mask = load_file(str(out / "saliency-mask.safetensors"))
-    erased = load_file(str(out / "unet-erased.safetensors"))
+    erased = load_file(str(out / "erased.safetensors"))
     base = _trained_base(tiny_pipeline_dir, erased)
     kept = sum(int(m.sum()) for m in mask.values())
     total = sum(m.numel() for m in mask.values())
@@ -105,7 +105,7 @@ def test_saved_mask_is_reused_and_checked(tiny_pipeline_dir, tmp_path, folders, 
     second = tmp_path / "second"
     assert main(erase_cli(tiny_pipeline_dir, second, *base_args, "--saliency-mask", mask_path)) == 0
     mask = load_file(str(mask_path))
-    erased = load_file(str(second / "unet-erased.safetensors"))
+    erased = load_file(str(second / "erased.safetensors"))
     base = _trained_base(tiny_pipeline_dir, erased)
     assert all(torch.equal(erased[n][~m], base[n][~m]) for n, m in mask.items())
     capsys.readouterr()
@@ -156,7 +156,7 @@ def test_folder_erase_exports_weights_that_load(tiny_pipeline_dir, tmp_path, fol
     assert main(args) == 0
     _assert_rerun_reuses(args, out / "cache" / "forget-images.safetensors", (4, 1))
     pipe = load_pipeline(str(tiny_pipeline_dir))
-    apply_erased_weights(pipe, out / "unet-erased.safetensors")
+    apply_erased_weights(pipe, out / "erased.safetensors")
     config = json.loads((out / "erase_config.json").read_text())
     assert config["forget_images"] == str(forget) and config["retain_weight"] == 1.0
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
@@ -184,7 +184,7 @@ def test_resumed_run_keeps_its_mask(tiny_pipeline_dir, tmp_path, folders):
     assert main(args + ["--steps", "4", "--resume", "latest"]) == 0
     assert mask_file.stat().st_mtime_ns == written
     mask = load_file(str(mask_file))
-    erased = load_file(str(out / "unet-erased.safetensors"))
+    erased = load_file(str(out / "erased.safetensors"))
     base = _trained_base(tiny_pipeline_dir, erased)
     assert all(torch.equal(erased[n][~m], base[n][~m]) for n, m in mask.items())
 

@@ -46,6 +46,11 @@ def erased_sd1(sd1_shaped_dir, tmp_path_factory):
     return out
 
 
+def _with_unet(pipe):
+    """(pipe, its UNet): what the family hands ``to_ldm``."""
+    return pipe, pipe.unet
+
+
 def _tensors(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
@@ -100,7 +105,7 @@ def test_the_default_single_file_is_half_precision(erased_sd1, sd1_shaped_dir, t
 
 
 def test_no_local_path_in_the_erased_file_it_is_shared_as(tmp_path):
-    """The header of unet-erased.safetensors is what users share: no --out, --model or
+    """The header of erased.safetensors is what users share: no --out, --model or
     --forget-images path in it, only their last names."""
     from loreun.pipelines.digits_data import write_digit_folders
 
@@ -109,7 +114,7 @@ def test_no_local_path_in_the_erased_file_it_is_shared_as(tmp_path):
     argv = ["erase", "--model", "digits", "--forget-images", str(forget), "--steps"]
     argv += ["2", "--objective", "remap", "--anchor", "a handwritten 0", "--out", str(out), "-q"]
     assert main(argv) == 0
-    raw = (out / "unet-erased.safetensors").read_bytes()[:200_000]
+    raw = (out / "erased.safetensors").read_bytes()[:200_000]
     header = raw[8 : 8 + int.from_bytes(raw[:8], "little")].decode()
     assert str(tmp_path) not in header
     meta = json.loads(json.loads(header)["__metadata__"]["loreun"])
@@ -198,7 +203,7 @@ def test_single_file_refuses_layouts_it_does_not_write(tmp_path):
     from loreun.pipelines.tiny import make_tiny_sdxl_pipeline
 
     with pytest.raises(ValueError, match="SD 1.x layouts; StableDiffusionXLPipeline is not one"):
-        to_ldm(make_tiny_sdxl_pipeline())
+        to_ldm(*_with_unet(make_tiny_sdxl_pipeline()))
 
 
 @pytest.mark.slow
@@ -245,7 +250,9 @@ def test_a_single_file_base_is_checked_through_its_config_folder(
     from loreun.pipelines.single_file import to_ldm
 
     base_file = tmp_path / "base.safetensors"
-    save_file(to_ldm(StableDiffusionPipeline.from_pretrained(sd1_shaped_dir)), str(base_file))
+    save_file(
+        to_ldm(*_with_unet(StableDiffusionPipeline.from_pretrained(sd1_shaped_dir))), str(base_file)
+    )
     check_erased_files(str(base_file), [erased_sd1], model_config=str(sd1_shaped_dir))
 
 
@@ -256,7 +263,7 @@ def test_ldm_names_that_diffusers_would_also_accept_otherwise(sd1_shaped_dir):
 
     from loreun.pipelines.single_file import text_key, to_ldm, unet_key, vae_key
 
-    sd = to_ldm(StableDiffusionPipeline.from_pretrained(sd1_shaped_dir))
+    sd = to_ldm(*_with_unet(StableDiffusionPipeline.from_pretrained(sd1_shaped_dir)))
     assert "model.diffusion_model.output_blocks.5.2.conv.weight" in sd  # CrossAttnUpBlock2D
     assert "model.diffusion_model.output_blocks.2.1.conv.weight" in sd  # UpBlock2D
     assert sd["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4
@@ -284,7 +291,7 @@ def test_single_file_refuses_sd2_shaped_unets(sd1_shaped_dir):
     with pytest.raises(
         ValueError, match="^single-file export writes SD 1.x layouts; this UNet is SD 2.x-shaped$"
     ):
-        to_ldm(pipe)
+        to_ldm(*_with_unet(pipe))
 
 
 def test_export_from_a_single_file_base_into_an_empty_folder(erased_sd1, sd1_shaped_dir, tmp_path):
@@ -296,7 +303,9 @@ def test_export_from_a_single_file_base_into_an_empty_folder(erased_sd1, sd1_sha
     from loreun.pipelines.single_file import to_ldm
 
     base_file = tmp_path / "base.safetensors"
-    save_file(to_ldm(StableDiffusionPipeline.from_pretrained(sd1_shaped_dir)), str(base_file))
+    save_file(
+        to_ldm(*_with_unet(StableDiffusionPipeline.from_pretrained(sd1_shaped_dir))), str(base_file)
+    )
     (tmp_path / "empty").mkdir()
     summary = tmp_path / "eval" / "summary.json"
     summary.parent.mkdir()

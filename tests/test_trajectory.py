@@ -83,7 +83,7 @@ def test_trajectory_run_resumes_exactly_and_reuses_its_pool(
     assert main(erase_args(tiny_pipeline_dir, split, *common, "--steps", "2")) == 0
     argv = erase_args(tiny_pipeline_dir, split, *common, "--steps", "4", "--resume", "latest")
     assert main(argv) == 0
-    a, b = (load_file(str(d / "unet-erased.safetensors")) for d in (straight, split))
+    a, b = (load_file(str(d / "erased.safetensors")) for d in (straight, split))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a rerun over the same folder samples nothing and trains to the same weights
     stamp = os.stat(pool_file).st_mtime_ns
@@ -92,7 +92,7 @@ def test_trajectory_run_resumes_exactly_and_reuses_its_pool(
     assert main(argv) == 0
     assert "trajectories" not in capsys.readouterr().out
     assert os.stat(pool_file).st_mtime_ns == stamp
-    c = load_file(str(straight / "unet-erased.safetensors"))
+    c = load_file(str(straight / "erased.safetensors"))
     assert all(torch.equal(a[k], c[k]) for k in a)
     saved = json.loads((straight / "erase_config.json").read_text())
     assert (saved["xt_source"], saved["trajectory_pool"]) == ("trajectory", 3)
@@ -115,4 +115,4 @@ def test_trajectory_settings_that_cannot_work(tiny_pipeline_dir, tmp_path, capsy
     assert main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading bars, if any
     assert last.startswith("loreun erase: error: ") and needle in last
-    assert not (tmp_path / "o" / "unet-erased.safetensors").exists()
+    assert not (tmp_path / "o" / "erased.safetensors").exists()
