@@ -104,3 +104,17 @@ def observe_difficulty(run, acc, batch, pred, g) -> None:
         # every process folds in every process's items, identically
         ids, t, diff = (acc.gather(x.to(acc.device)).cpu() for x in (ids, t, diff))
     run.weighting.observe(ids, t, diff)
+
+
+def reliability_line(summary: dict, floor: float) -> str:
+    """The set-up line that says whether LoReUn's difficulty is a property of the items."""
+    rel = summary.get("difficulty_reliability")
+    if rel is None:
+        return "difficulty: too few items or probes for a split-half reliability"
+    line = f"difficulty: split-half reliability {rel:.2f}"
+    if summary.get("fell_back_to_uniform"):
+        return (
+            f"{line}, below --min-reliability {floor}: the memory is mostly noise, so the "
+            "forget items are weighed uniformly (raise --probe-times, or lower --min-reliability)"
+        )
+    return line

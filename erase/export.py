@@ -186,7 +186,7 @@ def export_run(run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
 
 def _erased_pipeline(run, cfg: EraseConfig, path: Path):
     """The pipeline to save: the run's own, or, where ``--mixed-precision`` rounded the untrained
-    weights (``trainer.cast_untrained``), the base model reloaded with the erased tensors."""
+    weights (``teachers.cast_untrained``), the base model reloaded with the erased tensors."""
     if cfg.mixed_precision != "no":
         from loreun.pipelines.loading import load_erased_pipeline
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from .config import OPTIMIZERS  # the one list; config.py stays torch-free
+from .config import OPTIMIZERS, EraseConfig  # the one list; config.py stays torch-free
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -198,3 +198,23 @@ class StepInBackward:
         """Take the hooks off the parameters."""
         for h in self.handles:
             h.remove()
+
+
+def prepare_optimizer(cfg: EraseConfig, acc, denoiser, trained: dict, mask: dict | None):
+    """(the denoiser as accelerate prepares it, the optimizer over the trained tensors).
+
+    With ``--step-in-backward`` the optimizer is a ``StepInBackward`` that updates during
+    backward; accelerate does not wrap it (it would step and clip it again).
+    """
+
+    def make(params):
+        return build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+
+    if not cfg.step_in_backward:
+        return acc.prepare(denoiser, make(list(trained.values())))
+    if acc.num_processes > 1:
+        raise ValueError(
+            "--step-in-backward: runs on one process (several would update before the "
+            "gradients are averaged)"
+        )
+    return acc.prepare(denoiser), StepInBackward(make, trained, mask)

@@ -18,6 +18,11 @@ from functools import partial
 import torch
 
 from loreun.pipelines.family import Family
+from loreun.pipelines.loading import base_fingerprints
+
+from .config import EraseConfig
+from .lora import add_lora
+from .presets import select_parameters
 
 
 class FrozenTeacher:
@@ -143,3 +148,50 @@ class AdapterOffTeacher:
                 return self.family.predict(self.denoiser, x, t, cond)
         finally:
             self.denoiser.enable_adapters()
+
+
+# --mixed-precision and --frozen-dtype names -> the dtype (None: leave as loaded)
+TORCH_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def trainable(cfg: EraseConfig, family: Family, denoiser) -> tuple[dict, object, dict[str, str]]:
+    """(name -> trained parameter, the teacher, the base fingerprints of the preset's tensors).
+
+    Full training trains the preset's tensors against frozen copies of them; ``--lora-rank``
+    trains adapters on the same modules against the denoiser with its adapters off.
+    """
+    preset = select_parameters(denoiser, cfg.method, family.presets)
+    base_fp = base_fingerprints({n: p.detach() for n, p in preset.items()})
+    if cfg.lora_rank:
+        alpha = cfg.lora_alpha or cfg.lora_rank
+        trained = add_lora(denoiser, preset, cfg.lora_rank, alpha, cfg.seed)
+        cast_untrained(denoiser, trained, TORCH_DTYPES.get(cfg.mixed_precision))
+        return trained, AdapterOffTeacher(family, denoiser, trained), base_fp
+    for p in preset.values():
+        p.requires_grad_(True)
+    cast_untrained(denoiser, preset, TORCH_DTYPES.get(cfg.mixed_precision))
+    teacher = FrozenTeacher(family, denoiser, preset, TORCH_DTYPES[cfg.frozen_dtype])
+    return preset, teacher, base_fp
+
+
+def cast_untrained(denoiser: torch.nn.Module, trained: dict, dtype: torch.dtype | None) -> None:
+    """Hold the denoiser's untrained floating-point parameters in ``dtype`` (``--mixed-precision``).
+
+    Under autocast every convolution and matmul casts its weight to that dtype on each call, so
+    a full-precision copy of a weight that never trains buys nothing but memory: this is what
+    diffusers' training scripts do with their frozen weights. The trained tensors stay in full
+    precision, so small updates are not rounded away. Buffers keep their dtype.
+
+    Every other tensor is copied out of the checkpoint: diffusers maps a safetensors file into
+    memory and its tensors are views of that one map, so a single tensor left on it keeps every
+    page read so far resident (docs/benchmarks.md measures the difference on an SD-1.4-shaped
+    model).
+    """
+    if dtype is None:
+        return
+    keep = {id(p) for p in trained.values()}
+    for p in denoiser.parameters():
+        cast = id(p) not in keep and p.is_floating_point() and not p.requires_grad
+        p.data = p.data.to(dtype) if cast else p.data.clone()
+    for b in denoiser.buffers():
+        b.data = b.data.clone()

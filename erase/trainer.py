@@ -1,11 +1,10 @@
 """The erase recipe: setup -> train -> export, read top to bottom.
 
 One loop combines the pieces that are tested on their own: an objective gives per-sample losses
-[B], a weighting gives per-sample weights [B], and the loss is ``sum(w * l) / B``. (Dividing by
-``sum(w)`` instead would cancel any weight at batch size 1. LoReUn weights have mean 1 over the
-forget set, so the learning rate keeps its meaning.) Items come from ``items``, checkpoints and
-their checks from ``checkpoint``, the saliency mask from ``saliency``; the model family and its
-noise schedule answer through ``pipelines/family.py`` and ``pipelines/schedule.py``.
+[B], a weighting gives per-sample weights [B], and the loss is ``sum(w * l) / B`` (dividing by
+``sum(w)`` instead would cancel any weight at batch size 1). Items come from ``items``,
+checkpoints from ``checkpoint``, what trains and its teacher from ``teachers``, the mask from
+``saliency``; the family and schedule answer through ``pipelines/family.py`` and ``schedule.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from accelerate.state import AcceleratorState
 
 from loreun.pipelines.family import Family, family_of
 from loreun.pipelines.files import TRAIN_LOG, open_append
-from loreun.pipelines.loading import base_fingerprints
 from loreun.pipelines.meta import quiet
 from loreun.pipelines.models import load_pipeline
 from loreun.pipelines.prefix_attack import check_prefix_fits
@@ -38,22 +36,18 @@ from .checkpoint import (
     start_run,
 )
 from .config import EraseConfig
-from .difficulty import observe_difficulty, probe_grid
+from .difficulty import observe_difficulty, probe_grid, reliability_line
 from .export import export_run
 from .items import Folders, ItemSet, build_forget_set, build_retain_set, read_folders
-from .lora import add_lora
 from .objectives import Objective, denoising_loss, objective_for
-from .optim import StepInBackward, build_optimizer
-from .presets import select_parameters
+from .optim import prepare_optimizer
 from .saliency import build_mask, mask_gradients, restore_masked
 from .streams import item_ids, step_generator
-from .teachers import AdapterOffTeacher, FrozenTeacher
+from .teachers import AdapterOffTeacher, FrozenTeacher, trainable
 from .weighting import Weighting, weighting_for, weighting_stats
 from .xt_sources import cached_batch, draw_batch
 
 __all__ = ["erase", "TrainingDiverged", "TrainingInterrupted"]
-
-TORCH_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingInterrupted(Exception):
@@ -198,83 +192,6 @@ def setup(
     if not restore_checkpoint(run, resume):
         say(acc, f"{resume} holds no optimizer state: the optimizer restarts from zero moments")
     return run
-
-
-def reliability_line(summary: dict, floor: float) -> str:
-    """The set-up line that says whether LoReUn's difficulty is a property of the items."""
-    rel = summary.get("difficulty_reliability")
-    if rel is None:
-        return "difficulty: too few items or probes for a split-half reliability"
-    line = f"difficulty: split-half reliability {rel:.2f}"
-    if summary.get("fell_back_to_uniform"):
-        return (
-            f"{line}, below --min-reliability {floor}: the memory is mostly noise, so the "
-            "forget items are weighed uniformly (raise --probe-times, or lower --min-reliability)"
-        )
-    return line
-
-
-def trainable(cfg: EraseConfig, family: Family, denoiser) -> tuple[dict, object, dict[str, str]]:
-    """(name -> trained parameter, the teacher, the base fingerprints of the preset's tensors).
-
-    Full training trains the preset's tensors against frozen copies of them; ``--lora-rank``
-    trains adapters on the same modules against the denoiser with its adapters off.
-    """
-    preset = select_parameters(denoiser, cfg.method, family.presets)
-    base_fp = base_fingerprints({n: p.detach() for n, p in preset.items()})
-    if cfg.lora_rank:
-        alpha = cfg.lora_alpha or cfg.lora_rank
-        trained = add_lora(denoiser, preset, cfg.lora_rank, alpha, cfg.seed)
-        cast_untrained(denoiser, trained, TORCH_DTYPES.get(cfg.mixed_precision))
-        return trained, AdapterOffTeacher(family, denoiser, trained), base_fp
-    for p in preset.values():
-        p.requires_grad_(True)
-    cast_untrained(denoiser, preset, TORCH_DTYPES.get(cfg.mixed_precision))
-    teacher = FrozenTeacher(family, denoiser, preset, TORCH_DTYPES[cfg.frozen_dtype])
-    return preset, teacher, base_fp
-
-
-def cast_untrained(denoiser: torch.nn.Module, trained: dict, dtype: torch.dtype | None) -> None:
-    """Hold the denoiser's untrained floating-point parameters in ``dtype`` (``--mixed-precision``).
-
-    Under autocast every convolution and matmul casts its weight to that dtype on each call, so
-    a full-precision copy of a weight that never trains buys nothing but memory: this is what
-    diffusers' training scripts do with their frozen weights. The trained tensors stay in full
-    precision, so small updates are not rounded away. Buffers keep their dtype.
-
-    Every other tensor is copied out of the checkpoint: diffusers maps a safetensors file into
-    memory and its tensors are views of that one map, so a single tensor left on it keeps every
-    page read so far resident (docs/benchmarks.md measures the difference on an SD-1.4-shaped
-    model).
-    """
-    if dtype is None:
-        return
-    keep = {id(p) for p in trained.values()}
-    for p in denoiser.parameters():
-        cast = id(p) not in keep and p.is_floating_point() and not p.requires_grad
-        p.data = p.data.to(dtype) if cast else p.data.clone()
-    for b in denoiser.buffers():
-        b.data = b.data.clone()
-
-
-def prepare_optimizer(cfg: EraseConfig, acc, denoiser, trained: dict, mask: dict | None):
-    """(the denoiser as accelerate prepares it, the optimizer over the trained tensors).
-
-    With ``--step-in-backward`` the optimizer is a ``StepInBackward`` that updates during
-    backward; accelerate does not wrap it (it would step and clip it again).
-    """
-
-    def make(params):
-        return build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
-
-    if not cfg.step_in_backward:
-        return acc.prepare(denoiser, make(list(trained.values())))
-    if acc.num_processes > 1:
-        raise ValueError(
-            "--step-in-backward: runs on one process (several would update before the "
-            "gradients are averaged)"
-        )
-    return acc.prepare(denoiser), StepInBackward(make, trained, mask)
 
 
 def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:

@@ -289,7 +289,7 @@ def test_adamw_is_fused_where_it_can_be_and_matches_the_loop():
 
 
 def test_mixed_precision_holds_untrained_weights_in_it_and_trained_in_fp32(tiny_unet):
-    from loreun.erase.trainer import cast_untrained
+    from loreun.erase.teachers import cast_untrained
 
     original = copy.deepcopy(tiny_unet)
     tiny_unet.requires_grad_(False)
