@@ -194,10 +194,17 @@ class RunFields:
         ),
     )
     sample_steps: int = field(
-        default=50, metadata=_help("DDIM steps for sampling forget images and for partial sampling")
+        default=50,
+        metadata=_help(
+            "sampler steps for forget images and for partial sampling (FLUX.1-schnell: at most "
+            "its own 4)"
+        ),
     )
     sample_guidance: float = field(
-        default=3.0, metadata=_help("classifier-free guidance when sampling forget images")
+        default=3.0,
+        metadata=_help(
+            "classifier-free guidance when sampling forget images (FLUX.1-schnell: none)"
+        ),
     )
     resolution: int | None = field(
         default=None, metadata=_help("image size for sampling; default: the model's native size")

@@ -144,7 +144,8 @@ def _per_prompt(run, pipe, forget: ItemSet, n: int, steps, resolution, seed, str
     """``run(sampler, cond [n], uncond [n], noise [n, C, H, W])`` for each prompt i, its noise
     drawn from stream ``stream - i`` so that each cache is reproducible on its own; the
     results stacked on the CPU: -> [N, n, ...]."""
-    sampler = schedule_of(pipe).sampler(steps)
+    # the run's own schedule: a resolution-shifted one (FLUX.1-dev) shifts with --resolution
+    sampler = schedule_of(pipe, resolution).sampler(steps)
     from tqdm.auto import tqdm
 
     from loreun.pipelines.meta import quiet
@@ -271,27 +272,28 @@ def cached_image_latents(cfg, pipe, acc, stem: Path, images: list[ImageItem]) ->
 
 def cached_samples(cfg, pipe, teacher, acc, stem: Path, items: ItemSet, prompts) -> torch.Tensor:
     """Base-model samples of each prompt, cached under OUT/cache and reused by a rerun."""
+    steps, guidance = forget_sampling(cfg, pipe)
     key = {
         "model": model_files_key(cfg.model),
         "concepts": prompts,
         "samples": cfg.samples_per_concept,
-        "steps": cfg.sample_steps,
-        "guidance": cfg.sample_guidance,
+        "steps": steps,
+        "guidance": guidance,
         "resolution": cfg.resolution,
         "seed": cfg.seed,
     }
 
     def sample():
         n = len(prompts) * cfg.samples_per_concept
-        say(acc, f"sampling {n} images of {len(prompts)} prompts ({cfg.sample_steps} steps each)")
+        say(acc, f"sampling {n} images of {len(prompts)} prompts ({steps} steps each)")
         with acc.autocast():
             return sample_forget_latents(
                 teacher,
                 pipe,
                 items,
                 cfg.samples_per_concept,
-                cfg.sample_steps,
-                cfg.sample_guidance,
+                steps,
+                guidance,
                 cfg.resolution,
                 cfg.seed,
                 acc.device,
@@ -301,20 +303,27 @@ def cached_samples(cfg, pipe, teacher, acc, stem: Path, items: ItemSet, prompts)
         return load_or_sample_cache(stem.with_name(stem.name + "-latents.safetensors"), key, sample)
 
 
+def forget_sampling(cfg: EraseConfig, pipe) -> tuple[int, float]:
+    """(steps, guidance) of the forget set's sampling: --sample-steps and --sample-guidance,
+    unless the family samples its model otherwise (FLUX.1-schnell: 4 steps, no guidance)."""
+    return family_of(pipe).forget_sampling(pipe, cfg.sample_steps, cfg.sample_guidance)
+
+
 def trajectory_pool_bytes(cfg: EraseConfig, pipe, prompts: int) -> int:
     """Bytes of the pool: prompts x pool x sample steps float32 latents."""
     c, h, w = family_of(pipe).latent_shape(pipe, cfg.resolution)
-    return prompts * cfg.trajectory_pool * cfg.sample_steps * c * h * w * 4
+    return prompts * cfg.trajectory_pool * forget_sampling(cfg, pipe)[0] * c * h * w * 4
 
 
 def cached_trajectories(cfg, pipe, teacher, acc, stem: Path, items: ItemSet, prompts):
     """The trajectory pool [Q, P, K, C, H, W], sampled once with the frozen base and kept
     under OUT/cache, where a rerun (or --overwrite) finds and reuses it."""
     size = trajectory_pool_bytes(cfg, pipe, len(prompts))
+    steps, guidance = forget_sampling(cfg, pipe)
     if size > cfg.trajectory_cache_mb * 2**20:
         raise ValueError(
             f"--trajectory-pool: {len(prompts)} prompts x {cfg.trajectory_pool} trajectories x "
-            f"{cfg.sample_steps} steps take {size / 2**20:.0f} MB, over --trajectory-cache-mb "
+            f"{steps} steps take {size / 2**20:.0f} MB, over --trajectory-cache-mb "
             f"{cfg.trajectory_cache_mb}; lower --trajectory-pool or --sample-steps, or raise "
             "--trajectory-cache-mb"
         )
@@ -322,8 +331,8 @@ def cached_trajectories(cfg, pipe, teacher, acc, stem: Path, items: ItemSet, pro
         "model": model_files_key(cfg.model),
         "prompts": prompts,
         "pool": cfg.trajectory_pool,
-        "steps": cfg.sample_steps,
-        "guidance": cfg.sample_guidance,
+        "steps": steps,
+        "guidance": guidance,
         "resolution": cfg.resolution,
         "seed": cfg.seed,
     }
@@ -333,7 +342,7 @@ def cached_trajectories(cfg, pipe, teacher, acc, stem: Path, items: ItemSet, pro
         say(
             acc,
             f"sampling {len(prompts)} x {cfg.trajectory_pool} trajectories "
-            f"({cfg.sample_steps} steps each, {size / 2**20:.1f} MB in {path.parent.name}/)",
+            f"({steps} steps each, {size / 2**20:.1f} MB in {path.parent.name}/)",
         )
         with acc.autocast():
             return sample_trajectory_pool(
@@ -341,8 +350,8 @@ def cached_trajectories(cfg, pipe, teacher, acc, stem: Path, items: ItemSet, pro
                 pipe,
                 items,
                 cfg.trajectory_pool,
-                cfg.sample_steps,
-                cfg.sample_guidance,
+                steps,
+                guidance,
                 cfg.resolution,
                 cfg.seed,
                 acc.device,

@@ -45,7 +45,7 @@ from .saliency import build_mask, mask_gradients, restore_masked
 from .streams import item_ids, step_generator
 from .teachers import AdapterOffTeacher, FrozenTeacher, trainable
 from .weighting import Weighting, weighting_for, weighting_stats
-from .xt_sources import cached_batch, draw_batch
+from .xt_sources import cached_batch, draw_batch, partial_sampler
 
 __all__ = ["erase", "TrainingDiverged", "TrainingInterrupted"]
 
@@ -164,7 +164,7 @@ def setup(
         line = reliability_line(weighting.summary(), weighting.min_reliability)
         (warn if weighting.summary().get("fell_back_to_uniform") else say)(acc, line)
     prepared, optimizer = prepare_optimizer(cfg, acc, denoiser, trained, mask)
-    sampler = schedule.sampler(cfg.sample_steps) if cfg.xt_source != "cached" else None
+    sampler = partial_sampler(cfg, pipe, schedule)
     run = Run(
         pipe=pipe,
         family=family,

@@ -17,7 +17,7 @@ import torch
 
 from loreun.pipelines.schedule import Sampler, Schedule
 
-from .items import ItemSet
+from .items import ItemSet, forget_sampling
 from .objectives import ItemBatch
 
 
@@ -31,6 +31,13 @@ def _cached_xt(run, cfg, acc, ids: torch.Tensor, g: torch.Generator):
     return cached_batch(run.forget, ids, g, run.schedule, acc.device)
 
 
+def partial_sampler(cfg, pipe, schedule: Schedule) -> Sampler | None:
+    """The sampler partial runs stop inside (None for cached x_0), at the forget set's steps."""
+    if cfg.xt_source == "cached":
+        return None
+    return schedule.sampler(forget_sampling(cfg, pipe)[0])
+
+
 def _partial_xt(sampler: str):
     """ESD's x_t: guided sampling from noise with the model being trained or the frozen base."""
 
@@ -38,9 +45,10 @@ def _partial_xt(sampler: str):
         raw = acc.unwrap_model(run.denoiser)
         predict = run.family.predictor(raw) if sampler == "train" else run.teacher
         shape = run.family.latent_shape(run.pipe, cfg.resolution)
+        guidance = forget_sampling(cfg, run.pipe)[1]
         with acc.autocast():
             return partial_batch(
-                predict, run.forget, ids, g, run.sampler, cfg.sample_guidance, shape, acc.device
+                predict, run.forget, ids, g, run.sampler, guidance, shape, acc.device
             )
 
     return draw

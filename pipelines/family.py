@@ -277,6 +277,11 @@ class Family:
         """The largest pixel size the denoiser can take, where it has one; None: no bound."""
         return None
 
+    def forget_sampling(self, pipe, steps: int, guidance: float) -> tuple[int, float]:
+        """(steps, guidance) the forget set is sampled with, given --sample-steps and
+        --sample-guidance: those, unless the model is meant to be sampled otherwise."""
+        return steps, guidance
+
     def check_size(self, pipe, size: int | None, flag: str) -> None:
         """Refuse a size the denoiser cannot take, naming ``flag``, before any work."""
         largest = self.max_size(pipe)
@@ -329,6 +334,8 @@ class SD3Family(Family):
 # student and the teacher see guidance 1, where a guidance-distilled model answers as the plain
 # conditional prediction, the term ESD's target is built from (our choice; docs/design-notes.md).
 FLUX_TRAIN_GUIDANCE = 1.0
+# FLUX.1-schnell's steps (its model card's, and what it was distilled for)
+SCHNELL_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -380,6 +387,14 @@ class FluxFamily(Family):
     def pipe_kwargs(self, pipe) -> dict:
         """T5's length: FLUX.1's 512 (the pipeline's default), or a shorter tokenizer's own."""
         return {"max_sequence_length": min(512, pipe.tokenizer_2.model_max_length)}
+
+    def forget_sampling(self, pipe, steps: int, guidance: float) -> tuple[int, float]:
+        """FLUX.1-schnell is timestep-distilled: it is sampled in a few steps without guidance
+        (guidance 1 is the conditional prediction alone), as its pipeline samples it; dev as
+        asked."""
+        if self.denoiser(pipe).config.guidance_embeds:
+            return steps, guidance
+        return min(steps, SCHNELL_STEPS), 1.0
 
     def guidance_kind(self, pipe) -> str:
         if self.denoiser(pipe).config.guidance_embeds:
