@@ -151,12 +151,23 @@ def split_half_reliability(losses: torch.Tensor) -> float:
 
 
 def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman's rho of two [n] vectors (ties broken by position; n >= 2)."""
-    ra = a.double().argsort().argsort().double()
-    rb = b.double().argsort().argsort().double()
+    """Spearman's rho of two [n] vectors, tied values sharing their average rank (breaking
+    ties by position made two constant vectors correlate perfectly); nan where either vector is
+    constant, since no order is there to agree on (n >= 2)."""
+    ra, rb = average_ranks(a), average_ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / denom if denom else 1.0
+    return float((ra * rb).sum()) / denom if denom else float("nan")
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """[n] ranks 0..n-1 of ``x``, each group of equal values at the mean of its ranks."""
+    x = x.detach().double().cpu()
+    ranks = torch.empty_like(x)
+    ranks[x.argsort(stable=True)] = torch.arange(len(x), dtype=torch.float64)
+    _, group = torch.unique(x, return_inverse=True)
+    sums = torch.zeros(int(group.max()) + 1, dtype=torch.float64).index_add_(0, group, ranks)
+    return (sums / torch.bincount(group).double())[group]
 
 
 def thousand_steps(t: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -423,7 +434,8 @@ class LoReUnWeighting:
         """Rank correlation of the memory with its fill: 1 while it has not moved."""
         if self.variant != "dynamic" or self.filled is None:
             return None
-        return rank_correlation(self.filled, self.memory)
+        rho = rank_correlation(self.filled, self.memory)
+        return rho if math.isfinite(rho) else None  # a constant memory has no order to keep
 
     def summary(self) -> dict:
         """What the run chose, for the erased file's header: tau and the items weighed."""

@@ -164,12 +164,25 @@ def erase_and_score(run_key: dict, args, root: Path) -> dict:
     }
 
 
+def run_settings(key: dict, args) -> dict:
+    """What else makes a run another run: its steps, the lr it erases with (a recipe's own, if
+    it sets one) and LoReUn's target ESS."""
+    lr = RECIPES[key.get("recipe", "default")].get("lr", args.lr)
+    ess = args.target_ess if key["weighting"] != "uniform" else None
+    return {"steps": args.steps, "lr": lr, "target_ess": ess}
+
+
 def run_dir(root: Path, key: dict) -> Path:
-    """A run's folder: its planned key's values, in order (``planned_runs``)."""
+    """A run's folder: its planned key's values, in order (``planned_runs``), then its
+    ``run_settings`` where the key has them, so two lrs never share a folder."""
     names = ("digit", "objective", "method", "weighting", "source", "saliency", "seed")
     parts = [f"{key[n]}" for n in names]
     if key.get("recipe", "default") != "default":
         parts.append(key["recipe"])
+    if "lr" in key:
+        parts += [f"lr{key['lr']:g}", f"{key['steps']}steps"]
+    if key.get("target_ess") is not None:
+        parts.append(f"ess{key['target_ess']:g}")
     return root / "-".join(parts)
 
 
@@ -244,27 +257,31 @@ def _ms(rows: list[dict], name: str) -> str:
     return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 
 
-GROUP = ("digit", "objective", "method", "weighting", "source", "saliency", "recipe", "lr")
+GROUP = (
+    "digit", "objective", "method", "weighting", "source", "saliency", "recipe", "lr", "steps",
+    "target_ess",
+)  # fmt: skip
 
 
 def table(rows: list[dict], refs: dict) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(tuple(r[k] for k in GROUP), []).append(r)
+        groups.setdefault(tuple(r.get(k) for k in GROUP), []).append(r)
     out = [
-        "| digit | objective | method | weighting | x_t source | saliency | recipe | lr | "
-        "forget acc | retain acc | Avg. Gap | prompt gap | erase s | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| digit | objective | method | weighting | x_t source | saliency | recipe | lr | steps | "
+        "ESS | forget acc | retain acc | Avg. Gap | prompt gap | erase s | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for digit, ref in sorted(refs.items()):
         out.append(
-            f"| {digit} | retrain | - | - | - | - | - | - | {ref['forget']:.3f} | "
+            f"| {digit} | retrain | - | - | - | - | - | - | - | - | {ref['forget']:.3f} | "
             f"{ref['retain']:.3f} | 0 | 0 | - | - |"
         )
-    for key, rs in sorted(groups.items()):
+    for key, rs in sorted(groups.items(), key=lambda kv: [str(k) for k in kv[0]]):
         pg = _ms(rs, "prompt_gap") if all("prompt_gap" in r for r in rs) else "-"
+        cells = [f"{k:g}" if isinstance(k, float) else "-" if k is None else str(k) for k in key]
         out.append(
-            f"| {' | '.join(f'{k:g}' if isinstance(k, float) else str(k) for k in key)} | "
+            f"| {' | '.join(cells)} | "
             f"{_ms(rs, 'forget')} | {_ms(rs, 'retain')} | {_ms(rs, 'gap')} | {pg} | "
             f"{statistics.mean(r['erase_seconds'] for r in rs):.1f} | {len(rs)} |"
         )
@@ -284,6 +301,12 @@ def _ci(diffs: list[float]) -> str:
     return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
 
 
+def _weighting(r: dict) -> str:
+    """A run's weighting, with its target ESS where it has one: two ESS values are two arms."""
+    ess = r.get("target_ess")
+    return r["weighting"] if ess is None else f"{r['weighting']} (ESS {ess:g})"
+
+
 def weighting_summary(rows: list[dict], gap: str = "gap") -> str:
     """A gap (Avg. Gap, or the prompt gap) per weighting, pooled over digits and seeds, for
     each erasure setting (learning rate included).
@@ -292,26 +315,27 @@ def weighting_summary(rows: list[dict], gap: str = "gap") -> str:
     of the pairs LoReUn made closer to the retrain model, so a reader sees at once whether
     LoReUn narrowed the gap and whether the difference is larger than the seed noise.
     """
-    setting = ("objective", "method", "source", "saliency", "recipe", "lr")
+    setting = ("objective", "method", "source", "saliency", "recipe", "lr", "steps")
     rows = [r for r in rows if gap in r]
-    names = sorted({r["weighting"] for r in rows} - {"uniform"})
+    names = sorted({_weighting(r) for r in rows} - {"uniform"})
     out = [
-        "| objective | method | x_t source | saliency | recipe | lr | uniform gap |"
+        "| objective | method | x_t source | saliency | recipe | lr | steps | uniform gap |"
         + "".join(f" {n} gap | {n} - uniform, 95% CI (closer/pairs) |" for n in names),
-        "|---|---|---|---|---|---|---|" + "---|---|" * len(names),
+        "|---|---|---|---|---|---|---|---|" + "---|---|" * len(names),
     ]
-    for key in sorted({tuple(r[k] for k in setting) for r in rows}):
-        sub = [r for r in rows if tuple(r[k] for k in setting) == key]
+    for key in sorted({tuple(r.get(k) for k in setting) for r in rows}, key=str):
+        sub = [r for r in rows if tuple(r.get(k) for k in setting) == key]
         base = {(r["digit"], r["seed"]): r[gap] for r in sub if r["weighting"] == "uniform"}
         if not base or all(r["weighting"] == "uniform" for r in sub):
             continue  # a uniform-only control: the per-setting table shows it
         cells = [_ms([r for r in sub if r["weighting"] == "uniform"], gap)]
         for n in names:
-            mine = [r for r in sub if r["weighting"] == n and (r["digit"], r["seed"]) in base]
+            mine = [r for r in sub if _weighting(r) == n and (r["digit"], r["seed"]) in base]
             diffs = [r[gap] - base[(r["digit"], r["seed"])] for r in mine]
             closer = sum(d < 0 for d in diffs)
             cells += [_ms(mine, gap) if mine else "-", f"{_ci(diffs)} ({closer}/{len(diffs)})"]
-        out.append(f"| {' | '.join(map(str, key))} | {' | '.join(cells)} |")
+        shown = ["-" if k is None else f"{k:g}" if isinstance(k, float) else str(k) for k in key]
+        out.append(f"| {' | '.join(shown)} | {' | '.join(cells)} |")
     return "\n".join(out)
 
 
@@ -395,11 +419,12 @@ def main() -> int:
     recorded = {int(d): v.split(",") for d, v in (x.split("=", 1) for x in a.reference)}
     digits = sorted({*retrain, *recorded})
     # Erasures first: they do not need the retrain models, which may still be training.
-    for key in [] if a.report_only else planned_runs(a, digits):
+    for planned in [] if a.report_only else planned_runs(a, digits):
+        key = {**planned, **run_settings(planned, a)}  # another lr or ESS is another run
         if any(all(r.get(k) == v for k, v in key.items()) for r in done):
             continue
         res = erase_and_score(key, a, root)
-        done.append({**key, **res, "steps": a.steps, "lr": a.lr})
+        done.append({**key, **res})
         with open(log, "a") as f:
             f.write(json.dumps(done[-1]) + "\n")
         print(json.dumps(done[-1]), flush=True)

@@ -59,3 +59,70 @@ def test_testbed_weighs_with_the_library_weighting():
     text = (ROOT / "scripts" / "bench_classification.py").read_text()
     assert "from loreun.erase.weighting import build_weighting" in text
     assert "def softmax_weights" not in text
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"scripts/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it loads
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+def test_the_ratio_interval_counts_uniform_s_spread_and_stops_at_100():
+    """Fieller's interval, against a Monte Carlo of the same ratio; LoReUn's gaps near 0 with a
+    spread-out uniform gave [46%, 104%] when uniform's mean was taken as fixed."""
+    import numpy as np
+
+    bench = _script("bench_classification")
+    gaps = [0.002, 0.0, 0.004, 0.001, 0.0]
+    base = [0.010, 0.002, 0.020, 0.004, 0.001]
+    cmp = bench.compare(gaps, base)
+    assert cmp["hi"] <= 1.0 and cmp["lo"] < cmp["rel"] < cmp["hi"]
+    # wider than the old fixed-denominator interval on data where uniform's mean varies
+    d = np.subtract(gaps, base)
+    from scipy.stats import t
+
+    half = t.ppf(0.975, 4) * d.std(ddof=1) / np.sqrt(5) / np.mean(base)
+    assert cmp["hi"] - cmp["lo"] > min(1.0, cmp["rel"] + half) - (cmp["rel"] - half)
+    # coverage: the interval holds the true ratio about 95% of the time
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(400):
+        u = rng.normal(1.0, 0.3, 8)
+        g = 0.5 * u + rng.normal(0, 0.1, 8)
+        lo, hi = bench.fieller(list(g), list(u))
+        hits += lo <= 0.5 <= hi
+    assert 0.9 <= hits / 400 <= 0.99
+    lo, hi = bench.fieller([1.0, -1.0, 2.0], [0.1, -0.1, 0.05])  # uniform's mean not above 0
+    assert (lo, hi) == (float("-inf"), float("inf"))
+
+
+def test_quartiles_hold_a_quarter_each_whatever_ties(tmp_path):
+    import numpy as np
+
+    bench = _script("bench_classification")
+    values = np.array([0.0] * 12 + [1.0, 2.0, 3.0, 4.0])  # most forget losses at 0
+    easiest, hardest = bench.quartiles(values)
+    assert len(easiest) == len(hardest) == 4 and set(hardest) == {12, 13, 14, 15}
+
+
+def test_a_runs_file_named_twice_is_read_once(tmp_path):
+    bench = _script("bench_classification")
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text('{"a": 1}\n{"a": 2}\n')
+    same = tmp_path / "x" / ".." / "runs.jsonl"
+    assert bench.read_reports([runs, runs, same]) == [{"a": 1}, {"a": 2}]
+
+
+def test_the_robust_bench_uses_t_for_every_seed_count():
+    from scipy.stats import t
+
+    robust = _script("bench_robust")
+    assert robust.t_975(10) == pytest.approx(t.ppf(0.975, 10)) and robust.t_975(10) > 2.2
+    assert robust.paired([1.0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [0.0] * 11).startswith("+6.000 [")

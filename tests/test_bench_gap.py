@@ -61,3 +61,25 @@ def test_run_dir_names_a_run_by_its_planned_key():
     assert bench.run_dir(Path("r"), key) == Path("r/3-ga-esd-u-uniform-images-none-0")
     assert bench.run_dir(Path("r"), {**key, "recipe": "lora-r4"}).name.endswith("-0-lora-r4")
     assert bench.run_dir(Path("r"), {**key, "recipe": "default"}).name.endswith("-none-0")
+
+
+def test_a_rerun_with_another_lr_steps_or_ess_is_another_run(tmp_path):
+    """The rerun key and the folder carry the settings that make a run (a recipe's own lr
+    included), so a rerun at another lr neither skips nor overwrites the first one's."""
+    import argparse
+
+    bench = _bench()
+    key = {"digit": 3, "objective": "esd", "method": "esd-x", "weighting": "loreun",
+           "source": "cached", "saliency": "none", "seed": 0}  # fmt: skip
+    a = argparse.Namespace(steps=150, lr=1e-4, target_ess=0.5)
+    one = {**key, **bench.run_settings(key, a)}
+    other = {
+        **key,
+        **bench.run_settings(key, argparse.Namespace(steps=150, lr=1e-3, target_ess=0.5)),
+    }
+    assert one != other and bench.run_dir(tmp_path, one) != bench.run_dir(tmp_path, other)
+    assert bench.run_dir(tmp_path, one).name.endswith("-0-lr0.0001-150steps-ess0.5")
+    lora = {**key, "recipe": "lora-r4"}
+    assert bench.run_settings(lora, a)["lr"] == 1e-3  # the recipe's own lr is the one recorded
+    uniform = {**key, "weighting": "uniform"}
+    assert bench.run_settings(uniform, a)["target_ess"] is None

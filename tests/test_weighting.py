@@ -288,13 +288,25 @@ def test_summary_is_strict_json():
     assert LoReUnWeighting(2, temperature=0.5).summary()["temperature"] == 0.5
 
 
-def test_rank_correlation_of_a_single_item_is_one():
+def test_rank_correlation_gives_ties_their_average_rank():
+    """Spearman's rho as scipy computes it, ties included; nothing to rank is nan, not a
+    perfect correlation (ties broken by position made two constant vectors correlate 1)."""
+    from scipy.stats import spearmanr
+
     from loreun.erase.weighting import rank_correlation
 
-    assert rank_correlation(torch.tensor([2.0]), torch.tensor([5.0])) == 1.0  # nothing to rank
+    assert math.isnan(rank_correlation(torch.tensor([2.0]), torch.tensor([5.0])))
+    assert math.isnan(rank_correlation(torch.ones(5), torch.arange(5.0)))
     assert rank_correlation(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == pytest.approx(
         -1
     )
+    assert rank_correlation(torch.tensor([1.0, 1, 2]), torch.tensor([1.0, 2, 2])) == pytest.approx(
+        0.5
+    )
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 4, (40,), generator=g), torch.randint(0, 4, (40,), generator=g)
+    want = spearmanr(a.numpy(), b.numpy()).statistic
+    assert rank_correlation(a.float(), b.float()) == pytest.approx(want)
 
 
 def test_a_target_that_near_ties_put_out_of_reach_is_refused_by_name():
