@@ -193,11 +193,8 @@ def read_folders(cfg: EraseConfig) -> Folders:
     forget = retain = None
     if cfg.forget_images:
         forget = read_image_folder(cfg.forget_images, cfg.forget_caption, "--forget-images")
-        if cfg.reweights and len(forget) < 2:
-            raise ValueError(
-                f"--weighting loreun: needs at least 2 forget items, and {cfg.forget_images} "
-                "holds 1 image; add images or use --weighting uniform"
-            )
+        if cfg.reweights:
+            cfg.weighting_slot().check_items(len(forget), f"{cfg.forget_images} holds 1 image")
         cfg.objective_slot().check_captions(cfg, sorted({it.caption for it in forget}))
     if cfg.retain_images:
         retain = read_image_folder(cfg.retain_images, cfg.retain_caption, "--retain-images")

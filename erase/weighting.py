@@ -30,12 +30,8 @@ from typing import Protocol
 
 import torch
 
-# The variants and defaults of ``LoReUnWeighting``; ``weighting_loreun.py`` (the torch-free
-# settings) repeats them under a test that ties the two.
-VARIANTS = ("static", "dynamic", "batch", "paper")
-TEMPERATURE = 1.0
-VARIANT = "dynamic"
-MOMENTUM = 0.5
+# The variants and defaults of ``LoReUnWeighting``: defined once, in the torch-free settings.
+from .weighting_loreun import MOMENTUM, TEMPERATURE, VARIANT, VARIANTS, check_items  # noqa: E402
 
 
 class Weighting(Protocol):
@@ -296,8 +292,7 @@ class LoReUnWeighting:
             raise ValueError(f"unknown LoReUn variant {variant!r}; choose one of {VARIANTS}")
         if variant == "paper" and target_ess is not None:
             raise ValueError("the paper variant keeps tau fixed; it takes no target ESS")
-        if num_items < 2:
-            raise ValueError(f"LoReUn weights need at least 2 forget items, got {num_items}")
+        check_items(num_items, f"{num_items} forget items")
         self.temperature = temperature
         self.target_ess = target_ess
         self.variant = variant

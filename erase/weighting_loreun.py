@@ -27,6 +27,7 @@ MIN_RELIABILITY = 0.5
 # set on the classification testbed (one item at weight 142.7); a floor keeps them soft.
 MIN_ESS = 0.1
 MAX_PROBE_TIMES = 1_000  # a DDPM model's training timesteps
+MIN_ITEMS = 2  # weights over fewer items are no weighting (DESIGN.md)
 
 
 @dataclass
@@ -127,11 +128,18 @@ def check(cfg, chosen: bool) -> None:
             "use --batch-size 2 or more, or the dynamic variant"
         )
     items = len(cfg.concepts) * cfg.samples_per_concept
-    if cfg.forget_images is None and items < 2:
+    if cfg.forget_images is None:
+        given = f"{len(cfg.concepts)} concept x {cfg.samples_per_concept} sample gives {items}"
+        check_items(items, f"{given}; raise --samples-per-concept")
+
+
+def check_items(n: int, given: str) -> None:
+    """LoReUn's one rule on the forget set's size: a softmax over fewer than ``MIN_ITEMS``
+    items weighs nothing. ``given`` says where the count comes from and what to change."""
+    if n < MIN_ITEMS:
         raise ValueError(
-            f"--weighting loreun: needs at least 2 forget items, and {len(cfg.concepts)} "
-            f"concept x {cfg.samples_per_concept} sample gives {items}; raise "
-            "--samples-per-concept or use --weighting uniform"
+            f"--weighting loreun: needs at least {MIN_ITEMS} forget items, and {given}; "
+            "or use --weighting uniform"
         )
 
 

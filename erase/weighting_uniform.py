@@ -41,3 +41,7 @@ def build_pool(cfg, capacity: int, schedule):
     from .weighting import UniformWeighting
 
     return UniformWeighting()
+
+
+def check_items(n: int, given: str) -> None:
+    """Uniform weights take a forget set of any size."""
