@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from loreun.erase.export_formats import EXPORT_FORMATS
+
 from ._args import add_force_flag
 
 
@@ -18,12 +20,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument(
         "erase_run", metavar="RUN", help="an erase --out folder, or its erased.safetensors"
     )
-    p.add_argument(
-        "--single-file",
-        metavar="FILE",
-        help="write this .safetensors (SD 1.x; share other families as the erased file, "
-        "LoRA or --pipeline)",
-    )
+    for name, fmt in EXPORT_FORMATS.items():  # one flag per form (erase/export_formats.py)
+        p.add_argument(fmt.flag, dest=name, metavar=fmt.metavar, help=fmt.help)
     p.add_argument(
         "--dtype",
         choices=("fp16", "bf16", "fp32"),
@@ -36,7 +34,6 @@ def add_parser(sub, name: str) -> None:
         help="the base's hub id for the model card, when --model is a local folder that does "
         "not say it (a hub cache snapshot or a git clone does)",
     )
-    p.add_argument("--pipeline", metavar="DIR", help="write a diffusers folder with README.md")
     p.add_argument("--audit", metavar="DIR", help="a loreun evaluate/audit folder for the card")
     p.add_argument(
         "--model", help="the base model, when it is no longer where the erase run found it"
@@ -50,12 +47,13 @@ def add_parser(sub, name: str) -> None:
 def run(args) -> int:
     from loreun.erase.export import export_shared
 
-    if not (args.single_file or args.pipeline):
-        raise ValueError("export: give --single-file FILE and/or --pipeline DIR")
+    targets = {name: getattr(args, name) for name in EXPORT_FORMATS}
+    if not any(targets.values()):
+        flags = " and/or ".join(f"{f.flag} {f.metavar}" for f in EXPORT_FORMATS.values())
+        raise ValueError(f"export: give {flags}")
     for path in export_shared(
         args.erase_run,
-        single_file=args.single_file,
-        pipeline=args.pipeline,
+        **targets,
         audit=args.audit,
         model=args.model,
         model_config=args.model_config,

@@ -47,6 +47,7 @@ from .card import (
 )
 from .checkpoint import check_finite_state
 from .config import EraseConfig
+from .export_formats import EXPORT_FORMATS, ExportFormat, ExportJob
 from .lora import KOHYA_FILE, LORA_FILE, merged_tensors, save_lora_files
 
 # The header's format name; loreun 0.1 wrote "loreun.unet-erased", read the same way.
@@ -200,8 +201,6 @@ def _erased_pipeline(run, cfg: EraseConfig, path: Path):
 
 def export_shared(
     run: str | Path,
-    single_file: str | Path | None = None,
-    pipeline: str | Path | None = None,
     audit: str | Path | None = None,
     model: str | None = None,
     model_config: str | None = None,
@@ -209,8 +208,10 @@ def export_shared(
     force: bool = False,
     dtype: str = "fp16",
     base_id: str | None = None,
+    **targets: str | Path | None,
 ) -> list[Path]:
-    """Write a finished erasure as a single-file checkpoint and/or a pipeline folder.
+    """Write a finished erasure in each form of ``EXPORT_FORMATS`` given a target by its name
+    (``single_file=...``, ``pipeline=...``), in the table's order.
 
     The erased file is checked against its base model as ``generate --erased`` checks it, then
     merged into it. Existing outputs are refused unless ``overwrite``; nothing is written until
@@ -230,45 +231,60 @@ def export_shared(
 
     if dtype not in SINGLE_FILE_DTYPES:
         raise ValueError(f"--dtype: unknown value {dtype!r}; choose one of fp16, bf16, fp32")
+    unknown = sorted(set(targets) - set(EXPORT_FORMATS))
+    if unknown:
+        raise ValueError(f"export: no form {unknown[0]!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    targets = {name: Path(targets[name]) for name in EXPORT_FORMATS if targets.get(name)}
     path = erased_file(run)
     _, meta, sha = read_erased(path)
     summary = _audit_summary(audit, sha)
     base = model or _run_base(path, meta)
-    targets = [Path(p) for p in (single_file, pipeline) if p]
     inputs = {"--model": base, "--config": model_config, "RUN": run, "--audit": audit}
-    for flag, target in (("--single-file", single_file), ("--pipeline", pipeline)):
-        if target:
-            check_apart(target, inputs, flag)
-    for target in targets:
-        if (
-            refuse_link(target).exists()
-            and not overwrite
-            and (target.is_file() or any(p.name != FolderLock.NAME for p in target.iterdir()))
-        ):  # a lock left by a killed export is no content: it holds no lock once its owner died
-            raise FileExistsError(f"export: {target} exists; pass --overwrite to replace it")
-    if single_file and Path(single_file).suffix != ".safetensors":
-        raise ValueError(f"--single-file: {single_file} must end in .safetensors")
+    for name, target in targets.items():
+        check_target(EXPORT_FORMATS[name], target, inputs, overwrite)
     pipe = load_erased_pipeline(base, path, force=force, config=model_config)
-    written = []
+    job = ExportJob(meta, summary, base, base_id, dtype)
+    return [WRITERS[name](pipe, target, job) for name, target in targets.items()]
+
+
+def check_target(fmt: ExportFormat, target: Path, inputs: dict, overwrite: bool) -> None:
+    """A target apart from every input, new or replaced only with ``overwrite``, of the kind
+    its format writes."""
+    check_apart(target, inputs, fmt.flag)
+    if (
+        refuse_link(target).exists()
+        and not overwrite
+        and (target.is_file() or any(p.name != FolderLock.NAME for p in target.iterdir()))
+    ):  # a lock left by a killed export is no content: it holds no lock once its owner died
+        raise FileExistsError(f"export: {target} exists; pass --overwrite to replace it")
+    if fmt.suffix and target.suffix != fmt.suffix:
+        raise ValueError(f"{fmt.flag}: {target} must end in {fmt.suffix}")
+
+
+def write_single_file(pipe, target: Path, job: ExportJob) -> Path:
+    """The web UIs' single file, by the family's own converter, in ``job.dtype``."""
     converter = family_of(pipe).single_file
-    if single_file and converter is None:
+    if converter is None:
         raise ValueError(
             f"--single-file: {type(pipe).__name__} has no web-UI single-file layout in loreun; "
             "share the erased file, the LoRA files or a --pipeline folder"
         )
-    if single_file:
-        header = {"loreun.erasure": json.dumps(_shareable(meta)), "dtype": dtype}
-        cast = SINGLE_FILE_DTYPES[dtype]
-        ldm = converter(pipe)
-        tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in ldm.items()}
-        atomic_save_safetensors(Path(single_file), tensors, metadata=header)
-        written.append(Path(single_file))
-    if pipeline:  # locked: a second export into the same folder is refused, not interleaved
-        with FolderLock(pipeline, flag="--pipeline", remove=True):
-            written.append(save_pipeline_folder(pipe, Path(pipeline), meta, summary, base, base_id))
-    return written
+    header = {"loreun.erasure": json.dumps(_shareable(job.meta)), "dtype": job.dtype}
+    cast = SINGLE_FILE_DTYPES[job.dtype]
+    tensors = {k: v.to(cast) if v.is_floating_point() else v for k, v in converter(pipe).items()}
+    atomic_save_safetensors(target, tensors, metadata=header)
+    return target
 
 
+def write_pipeline_folder(pipe, target: Path, job: ExportJob) -> Path:
+    """A diffusers folder with its model card; locked, so a second export into the same folder
+    is refused rather than interleaved."""
+    with FolderLock(target, flag="--pipeline", remove=True):
+        return save_pipeline_folder(pipe, target, job.meta, job.audit, job.base, job.base_id)
+
+
+# Each form's writer: fn(pipe with the erasure merged, target, ExportJob) -> the path written.
+WRITERS = {"single_file": write_single_file, "pipeline": write_pipeline_folder}
 SINGLE_FILE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 

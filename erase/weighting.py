@@ -30,8 +30,8 @@ from typing import Protocol
 
 import torch
 
-# The variants and defaults of ``LoReUnWeighting``: defined once, in the torch-free settings.
-from .weighting_loreun import MOMENTUM, TEMPERATURE, VARIANT, VARIANTS, check_items  # noqa: E402
+# The variants and defaults of ``LoReUnWeighting``, defined once for it and its settings.
+from .loreun_rules import MOMENTUM, TEMPERATURE, VARIANT, VARIANTS, check_items
 
 
 class Weighting(Protocol):

@@ -10,15 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# the settings' defaults, and the slot's check_items, are LoReUn's one set of rules
+from .loreun_rules import MOMENTUM, TEMPERATURE, VARIANT, VARIANTS, check_items  # noqa: F401
+
 NAME = "loreun"
 NEEDS_X0 = True  # difficulty is the denoising error of each item's own clean latent
 
-VARIANTS = ("static", "dynamic", "batch", "paper")
 DIFFICULTY_NORMS = ("timestep", "none")
-# LoReUn's defaults (docs/design-notes.md says why).
-TEMPERATURE = 1.0
-VARIANT = "dynamic"
-MOMENTUM = 0.5
 # Split-half reliability of the probed difficulty below which its memory is treated as noise:
 # the digits forget set measured 0.78-0.85 at 10 probe times and about 0 for single draws
 # (docs/results.md), so 0.5 sits between.
@@ -27,7 +25,6 @@ MIN_RELIABILITY = 0.5
 # set on the classification testbed (one item at weight 142.7); a floor keeps them soft.
 MIN_ESS = 0.1
 MAX_PROBE_TIMES = 1_000  # a DDPM model's training timesteps
-MIN_ITEMS = 2  # weights over fewer items are no weighting (DESIGN.md)
 
 
 @dataclass
@@ -131,16 +128,6 @@ def check(cfg, chosen: bool) -> None:
     if cfg.forget_images is None:
         given = f"{len(cfg.concepts)} concept x {cfg.samples_per_concept} sample gives {items}"
         check_items(items, f"{given}; raise --samples-per-concept")
-
-
-def check_items(n: int, given: str) -> None:
-    """LoReUn's one rule on the forget set's size: a softmax over fewer than ``MIN_ITEMS``
-    items weighs nothing. ``given`` says where the count comes from and what to change."""
-    if n < MIN_ITEMS:
-        raise ValueError(
-            f"--weighting loreun: needs at least {MIN_ITEMS} forget items, and {given}; "
-            "or use --weighting uniform"
-        )
 
 
 def _check_ranges(cfg) -> None:

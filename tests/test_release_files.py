@@ -70,3 +70,15 @@ def test_the_card_names_the_family_s_denoiser(family, name):
 
     card = model_card({"family": family, "concepts": ["a cat"]})
     assert f"fine-tuned the {name} only" in card
+
+
+def test_every_export_form_has_a_writer_and_a_flag():
+    """The torch-free table (flags) and the writers are one list of forms."""
+    from loreun.cli.main import build_parser
+    from loreun.erase.export import WRITERS
+    from loreun.erase.export_formats import EXPORT_FORMATS
+
+    assert list(WRITERS) == list(EXPORT_FORMATS)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["export"]
+    flags = {o for a in sub._actions for o in a.option_strings}
+    assert {f.flag for f in EXPORT_FORMATS.values()} <= flags
