@@ -31,9 +31,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from _staging import PACKAGES, stage_repository  # scripts/ is on the path when run
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / ".mutation"
-PACKAGES = ("cli", "erase", "eval", "pipelines", "prompts")
 # The core: the erase recipe's pieces, loading and export, the prompt reader, the audit.
 CORE = (
     "erase/weighting.py",
@@ -95,16 +96,7 @@ NOT_KILLED = {"survived", "no tests"}
 
 def stage(modules: list[str], tests: list[str] | None = None) -> None:
     """Copy the tracked files into .mutation/, the packages under loreun/, and configure mutmut."""
-    tracked = subprocess.run(
-        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split("\n")
-    shutil.rmtree(STAGE, ignore_errors=True)
-    for name in filter(None, tracked):
-        top = name.split("/", 1)[0]
-        dest = STAGE / ("loreun/" + name if top in PACKAGES else name)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, dest)
-    (STAGE / "loreun" / "__init__.py").write_text("")
+    tracked = stage_repository(STAGE)
     (STAGE / "mutation_fixture_hits.py").write_text(FIXTURE_PLUGIN)
     also = sorted({n.split("/", 1)[0] for n in tracked if n and n.split("/", 1)[0] not in PACKAGES})
     also.append("mutation_fixture_hits.py")

@@ -24,15 +24,15 @@ import argparse
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from _staging import stage_repository  # scripts/ is on the path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / ".numerics"
-PACKAGES = ("cli", "erase", "eval", "pipelines", "prompts")
 GOLDEN = "tests/test_golden.py"
 
 # (what it stands for, file, the line as it is, the line planted): each a one-line change that a
@@ -154,20 +154,7 @@ def matrix() -> int:
 def stage() -> None:
     """Copy the repository's files (tracked, or new and not ignored) into .numerics/, the
     packages under loreun/ as installed."""
-    tracked = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
-    shutil.rmtree(STAGE, ignore_errors=True)
-    for name in filter(None, tracked):
-        top = name.split("/", 1)[0]
-        dest = STAGE / ("loreun/" + name if top in PACKAGES else name)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, dest)
-    (STAGE / "loreun" / "__init__.py").write_text("")
+    stage_repository(STAGE, untracked=True)
 
 
 def apply_plant(path: str, old: str, new: str) -> str:
