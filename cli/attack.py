@@ -66,6 +66,11 @@ def run(args) -> int:
     print(
         f"rows {summary['rows']}  original rate {summary['original_rate']:.3f}  "
         f"pre-attack ASR {summary['pre_asr']:.3f}  ASR {summary['asr']:.3f}"
+        + "".join(
+            f"  {kind} {asr:.3f}"
+            for kind, asr in summary["asr_by_kind"].items()
+            if len(summary["asr_by_kind"]) > 1
+        )
     )
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from loreun.pipelines.attack_settings import AttackSettings
+from loreun.pipelines.family import cat_cond, family_of
 from loreun.pipelines.prefix_attack import PrefixAttack
 
 from .items import ItemSet
@@ -42,12 +43,12 @@ from .xt_sources import draw_batch
 
 @dataclass
 class PoolEntry:
-    """One adversarial prompt: the forget item it was found for, its token ids [L] (what the
-    text encoder reads), the step it was found at, its text (for people) and the attack's
-    last loss."""
+    """One adversarial prompt: the forget item it was found for, its token ids [L] per text
+    encoder name (what the encoders read), the step it was found at, its text (for people) and
+    the attack's last loss."""
 
     item: int
-    token_ids: list[int]
+    token_ids: dict[str, list[int]]
     step: int
     text: str
     loss: float
@@ -65,16 +66,17 @@ class AdversarialPool:
     def __init__(self, forget: ItemSet, capacity: int, weighting):
         self.forget, self.capacity, self.weighting = forget, capacity, weighting
         self.entries: list[PoolEntry] = []
-        self.cond: torch.Tensor | None = None  # [len, L, D]
+        self.cond = None  # [len, L, D], or a Cond of len prompts
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, entry: PoolEntry, emb: torch.Tensor) -> None:
-        """Keep ``entry`` with its embedding [1, L, D]; the oldest leaves a full pool."""
-        emb = emb.detach().cpu().float()
+    def add(self, entry: PoolEntry, emb) -> None:
+        """Keep ``entry`` with its conditioning ([1, L, D] or a ``Cond``); the oldest leaves a
+        full pool."""
+        emb = emb.to("cpu", torch.float32)
         self.entries.append(entry)
-        self.cond = emb if self.cond is None else torch.cat([self.cond, emb])
+        self.cond = emb if self.cond is None else cat_cond([self.cond, emb])
         if len(self.entries) > self.capacity:
             self.entries, self.cond = self.entries[1:], self.cond[1:]
 
@@ -100,11 +102,14 @@ class AdversarialPool:
         }
 
     def load_state_dict(self, state: dict, encode) -> None:
-        """Rebuild the pool from saved token ids; ``encode(ids [1, L]) -> [1, L, D]``."""
+        """Rebuild the pool from saved token ids; ``encode({name: ids [1, L]})`` gives the
+        conditioning. A pool saved by loreun 0.1 holds one encoder's ids as a list."""
         self.entries, self.cond = [], None
         for saved in state["entries"]:
             entry = PoolEntry(**saved)
-            self.add(entry, encode(torch.tensor([entry.token_ids])))
+            if isinstance(entry.token_ids, list):
+                entry.token_ids = {"text_encoder": entry.token_ids}
+            self.add(entry, encode({k: torch.tensor([v]) for k, v in entry.token_ids.items()}))
         self.weighting.load_state_dict(state["weighting"])
 
 
@@ -121,20 +126,21 @@ def attack_settings(cfg) -> AttackSettings:
     return AttackSettings(prefix_tokens=cfg.adversarial_tokens, steps=cfg.adversarial_steps)
 
 
-def encode_ids(pipe, ids: torch.Tensor) -> torch.Tensor:
-    """The text encoder's last hidden state [1, L, D] for token ids [1, L], as the attack
-    and the forget items' embeddings have it."""
+def encode_ids(pipe, ids: dict):
+    """The conditioning of token ids ({encoder name: [1, L]}), as the attack and the forget
+    items' embeddings have it."""
     with torch.no_grad():
-        return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+        return family_of(pipe).encode_ids(pipe, ids)
 
 
 @contextlib.contextmanager
 def attacking(pipe, trained: dict, device):
     """The attack differentiates through the model but must leave no gradient on the trained
-    tensors (the next step would add it to its own), and needs the text encoder beside it."""
-    encoder_device = pipe.text_encoder.device
-    encoder_grads = [p.requires_grad for p in pipe.text_encoder.parameters()]
-    pipe.text_encoder.to(device).requires_grad_(False)
+    tensors (the next step would add it to its own), and needs the text encoders beside it."""
+    encoders = [e.module for e in family_of(pipe).prompt_encoders(pipe)]
+    places = [(e.device, [p.requires_grad for p in e.parameters()]) for e in encoders]
+    for encoder in encoders:
+        encoder.to(device).requires_grad_(False)
     for p in trained.values():
         p.requires_grad_(False)
     try:
@@ -142,17 +148,20 @@ def attacking(pipe, trained: dict, device):
     finally:
         for p in trained.values():
             p.requires_grad_(True)
-        for p, g in zip(pipe.text_encoder.parameters(), encoder_grads):
-            p.requires_grad_(g)
-        pipe.text_encoder.to(encoder_device)
+        for encoder, (place, grads) in zip(encoders, places):
+            for p, g in zip(encoder.parameters(), grads):
+                p.requires_grad_(g)
+            encoder.to(place)
 
 
 def find_prompt(pipe, schedule, prompt: str, target: torch.Tensor, settings, seed: int):
-    """``loreun attack``'s optimisation, one round: the found token ids [1, L], their text and
-    the last loss. ``target`` [1, C, h, w] is the latent the model should denoise."""
+    """``loreun attack``'s optimisation, one round: the found token ids ({encoder name:
+    [1, L]}), the first encoder's text and the last loss. ``target`` [1, C, h, w] is the
+    latent the model should denoise."""
     attack = PrefixAttack(pipe, schedule, prompt, target, settings, seed)
     losses = attack.run()
-    return attack.found_ids(), attack.found_text(), losses[-1]
+    ids = attack.found_ids()
+    return ids, attack.found_texts()[next(iter(ids))], losses[-1]
 
 
 def grow_pool(run, cfg, acc, step: int) -> PoolEntry:
@@ -169,7 +178,8 @@ def grow_pool(run, cfg, acc, step: int) -> PoolEntry:
         ids, text, loss = find_prompt(
             run.pipe, run.schedule, run.forget.captions[item], target, attack_settings(cfg), seed
         )
-    entry = PoolEntry(item=item, token_ids=ids[0].tolist(), step=step, text=text, loss=loss)
+    token_ids = {name: v[0].tolist() for name, v in ids.items()}
+    entry = PoolEntry(item=item, token_ids=token_ids, step=step, text=text, loss=loss)
     run.adversarial.add(entry, encode_ids(run.pipe, ids))
     return entry
 

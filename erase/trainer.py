@@ -182,13 +182,9 @@ def setup(
         mask=mask,
         adversarial=build_pool(cfg, forget, schedule),
     )
-    if cfg.adversarial and not family.attack:
-        raise ValueError(
-            f"--adversarial: loreun's attack supports one-CLIP-encoder pipelines (SD 1.x, 2.x), "
-            f"not {type(pipe).__name__}"
-        )
     if cfg.adversarial:
-        check_prefix_fits(pipe.tokenizer, cfg.adversarial_tokens, "--adversarial-tokens")
+        encoders = family.prompt_encoders(pipe)
+        check_prefix_fits(encoders, cfg.adversarial_tokens, "--adversarial-tokens")
     if not restore_checkpoint(run, resume):
         say(acc, f"{resume} holds no optimizer state: the optimizer restarts from zero moments")
     return run

@@ -32,7 +32,7 @@ from loreun.pipelines.files import (
     refuse_link,
 )
 from loreun.pipelines.outputs import read_jsonl
-from loreun.pipelines.prefix_attack import AttackSettings, PrefixAttack
+from loreun.pipelines.prefix_attack import AttackSettings
 
 from .audit import AuditSettings, build_detectors, write_csv
 
@@ -62,7 +62,7 @@ def attack(
     attacking several models loads it once. ``force`` applies ``erased`` even when its base
     fingerprint differs from the model's."""
     from loreun.pipelines.files import FolderLock, check_apart, check_writable
-    from loreun.pipelines.generate import mixes_guidance, prepare_pipeline
+    from loreun.pipelines.generate import prepare_pipeline
     from loreun.pipelines.generate_settings import GenerateSettings
     from loreun.pipelines.loading import copy_into, erased_file, read_erased
     from loreun.pipelines.outputs import claim_output
@@ -96,12 +96,8 @@ def attack(
     claim_output(out, info, create=False, config=ATTACK_CONFIG, kind="attack")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = prepare_pipeline(model, model_config, torch_dtype, None, generate, device)
-    if not (family_of(pipe).attack and mixes_guidance(pipe)):
-        raise ValueError(
-            f"--model: {model}: loreun attack needs a pipeline with one CLIP text encoder "
-            "(SD 1.x or 2.x)"
-        )
-    check_prefix_fits(pipe.tokenizer, settings.prefix_tokens, "--attack-tokens")
+    encoders = family_of(pipe).prompt_encoders(pipe)
+    check_prefix_fits(encoders, settings.prefix_tokens, "--attack-tokens")
     erased_tensors = _checked_erased(pipe, weights, erased, force)
     jobs = _jobs(rows, generate, pipe)
     with FolderLock(check_writable(out)):
@@ -187,8 +183,8 @@ def _generators(job) -> list:
 
 
 def _latents(pipe, job, steps: int, prompt_embeds=None) -> torch.Tensor:
-    """The row's final latent [1, C, h, w] at its seed and guidance, from its prompt text or
-    from ``prompt_embeds``."""
+    """SD 1.x/2.x: the row's final latent [1, C, h, w] at its seed and guidance through
+    generate's own loop, from its prompt text or from ``prompt_embeds``."""
     from loreun.pipelines.generate import sample_latents
 
     prompts = None if prompt_embeds is not None else [job.row.prompt]
@@ -198,12 +194,23 @@ def _latents(pipe, job, steps: int, prompt_embeds=None) -> torch.Tensor:
     )
 
 
-def _save_png(out: Path, rel: str, latents, pipe, job):
+def _sample(pipe, job, steps: int, cond=None):
+    """The row's final latent [1, C, h, w] and image at its seed and guidance, from its prompt
+    or from ``cond`` (the found prompt's conditioning), as ``loreun generate`` makes them."""
+    from loreun.pipelines.generate import decode_latents, mixes_guidance, pipeline_sample
+
+    if mixes_guidance(pipe):
+        latents = _latents(pipe, job, steps, cond)
+        return latents, decode_latents(pipe, latents, _generators(job))[0]
+    prompt = job.row.prompt if cond is None else cond
+    return pipeline_sample(
+        pipe, prompt, _generators(job), job.guidance, steps, job.width, job.height
+    )
+
+
+def _save_png(out: Path, rel: str, image):
     import io
 
-    from loreun.pipelines.generate import decode_latents
-
-    image = decode_latents(pipe, latents, _generators(job))[0]
     buf = io.BytesIO()
     image.save(buf, format="png")
     atomic_write_bytes(out / rel, buf.getvalue())
@@ -221,8 +228,9 @@ def make_targets(pipe, jobs: list, out: Path, steps: int) -> None:
         latents = read_target(path)
         if latents is not None and (out / _image_path(job, "original")).is_file():
             continue
-        latents = _latents(pipe, job, steps) if latents is None else latents
-        _save_png(out, _image_path(job, "original"), latents, pipe, job)
+        fresh, image = _sample(pipe, job, steps)
+        latents = fresh if latents is None else latents
+        _save_png(out, _image_path(job, "original"), image)
         atomic_save_safetensors(path, {"latent": latents.cpu().contiguous()})
 
 
@@ -253,7 +261,8 @@ def attack_rows(pipe, jobs, out: Path, settings, steps, detector, audit, unerase
     done = {rec["index"] for rec in finished}
     todo = [j for j in jobs if j.index not in done]
     denoiser(pipe).requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for encoder in family_of(pipe).prompt_encoders(pipe):
+        encoder.module.requires_grad_(False)
     bar = tqdm(total=len(todo), desc="attack", disable=quiet())
     with open_append(out / ATTACK_LOG) as log:
         for job in todo:
@@ -283,7 +292,7 @@ def attack_one(pipe, job, out, settings, steps, detector, audit, unerased, bar) 
         pre_hit, pre_result, pre_path = original_hit, original_result, _image_path(job, "original")
     else:
         pre_path = _image_path(job, "pre")
-        image = _save_png(out, pre_path, _latents(pipe, job, steps), pipe, job)
+        image = _save_png(out, pre_path, _sample(pipe, job, steps)[1])
         pre_hit, pre_result = _judge(detector, image, job, audit)
     record = {
         "index": job.index,
@@ -299,44 +308,56 @@ def attack_one(pipe, job, out, settings, steps, detector, audit, unerased, bar) 
         "pre_result": pre_result,
         "adv_prompt": None,
         "adv_token_ids": None,
+        "adv_encoders": None,
         "attacked_image": None,
         "attacked_success": None,
         "attacked_result": None,
         "losses": [],
         "rounds": 0,
+        **{f"embedding_{k}": None for k in ("image", "success", "result", "losses", "rounds")},
     }
     if not pre_hit:
-        record.update(_attack(pipe, job, out, target, settings, steps, detector, audit, bar))
+        for kind in settings.kinds:
+            record.update(
+                _attack(pipe, job, out, target, settings, steps, detector, audit, bar, kind)
+            )
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
 
 
-def _attack(pipe, job, out, target, settings, steps, detector, audit, bar) -> dict:
-    """Rounds of prefix optimisation, each judged by generating from the found prompt."""
+def _attack(pipe, job, out, target, settings, steps, detector, audit, bar, kind) -> dict:
+    """Rounds of one attack's optimisation, each judged by generating from what it found;
+    returns the record's fields of that attack."""
+    from loreun.pipelines.prefix_attack import ATTACKS
     from loreun.pipelines.schedule import schedule_of
 
-    schedule = schedule_of(pipe)
-    found = PrefixAttack(pipe, schedule, job.row.prompt, target, settings, job.seed)
-    losses, rel = [], _image_path(job, "attacked")
+    schedule = schedule_of(pipe, job.width)
+    found = ATTACKS[kind](pipe, schedule, job.row.prompt, target, settings, job.seed)
+    losses, rel = [], _image_path(job, "attacked" if kind == "prefix" else f"attacked-{kind}")
     for r in range(settings.rounds):
         losses += found.run(
             lambda loss, r=r: bar.set_postfix(loss=f"{loss:.4f}", round=r + 1, refresh=False)
         )
-        ids = found.found_ids()
-        with torch.no_grad():
-            emb = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
-        image = _save_png(out, rel, _latents(pipe, job, steps, emb), pipe, job)
+        image = _save_png(out, rel, _sample(pipe, job, steps, found.found_cond())[1])
         hit, result = _judge(detector, image, job, audit)
         if hit:
             break
+    fields = {"losses": [round(v, 6) for v in losses], "rounds": r + 1}
+    if kind == "embedding":
+        fields |= {"image": rel, "success": hit, "result": result}
+        return {f"embedding_{k}": v for k, v in fields.items()}
+    ids, texts = found.found_ids(), found.found_texts()
+    first = next(iter(ids))
     return {
-        "adv_prompt": found.found_text(),
-        "adv_token_ids": ids[0].tolist(),
+        "adv_prompt": texts[first],
+        "adv_token_ids": ids[first][0].tolist(),
+        "adv_encoders": {
+            name: {"prompt": texts[name], "token_ids": ids[name][0].tolist()} for name in ids
+        },
         "attacked_image": rel,
         "attacked_success": hit,
         "attacked_result": result,
-        "losses": [round(v, 6) for v in losses],
-        "rounds": r + 1,
+        **fields,
     }
 
 
@@ -345,7 +366,7 @@ def _attack(pipe, job, out, target, settings, steps, detector, audit, bar) -> di
 LOG_KEYS = (
     "index", "seed", "original_image", "original_success", "pre_image", "pre_success",
     "adv_prompt", "adv_token_ids", "attacked_image", "attacked_success", "losses", "rounds",
-    "seconds",
+    "embedding_image", "embedding_success", "embedding_losses", "embedding_rounds", "seconds",
 )  # fmt: skip
 
 
@@ -359,18 +380,32 @@ def read_log(out: Path) -> list[dict]:
     return [by_index[i] for i in sorted(by_index)]
 
 
+# Each attack's verdict in a record of attack.jsonl.
+SUCCESS = {"prefix": "attacked_success", "embedding": "embedding_success"}
+
+
+def row_success(record: dict, kinds) -> bool:
+    """The attacker wins the row: its pre-attack image, or the image of any of ``kinds``,
+    shows the concept (``asr`` takes the worst case over the attacks run)."""
+    return bool(record["pre_success"]) or any(bool(record[SUCCESS[k]]) for k in kinds)
+
+
 def build_summary(records: list[dict], info: dict, audit: AuditSettings) -> dict:
     """pre_asr and asr as fractions of the attacked rows, with the settings and seeds."""
     from loreun.pipelines.meta import package_version
 
     n = len(records)
-    pre = sum(r["pre_success"] for r in records)
-    after = sum(r["pre_success"] or bool(r["attacked_success"]) for r in records)
-    seconds = [r["seconds"] for r in records if r["adv_prompt"] is not None]
+    kinds = info["attack"]["kinds"]
+    seconds = [r["seconds"] for r in records if not r["pre_success"]]
+
+    def rate(hits) -> float:
+        return sum(hits) / n if n else 0.0
+
     return {
         "rows": n,
-        "pre_asr": pre / n if n else 0.0,
-        "asr": after / n if n else 0.0,
+        "pre_asr": rate(r["pre_success"] for r in records),
+        "asr": rate(row_success(r, kinds) for r in records),
+        "asr_by_kind": {k: rate(row_success(r, [k]) for r in records) for k in kinds},
         "original_rate": sum(r["original_success"] for r in records) / n if n else 0.0,
         "attacked_rows": len(seconds),
         "median_seconds_per_attacked_row": statistics.median(seconds) if seconds else None,
@@ -393,13 +428,18 @@ def write_outputs(out: Path, records: list[dict], summary: dict, audit: AuditSet
             **{k: r[k] for k in ("index", "id", "prompt", "class", "seed", "guidance")},
             "adv_prompt": r["adv_prompt"],
             "adv_token_ids": " ".join(map(str, r["adv_token_ids"] or [])),
+            "adv_prompts_by_encoder": json.dumps(
+                {k: v["prompt"] for k, v in (r.get("adv_encoders") or {}).items()}
+            ),
             "original_success": r["original_success"],
             "pre_success": r["pre_success"],
             "attacked_success": r["attacked_success"],
-            "success": r["pre_success"] or bool(r["attacked_success"]),
+            "embedding_success": r["embedding_success"],
+            "success": row_success(r, summary["attack"]["kinds"]),
             "original_image": r["original_image"],
             "pre_image": r["pre_image"],
             "attacked_image": r["attacked_image"],
+            "embedding_image": r["embedding_image"],
             "final_loss": r["losses"][-1] if r["losses"] else None,
             "rounds": r["rounds"],
             "seconds": r["seconds"],

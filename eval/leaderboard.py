@@ -27,11 +27,23 @@ def leaderboard_rows(attacks: dict[str, dict], quality: dict | None) -> dict[str
         rows[name] = {
             "pre-attack ASR": summary["pre_asr"],
             "ASR": summary["asr"],
+            **{
+                f"ASR ({k})": v
+                for k, v in summary.get("asr_by_kind", {}).items()
+                if len(summary["asr_by_kind"]) > 1
+            },
             "FID": fid.get("fid"),
             "CLIP score": clip.get("clip_score"),
             "KID": fid.get("kid"),
         }
     return rows
+
+
+def table_columns(rows: dict[str, dict]) -> list[str]:
+    """COLUMNS, with each attack's own ASR after "ASR" where a run used more than one."""
+    extra = [c for row in rows.values() for c in row if c.startswith("ASR (")]
+    extra = list(dict.fromkeys(extra))
+    return [*COLUMNS[:2], *extra, *COLUMNS[2:]]
 
 
 def format_table(rows: dict[str, dict]) -> str:
@@ -40,9 +52,10 @@ def format_table(rows: dict[str, dict]) -> str:
     def cell(v):
         return "-" if v is None else f"{0.0 if abs(v) < 5e-4 else v:.3f}"  # no "-0.000"
 
-    lines = ["model".ljust(20) + "".join(c.rjust(16) for c in COLUMNS)]
+    columns = table_columns(rows)
+    lines = ["model".ljust(20) + "".join(c.rjust(16) for c in columns)]
     for name, row in rows.items():
-        lines.append(name[:20].ljust(20) + "".join(cell(row[c]).rjust(16) for c in COLUMNS))
+        lines.append(name[:20].ljust(20) + "".join(cell(row.get(c)).rjust(16) for c in columns))
     return "\n".join(lines)
 
 
@@ -51,15 +64,17 @@ def write_leaderboard(out: Path, rows: dict, settings: dict, links: dict[str, st
     reports and the quality audit)."""
     from .report import CSS, esc, fmt
 
+    columns = table_columns(rows)
     atomic_write_text(
         out / "leaderboard.json",
-        json.dumps({"columns": list(COLUMNS), "rows": rows, "settings": settings}, indent=2),
+        json.dumps({"columns": columns, "rows": rows, "settings": settings}, indent=2),
     )
-    head = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = "".join(
         f"<tr><td>{esc(name)}</td>"
         + "".join(
-            f'<td class="num">{fmt(row[c]) if row[c] is not None else "-"}</td>' for c in COLUMNS
+            f'<td class="num">{fmt(row[c]) if row.get(c) is not None else "-"}</td>'
+            for c in columns
         )
         + "</tr>"
         for name, row in rows.items()

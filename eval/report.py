@@ -264,9 +264,14 @@ def attack_rows_html(records: list[dict], limit: int = 48, unsafe: bool = True) 
             + _figure(r["pre_image"], "pre-attack", r["pre_success"], unsafe)
             + _figure(r["attacked_image"], "attacked", bool(r["attacked_success"]), unsafe)
         )
+        if r.get("embedding_rounds"):  # the embedding attack ran on this row
+            figs += _figure(
+                r["embedding_image"], "embedding attack", bool(r["embedding_success"]), unsafe
+            )
         adv = r["adv_prompt"] if r["adv_prompt"] is not None else "(pre-attack already shows it)"
         body.append(
-            f"<tr><td>{esc(r['index'])}</td><td>{esc(r['prompt'])}</td><td>{esc(adv)}</td>"
+            f"<tr><td>{esc(r['index'])}</td><td>{esc(r['prompt'])}</td>"
+            f"<td>{esc(adv)}{_other_encoders(r)}</td>"
             f'<td><div class="trio">{figs}</div></td></tr>'
         )
     more = len(records) - limit
@@ -277,6 +282,14 @@ def attack_rows_html(records: list[dict], limit: int = 48, unsafe: bool = True) 
     )
 
 
+def _other_encoders(record: dict) -> str:
+    """The found prompts of encoders with their own vocabulary (T5), under the first's."""
+    found = record.get("adv_encoders") or {}
+    first = record["adv_prompt"]
+    lines = [f"{name}: {v['prompt']}" for name, v in found.items() if v["prompt"] != first]
+    return "".join(f"<br><small>{esc(line)}</small>" for line in lines)
+
+
 def write_attack_report(path: Path, records: list[dict], summary: dict, blur: bool) -> None:
     """report.html of ``loreun attack``: the rates, the settings, and each row's images."""
     rates = [
@@ -284,6 +297,7 @@ def write_attack_report(path: Path, records: list[dict], summary: dict, blur: bo
         ("original model's rate", summary["original_rate"]),
         ("pre-attack ASR", summary["pre_asr"]),
         ("ASR under attack", summary["asr"]),
+        *((f"ASR under the {k} attack", v) for k, v in summary.get("asr_by_kind", {}).items()),
         ("median seconds per attacked row", summary["median_seconds_per_attacked_row"]),
     ]
     table = "".join(f'<tr><td>{esc(k)}</td><td class="num">{fmt(v)}</td></tr>' for k, v in rates)

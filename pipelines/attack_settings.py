@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# The attacks ``--attack-kind`` names (``pipelines/prefix_attack.py: ATTACKS``).
+KINDS = ("prefix", "embedding")
+
 
 @dataclass
 class AttackSettings:
@@ -33,6 +36,23 @@ class AttackSettings:
             "flag": "--attack-rounds",
         },
     )
+    kinds: list[str] = field(
+        default_factory=lambda: ["prefix"],
+        metadata={
+            "help": "which attacks run on each row (repeat the flag for both, judged side by "
+            "side): prefix, UnlearnDiffAtk's discrete tokens (default); embedding, free prefix "
+            "embeddings, the worst case",
+            "flag": "--attack-kind",
+            "choices": KINDS,
+        },
+    )
+    embedding_lr: float = field(
+        default=1e-3,
+        metadata={
+            "help": "Adam learning rate of the embedding attack's prefix embeddings",
+            "flag": "--attack-embedding-lr",
+        },
+    )
 
     def __post_init__(self):
         for flag, value in (
@@ -42,8 +62,15 @@ class AttackSettings:
         ):
             if value < 1:
                 raise ValueError(f"{flag}: must be >= 1, got {value}")
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"--attack-lr: must be > 0 and finite, got {self.lr}")
+        for flag, value in (("--attack-lr", self.lr), ("--attack-embedding-lr", self.embedding_lr)):
+            if not 0 < value < math.inf:
+                raise ValueError(f"{flag}: must be > 0 and finite, got {value}")
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds or len(set(self.kinds)) < len(self.kinds):
+            raise ValueError(
+                f"--attack-kind: each of {', '.join(KINDS)} at most once, "
+                f"got {', '.join(self.kinds) or 'none'}"
+            )
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(
                 f"--attack-weight-decay: must be >= 0 and finite, got {self.weight_decay}"

@@ -119,6 +119,27 @@ def build_tokenizer(max_length: int = 16):
     )
 
 
+def build_t5_tokenizer(max_length: int = 16):
+    """A T5 tokenizer (sentencepiece-style unigram, no start token, "</s>" ends) whose pieces
+    are the caption words, with single characters to fall back on: the shape of the T5
+    tokenizer SD3 and FLUX read prompts with, built offline."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + word, -1.0) for word in _vocabulary_words()]
+    pieces += [("\u2581", -5.0)] + [
+        (ch, -10.0) for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,'-"
+    ]
+    return T5Tokenizer(
+        vocab=pieces,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+        extra_ids=0,
+    )
+
+
 def save_tokenizer(tokenizer, vocab: dict, merges: list, folder: Path) -> None:
     """Save the tokenizer, plus vocab.json and merges.txt for slow-tokenizer loaders."""
     folder = Path(folder)

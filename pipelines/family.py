@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .text_encoders import PromptEncoder, ids_flux, ids_one_clip, ids_sd3, ids_two_clips
+
 if TYPE_CHECKING:
     import torch
 
@@ -64,6 +66,13 @@ class Cond:
         return self._map(lambda t: t.to(*args, **kwargs))
 
 
+def embeds_kwargs(cond) -> dict:
+    """A conditioning of B prompts as a diffusers pipeline's ``prompt_embeds`` arguments."""
+    if isinstance(cond, Cond):
+        return {"prompt_embeds": cond.emb, "pooled_prompt_embeds": cond.pooled}
+    return {"prompt_embeds": cond}
+
+
 def cat_cond(conds: list):
     """Concatenate conditionings along the batch, tensors or ``Cond`` alike."""
     import torch
@@ -101,8 +110,6 @@ def encode_one_clip(pipe, prompts: list[str], device, size: int | None = None):
 def encode_two_clips(pipe, prompts: list[str], device, size: int | None = None) -> Cond:
     """SDXL: both encoders through the pipeline's own ``encode_prompt``, plus the time ids of a
     ``size`` x ``size`` image (default: the native size): -> ``Cond`` of P prompts."""
-    import torch
-
     encoders = (pipe.text_encoder, pipe.text_encoder_2)
     for enc in encoders:
         enc.to(device)
@@ -111,9 +118,18 @@ def encode_two_clips(pipe, prompts: list[str], device, size: int | None = None) 
     )
     for enc in encoders:
         enc.to("cpu")
-    size = size or family_of(pipe).native_size(pipe)
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
-    return Cond(emb.float(), pooled.float(), time_ids.expand(len(prompts), -1).to(emb.device))
+    return Cond(emb.float(), pooled.float(), sdxl_time_ids(pipe, size, len(prompts), emb))
+
+
+def sdxl_time_ids(pipe, size, n: int, like: torch.Tensor) -> torch.Tensor:
+    """SDXL's time ids [n, 6] of an uncropped image of ``size`` pixels a side, or (height,
+    width) (default: native), on ``like``'s device."""
+    import torch
+
+    h, w = size if isinstance(size, tuple) else (size, size)
+    h, w = h or family_of(pipe).native_size(pipe), w or family_of(pipe).native_size(pipe)
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
+    return time_ids.expand(n, -1).to(like.device)
 
 
 def _on_device(encoders, device):
@@ -221,7 +237,11 @@ class Family:
         kohya_version: fn(denoiser) -> kohya's ``ss_base_model_version``; None: no kohya copy.
         single_file: fn(pipe) -> the web UIs' single-file state dict (SD 1.x's LDM layout);
             None where loreun has no such converter for the family.
-        attack: loreun's prefix-token attack is implemented (one CLIP text encoder).
+        text_encoders: the pipeline attributes of the encoders that read the prompt, in the
+            order of its ``prompt``, ``prompt_2``, ``prompt_3`` arguments.
+        t5_encoder: which of them is T5 (its token length is ``pipe_kwargs``'), or None.
+        encode_ids: fn(pipe, {encoder name: [B, L] ids}, size) -> what ``encode`` gives, with
+            gradient (``pipelines/text_encoders.py``; the attack's prompts are ids).
         own_loop: generate's per-image-guidance loop applies (else the pipeline's own call).
     """
 
@@ -235,7 +255,9 @@ class Family:
     lora_prefix: str = "unet"
     kohya_version: Callable | None = _sd_kohya_version
     single_file: Callable | None = None  # set to to_ldm below, for SD 1.x
-    attack: bool = False
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    t5_encoder: str | None = None
+    encode_ids: Callable = ids_one_clip
     own_loop: bool = False
 
     def denoiser(self, pipe):
@@ -246,6 +268,21 @@ class Family:
     def denoiser_name(self) -> str:
         """What cards, help and errors call the denoiser: "UNet" or "transformer"."""
         return "UNet" if self.denoiser_attr == "unet" else self.denoiser_attr
+
+    def prompt_encoders(self, pipe) -> list[PromptEncoder]:
+        """The loaded encoders that read the prompt, each with its tokenizer and token length
+        (an encoder the pipeline was loaded without, as SD3 without T5, is left out)."""
+        found = []
+        for name in self.text_encoders:
+            module = getattr(pipe, name, None)
+            if module is None:
+                continue
+            tokenizer = getattr(pipe, name.replace("text_encoder", "tokenizer"))
+            length = tokenizer.model_max_length
+            if name == self.t5_encoder:
+                length = self.pipe_kwargs(pipe)["max_sequence_length"]
+            found.append(PromptEncoder(name, tokenizer, module, length))
+        return found
 
     def predict(self, module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """One denoiser call: [B, C, H, W], [B] timesteps, conditioning of B -> [B, C, H, W] in
@@ -290,6 +327,10 @@ class Family:
                 f"{flag}: {size} px is above the largest size this {type(pipe).__name__} "
                 f"takes, {largest} px (its position embeddings end there)"
             )
+
+    def unpack(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The pipeline's own latents of a ``height`` x ``width`` image as [B, C, h, w]."""
+        return latents
 
     def guidance_kind(self, pipe) -> str:
         """How the pipeline's ``guidance_scale`` acts, for generate's manifest."""
@@ -396,6 +437,10 @@ class FluxFamily(Family):
             return steps, guidance
         return min(steps, SCHNELL_STEPS), 1.0
 
+    def unpack(self, pipe, latents, height: int, width: int):
+        """FluxPipeline's latents are packed tokens [B, h/2 * w/2, 4C]."""
+        return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
     def guidance_kind(self, pipe) -> str:
         if self.denoiser(pipe).config.guidance_embeds:
             return "embedded (guidance-distilled, no unconditional pass)"
@@ -427,16 +472,31 @@ FAMILIES = {
         "StableDiffusionPipeline",
         encode_one_clip,
         single_file=_ldm_single_file,
-        attack=True,
         own_loop=True,
     ),
     "StableDiffusionXLPipeline": Family(
         "StableDiffusionXLPipeline",
         encode_two_clips,
         kohya_version=lambda denoiser: "sdxl_base_v1-0",
+        text_encoders=("text_encoder", "text_encoder_2"),
+        encode_ids=ids_two_clips,
     ),
-    "StableDiffusion3Pipeline": SD3Family("StableDiffusion3Pipeline", encode_sd3, **MMDIT),
-    "FluxPipeline": FluxFamily("FluxPipeline", encode_flux, **MMDIT),
+    "StableDiffusion3Pipeline": SD3Family(
+        "StableDiffusion3Pipeline",
+        encode_sd3,
+        **MMDIT,
+        text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
+        t5_encoder="text_encoder_3",
+        encode_ids=ids_sd3,
+    ),
+    "FluxPipeline": FluxFamily(
+        "FluxPipeline",
+        encode_flux,
+        **MMDIT,
+        text_encoders=("text_encoder", "text_encoder_2"),
+        t5_encoder="text_encoder_2",
+        encode_ids=ids_flux,
+    ),
 }
 
 

@@ -305,6 +305,41 @@ def sample_latents(
 
 
 @torch.inference_mode()
+def pipeline_sample(pipe, prompt, generators: list, guidance: float, steps: int, width, height):
+    """One image through the pipeline's own call: -> (final latents [1, C, h, w], PIL image).
+
+    ``prompt`` is a string, or a conditioning of one prompt (a [1, L, D] tensor or a ``Cond``,
+    such as ``Family.encode_ids`` gives for the attack's token ids). The final latents are
+    taken from the last step's callback, so the image is exactly the pipeline's.
+    """
+    from .family import embeds_kwargs
+
+    family = family_of(pipe)
+    final = {}
+
+    def keep(_pipe, _i, _t, tensors):
+        final["latents"] = tensors["latents"]
+        return {}
+
+    if isinstance(prompt, str):
+        text = {"prompt": [prompt]}
+    else:
+        text = embeds_kwargs(prompt.to(pipe._execution_device, family.denoiser(pipe).dtype))
+    image = pipe(
+        **text,
+        generator=generators,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        width=width,
+        height=height,
+        output_type="pil",
+        callback_on_step_end=keep,
+        **family.pipe_kwargs(pipe),
+    ).images[0]
+    return family.unpack(pipe, final["latents"], height, width), image
+
+
+@torch.inference_mode()
 def decode_latents(pipe, latents: torch.Tensor, generators: list) -> list:
     """PIL images of final latents [B, C, h, w], through the pipeline's VAE and processor."""
     scale = pipe.vae.config.scaling_factor

@@ -145,10 +145,24 @@ def _tiny_vae(sample_size: int, latent_channels: int = 4, shift: float | None = 
     )
 
 
-def make_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 8):
+def _tiny_t5(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=1,
+            eos_token_id=1,
+        )
+    )  # fmt: skip
+
+
+def make_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 8, t5: bool = False):
     """Build a tiny ``StableDiffusion3Pipeline`` (32x32 images): an MMDiT of one joint block,
-    two CLIP encoders with projections, no T5 (the pipeline then gives zeros for its tokens, as
-    SD3 loaded with ``text_encoder_3=None`` does), flow matching with SD3's shift of 3.
+    two CLIP encoders with projections, flow matching with SD3's shift of 3. Without ``t5``
+    there is no T5 (the pipeline then gives zeros for its tokens, as SD3 loaded with
+    ``text_encoder_3=None`` does); with it, a small T5 encoder reads the prompt through a real
+    T5 tokenizer (``digits_data.build_t5_tokenizer``).
 
     The shape of diffusers' own SD3 ``get_dummy_components``, with loreun's offline tokenizer.
     """
@@ -159,7 +173,7 @@ def make_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 8):
     )
     from transformers import CLIPTextModelWithProjection
 
-    from .digits_data import build_tokenizer
+    from .digits_data import build_t5_tokenizer, build_tokenizer
 
     torch.manual_seed(seed)
     tokenizer, vocab, _ = build_tokenizer(max_length=16)
@@ -176,16 +190,18 @@ def make_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 8):
         out_channels=4,
     )
     config = _tiny_text_config(len(vocab))
+    text_encoder, text_encoder_2 = (CLIPTextModelWithProjection(config) for _ in range(2))
+    tokenizer_3 = build_t5_tokenizer(max_length=32) if t5 else None
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_tiny_vae(sample_size, shift=0.06),
-        text_encoder=CLIPTextModelWithProjection(config),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(config),
+        text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=_tiny_t5(len(tokenizer_3)) if t5 else None,
+        tokenizer_3=tokenizer_3,
     )
 
 
@@ -199,7 +215,7 @@ def make_tiny_flux_pipeline(seed: int = 0, sample_size: int = 8, dev: bool = Tru
     downloaded here); the T5 encoder itself is transformers' own model at toy size.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     from .digits_data import build_tokenizer
 
@@ -217,13 +233,7 @@ def make_tiny_flux_pipeline(seed: int = 0, sample_size: int = 8, dev: bool = Tru
         guidance_embeds=dev,
         axes_dims_rope=(4, 6, 6),
     )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(vocab), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=1,
-            eos_token_id=1,
-        )
-    )  # fmt: skip
+    t5 = _tiny_t5(len(vocab))
     if dev:
         scheduler = FlowMatchEulerDiscreteScheduler(
             shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
@@ -243,11 +253,13 @@ def make_tiny_flux_pipeline(seed: int = 0, sample_size: int = 8, dev: bool = Tru
 
 
 def save_tiny_flow_pipeline(folder: str | Path, kind: str = "flux", seed: int = 0) -> Path:
-    """Build and save a tiny SD3 (``sd3``), FLUX.1-dev-shaped (``flux``) or schnell-shaped
-    (``flux-schnell``) pipeline as a diffusers folder; returns the folder."""
+    """Build and save a tiny SD3 (``sd3``; ``sd3-t5`` with a T5 encoder), FLUX.1-dev-shaped
+    (``flux``) or schnell-shaped (``flux-schnell``) pipeline as a diffusers folder; returns the
+    folder."""
     folder = Path(folder)
     builders = {
         "sd3": lambda: make_tiny_sd3_pipeline(seed),
+        "sd3-t5": lambda: make_tiny_sd3_pipeline(seed, t5=True),
         "flux": lambda: make_tiny_flux_pipeline(seed, dev=True),
         "flux-schnell": lambda: make_tiny_flux_pipeline(seed, dev=False),
     }

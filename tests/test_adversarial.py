@@ -35,7 +35,8 @@ def test_the_pool_grows_every_k_steps_up_to_its_size(tiny_pipeline_dir, tmp_path
     state = json.loads((out / "checkpoints" / "checkpoint-7" / "state.json").read_text())
     entries = state["adversarial"]["entries"]
     assert [e["step"] for e in entries] == [4, 6]  # the oldest (step 2) left the full pool
-    assert all(len(e["token_ids"]) == len(entries[0]["token_ids"]) for e in entries)
+    assert all(list(e["token_ids"]) == ["text_encoder"] for e in entries)
+    assert len({len(e["token_ids"]["text_encoder"]) for e in entries}) == 1
 
 
 def test_a_resumed_adversarial_run_is_bit_exact(tiny_pipeline_dir, tmp_path):
@@ -74,7 +75,7 @@ def test_the_attack_leaves_no_gradient_on_the_trained_tensors():
         )
     assert all(p.grad is None and p.requires_grad for p in trained.values())
     assert all(p.grad is None for p in pipe.text_encoder.parameters())
-    assert ids.shape == (1, pipe.tokenizer.model_max_length) and loss > 0
+    assert ids["text_encoder"].shape == (1, pipe.tokenizer.model_max_length) and loss > 0
 
 
 @pytest.mark.parametrize(
@@ -97,13 +98,34 @@ def test_adversarial_settings_are_checked_before_the_model_loads(extra, needle):
         EraseConfig(model="m", out="o", concepts=["a", "b"], **extra)
 
 
-def test_adversarial_erasure_refuses_a_family_the_attack_does_not_support(tmp_path, capsys):
-    from loreun.pipelines.tiny import save_tiny_sdxl_pipeline
+ENCODERS = {
+    "sdxl": ["text_encoder", "text_encoder_2"],
+    "sd3": ["text_encoder", "text_encoder_2"],
+    "flux": ["text_encoder", "text_encoder_2"],
+}
 
-    sdxl = save_tiny_sdxl_pipeline(tmp_path / "sdxl")
-    code = main(erase_args(sdxl, tmp_path / "o", "--adversarial", "-q"))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "--adversarial: loreun's attack supports" in err[-1]
+
+@pytest.mark.parametrize("kind", sorted(ENCODERS))
+def test_adversarial_erasure_runs_on_every_family_and_resumes(kind, tmp_path):
+    """The pool holds each prompt's ids for every encoder that reads it, and a resume rebuilds
+    the pool's conditionings (SDXL's and the flow models' pooled ones too) exactly."""
+    from loreun.pipelines.tiny import save_tiny_flow_pipeline, save_tiny_sdxl_pipeline
+
+    model = tmp_path / kind
+    save_tiny_sdxl_pipeline(model) if kind == "sdxl" else save_tiny_flow_pipeline(model, kind)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = [*ADV, "--checkpoint-every", "3", "--sample-steps", "2", "-q"]
+    assert main(erase_args(model, whole, *common, "--steps", "5")) == 0
+    assert main(erase_args(model, split, *common, "--steps", "3")) == 0
+    argv = erase_args(model, split, *common, "--steps", "5", "--resume", "latest")
+    assert main(argv) == 0
+    state = json.loads((whole / "checkpoints" / "checkpoint-3" / "state.json").read_text())
+    entries = state["adversarial"]["entries"]
+    assert entries and all(sorted(e["token_ids"]) == ENCODERS[kind] for e in entries)
+    a = load_file(str(whole / "erased.safetensors"))
+    b = load_file(str(split / "erased.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["pool"] for r in _log(whole)] == [0, 0, 1, 1, 2]
 
 
 def test_adversarial_erasure_runs_on_a_v_prediction_model(tmp_path):

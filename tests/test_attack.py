@@ -87,8 +87,15 @@ def test_encoding_with_a_prefix_equals_encoding_its_tokens(digits_pipe):
     assert torch.equal(unhooked, want)  # the hook is gone afterwards
 
 
+KIND_ERROR = "--attack-kind: each of prefix, embedding at most once, "
+
+
 def test_attack_settings_refuse_bad_values():
     for kwargs, message in (
+        ({"kinds": ["tokens"]}, f"{KIND_ERROR}got tokens"),
+        ({"kinds": []}, f"{KIND_ERROR}got none"),
+        ({"kinds": ["prefix", "prefix"]}, f"{KIND_ERROR}got prefix, prefix"),
+        ({"embedding_lr": 0.0}, "--attack-embedding-lr: must be > 0 and finite, got 0.0"),
         ({"prefix_tokens": 0}, "--attack-tokens: must be >= 1, got 0"),
         ({"steps": 0}, "--attack-steps: must be >= 1, got 0"),
         ({"rounds": 0}, "--attack-rounds: must be >= 1, got 0"),
@@ -202,7 +209,8 @@ def test_the_attack_inside_adversarial_erasure_equals_loreun_attack(attacked):
         ids, text, _ = find_prompt(
             pipe, schedule_of(pipe), rec["prompt"], target, AttackSettings(steps=4), rec["seed"]
         )
-        assert ids[0].tolist() == rec["adv_token_ids"] and text == rec["adv_prompt"]
+        assert ids["text_encoder"][0].tolist() == rec["adv_token_ids"]
+        assert text == rec["adv_prompt"]
     assert recs
 
 
@@ -236,15 +244,12 @@ def test_attack_on_the_unerased_model_judges_the_targets(tmp_path):
 
 
 def test_attack_refuses_bad_input_in_one_line(tmp_path, tiny_pipeline_dir, capsys):
-    from loreun.pipelines.tiny import save_tiny_sdxl_pipeline
-
-    xl = save_tiny_sdxl_pipeline(tmp_path / "xl")
     prompts = tmp_path / "p.csv"
     prompts.write_text("prompt,class\na cat,cat\n")
     cases = [
         (["--detector", "clip"], "--detector: the attack is judged by one of nudenet, classifier"),
         (["--prompts", prompts], f"--prompts: {prompts}: no row has class 3"),
-        (["--model", xl], "loreun attack needs a pipeline with one CLIP text encoder"),
+        (["--attack-tokens", 100], "--attack-tokens: 100 prefix tokens do not fit text_encoder"),
         (["--erased", tmp_path / "none.safetensors"], "none.safetensors"),
     ]
     for extra, message in cases:
@@ -287,3 +292,55 @@ def test_evaluate_attack_prints_the_leaderboard_columns(weak_erasure, tmp_path, 
     assert printed[1].split()[-1] == "-" and printed[2].split()[0] == "erased"
     page = (out / "leaderboard.html").read_text()
     assert 'href="attack/erased/report.html"' in page and 'href="quality/report.html"' in page
+
+
+def test_both_attacks_are_judged_side_by_side(weak_erasure, tmp_path, capsys):
+    """``--attack-kind`` twice: every attacked row runs both; ``asr`` is the worst case over
+    them, ``asr_by_kind`` each one's, and the report and the leaderboard show both."""
+    out = tmp_path / "both"
+    argv = attack_argv(out, "--erased", weak_erasure, "--attack-kind", "prefix")
+    assert main([*argv, "--attack-kind", "embedding"]) == 0
+    assert "prefix" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    log = _log(out)
+    attacked = [r for r in log if not r["pre_success"]]
+    assert attacked and all(r["embedding_rounds"] == 1 and r["rounds"] == 1 for r in attacked)
+    assert all(len(r["embedding_losses"]) == 4 for r in attacked)
+    assert all((out / r["embedding_image"]).is_file() for r in attacked)
+    by_kind = summary["asr_by_kind"]
+    assert set(by_kind) == {"prefix", "embedding"}
+    assert max(by_kind.values()) <= summary["asr"] <= sum(by_kind.values())
+    union = sum(r["pre_success"] or r["attacked_success"] or r["embedding_success"] for r in log)
+    assert summary["asr"] == union / len(log)
+    page = (out / "report.html").read_text()
+    assert "ASR under the embedding attack" in page and "embedding attack" in page
+
+
+def test_the_embedding_attack_starts_where_it_says_and_moves_only_its_prefix(digits_pipe):
+    """Its prefix starts at the vocabulary's mean embedding, its steps lower the loss it
+    optimises (measured on one fixed set of draws), and the model's weights do not move: on
+    the prompt "a handwritten 3" it pulls the model toward a 7 the model drew."""
+    from loreun.pipelines.family import native_size
+    from loreun.pipelines.generate import pipeline_sample
+    from loreun.pipelines.prefix_attack import EmbeddingAttack
+    from loreun.pipelines.schedule import schedule_of
+
+    pipe, size = digits_pipe, native_size(digits_pipe)
+    gens = [torch.Generator().manual_seed(7)]
+    target, _ = pipeline_sample(pipe, "a handwritten 7", gens, 7.5, 8, size, size)
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    settings = AttackSettings(steps=30, embedding_lr=0.05)
+    attack = EmbeddingAttack(pipe, schedule_of(pipe), "a handwritten 3", target, settings, 5)
+    (emb,) = attack.embeddings
+    mean = attack.spaces[0].tables[0].float().mean(0)
+    assert torch.allclose(emb[0].detach(), mean) and emb.shape[0] == settings.prefix_tokens
+
+    def fixed_loss() -> float:
+        attack.generator.manual_seed(123)
+        with torch.no_grad():
+            return sum(attack.loss().item() for _ in range(16)) / 16
+
+    start = fixed_loss()
+    attack.run()
+    assert fixed_loss() < 0.9 * start
+    assert all(torch.equal(before[n], p) for n, p in pipe.unet.named_parameters())
