@@ -76,6 +76,11 @@ GROUPS = {
         "trajectory_pool",
         "trajectory_cache_mb",
     ),
+    "text encoders (erase where prompts are read; AdvUnlearn's robustness)": (
+        "train",
+        "text_encoder_part",
+        "text_encoder_layers",
+    ),
     "LoRA (train low-rank adapters instead of the full tensors)": ("lora_rank", "lora_alpha"),
     "weighting": ("weighting", *slot_fields(WEIGHTING_SLOTS)),
     "adversarial erasure (train against loreun attack's prompts)": tuple(

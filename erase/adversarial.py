@@ -80,6 +80,12 @@ class AdversarialPool:
         if len(self.entries) > self.capacity:
             self.entries, self.cond = self.entries[1:], self.cond[1:]
 
+    def token_ids(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{encoder name: [B, L]} the token ids of pool ``slots`` [B], for a student that reads
+        prompts through training text encoders."""
+        picked = [self.entries[i] for i in slots.tolist()]
+        return {n: torch.tensor([e.token_ids[n] for e in picked]) for n in picked[0].token_ids}
+
     def items(self) -> ItemSet:
         """The pool as forget items: each item's own conditioning, x_0 (and trajectory row), with
         the adversarial prompt as the student's (``ItemSet.prompt``)."""
@@ -196,6 +202,8 @@ def pool_term(run, cfg, acc, k: int, g: torch.Generator, student) -> torch.Tenso
     items = pool.items()
     ids = item_ids(len(items), cfg.adversarial_batch, cfg.seed, acc.process_index, k, stream=2)
     batch = draw_batch(dataclasses.replace(run, forget=items), cfg, acc, ids, g)
+    if run.text is not None:  # the found prompts, through the training text encoders
+        batch = dataclasses.replace(batch, prompt=run.text.encode(pool.token_ids(ids)))
     with acc.autocast():
         losses, pred = run.objective(student, run.teacher, batch)
     if pool.weighting.observes:  # LoReUn: needs the known target (checked in the config)

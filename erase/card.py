@@ -139,7 +139,7 @@ def settings_rows(meta: dict) -> list[str]:
     rows = [
         ("erased", erased_what(meta)),
         ("base model", f"{base_name(meta)} (fingerprint {meta.get('base_fingerprint', '-')})"),
-        ("trained modules", meta.get("method")),
+        ("trained modules", trained_modules(meta)),
         ("objective", meta.get("objective")),
         ("weighting", meta.get("weighting")),
         ("steps", meta.get("steps_done")),
@@ -175,6 +175,37 @@ def denoiser_name(meta: dict) -> str:
 
     family = FAMILIES.get(meta.get("family", "StableDiffusionPipeline"))
     return family.denoiser_name if family else "denoiser"
+
+
+def trained_modules(meta: dict) -> str:
+    """The "trained modules" cell: the denoiser's preset, the text encoders' part, or both."""
+    hp = meta.get("hyperparameters", {})
+    train = hp.get("train", "denoiser")
+    text = f"text encoders: {hp.get('text_encoder_part', 'all')}, layers "
+    text += str(hp.get("text_encoder_layers") or "all")
+    if train == "text-encoder":
+        return text
+    return f"{meta.get('method')}; {text}" if train == "both" else str(meta.get("method"))
+
+
+def what_trained(meta: dict) -> str:
+    """The card's sentence on what the erasure changed and what is the base model's."""
+    train = meta.get("hyperparameters", {}).get("train", "denoiser")
+    name = denoiser_name(meta)
+    if train == "text-encoder":
+        return (
+            f"The erasure fine-tuned the CLIP text encoders only; the {name}, VAE and scheduler "
+            "are the base model's."
+        )
+    if train == "both":
+        return (
+            f"The erasure fine-tuned the {name} and the CLIP text encoders; the VAE and "
+            "scheduler are the base model's."
+        )
+    return (
+        f"The erasure fine-tuned the {name} only; the text encoders, VAE and scheduler are the "
+        "base model's."
+    )
 
 
 def made_with(meta: dict) -> str:
@@ -217,8 +248,7 @@ def model_card(
     body = [
         f"# {md(base_name(meta))} with {md(erased_what(meta))} erased",
         "",
-        f"{made_with(meta)} The erasure fine-tuned the {denoiser_name(meta)} only; the text "
-        "encoders, VAE and scheduler are the base model's.",
+        f"{made_with(meta)} {what_trained(meta)}",
         "",
         "## How it was erased",
         "",

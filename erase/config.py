@@ -34,6 +34,8 @@ WEIGHTING_SLOTS = {m.NAME: m for m in (weighting_uniform, weighting_loreun)}
 SLOT_MODULES = (*OBJECTIVE_SLOTS.values(), *WEIGHTING_SLOTS.values())
 
 METHODS = ("esd-x", "esd-x-strict", "esd-u", "esd-all")
+TRAIN_PARTS = ("denoiser", "text-encoder", "both")
+TEXT_ENCODER_PARTS = ("all", "attn", "mlp")  # erase/text_encoder.py selects each
 OBJECTIVES = tuple(OBJECTIVE_SLOTS)
 WEIGHTINGS = tuple(WEIGHTING_SLOTS)
 XT_SOURCES = ("cached", "trajectory", "partial-train", "partial-base")
@@ -91,6 +93,30 @@ class RunFields:
             "stream's attention), esd-x-strict (its keys and values), esd-u (all but those), "
             "esd-all",
             choices=METHODS,
+        ),
+    )
+    train: str = field(
+        default="denoiser",
+        metadata=_help(
+            "what trains: the denoiser (--method's tensors), the CLIP text encoders that read "
+            "the prompt (--text-encoder-part; where AdvUnlearn found robustness), or both",
+            choices=TRAIN_PARTS,
+        ),
+    )
+    text_encoder_part: str = field(
+        default="all",
+        metadata=_help(
+            "with --train text-encoder or both: which tensors of each CLIP encoder train: all "
+            "(every layer, the final norm and projection; token and position embeddings stay), "
+            "attn (self-attention), mlp",
+            choices=TEXT_ENCODER_PARTS,
+        ),
+    )
+    text_encoder_layers: str | None = field(
+        default=None,
+        metadata=_help(
+            "with --train text-encoder or both: the encoder layers that train, START:END as a "
+            "Python slice (default: all)"
         ),
     )
     model_defaults: bool = field(
@@ -328,6 +354,28 @@ class EraseConfig(
             slot.check(self, chosen)
         adversarial_settings.check(self)
         self._check_memory()
+        self._check_text_encoder()
+
+    def _check_text_encoder(self) -> None:
+        """What text-encoder training cannot combine with yet, refused before the model loads."""
+        if self.train == "denoiser":
+            for name, value in (
+                ("text_encoder_part", self.text_encoder_part != "all"),
+                ("text_encoder_layers", self.text_encoder_layers is not None),
+            ):
+                if value:
+                    flag = "--" + name.replace("_", "-")
+                    raise ValueError(f"{flag}: only used with --train text-encoder or both")
+            return
+        parse_layers(self.text_encoder_layers)
+        for bad, flag in (
+            (self.lora_rank is not None, "--lora-rank"),
+            (self.saliency is not None or self.saliency_mask is not None, "--saliency"),
+            (self.step_in_backward, "--step-in-backward"),
+            (self.frozen_dtype != "fp32", "--frozen-dtype"),
+        ):
+            if bad:
+                raise ValueError(f"{flag}: not available with --train {self.train} yet")
 
     def _check_memory(self) -> None:
         """Memory options that cannot combine, refused before the model loads."""
@@ -526,6 +574,22 @@ RESUMABLE_CHANGES = (
     "checkpoint_without_optimizer",
     "save_pipeline",
 )
+
+
+def parse_layers(text: str | None) -> slice:
+    """``--text-encoder-layers`` START:END as a slice (either end may be left out)."""
+    if text is None:
+        return slice(None)
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, end = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"--text-encoder-layers: {text!r} is not START:END (e.g. 0:6, or :6)"
+        ) from None
+    return slice(start, end)
 
 
 def changed_settings(saved: dict, cfg: EraseConfig) -> list[str]:

@@ -244,7 +244,8 @@ def build_retain_set(
         return None
     captions = [it.caption for it in images] if images else cfg.retain_concepts
     size = cfg.resolution or family_of(pipe).native_size(pipe)
-    retain = ItemSet(encode_captions(pipe, captions, acc.device, size), uncond, anchor=None)
+    cond = encode_captions(pipe, captions, acc.device, size)
+    retain = ItemSet(cond, uncond, anchor=None, captions=list(captions))
     if images:
         retain.x0 = cached_image_latents(cfg, pipe, acc, out / "cache" / "retain-images", images)
     else:

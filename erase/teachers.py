@@ -154,24 +154,34 @@ class AdapterOffTeacher:
 TORCH_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def trainable(cfg: EraseConfig, family: Family, denoiser) -> tuple[dict, object, dict[str, str]]:
-    """(name -> trained parameter, the teacher, the base fingerprints of the preset's tensors).
+def trainable(
+    cfg: EraseConfig, family: Family, denoiser, pipe=None
+) -> tuple[dict, object, dict[str, str]]:
+    """(name -> trained parameter, the teacher, the base fingerprints of the trained tensors).
 
     Full training trains the preset's tensors against frozen copies of them; ``--lora-rank``
-    trains adapters on the same modules against the denoiser with its adapters off.
+    trains adapters on the same modules against the denoiser with its adapters off. With
+    ``--train text-encoder`` or ``both`` the text encoders' tensors train too
+    (``text_encoder.py``); the teacher's conditionings are the items' frozen embeddings, so
+    the teacher needs no copy of them.
     """
-    preset = select_parameters(denoiser, cfg.method, family.presets)
-    base_fp = base_fingerprints({n: p.detach() for n, p in preset.items()})
+    from .text_encoder import text_encoder_parameters
+
+    text = text_encoder_parameters(cfg, pipe, family)
+    preset = {}
+    if cfg.train != "text-encoder":
+        preset = select_parameters(denoiser, cfg.method, family.presets)
+    base_fp = base_fingerprints({n: p.detach() for n, p in {**preset, **text}.items()})
     if cfg.lora_rank:
         alpha = cfg.lora_alpha or cfg.lora_rank
         trained = add_lora(denoiser, preset, cfg.lora_rank, alpha, cfg.seed)
         cast_untrained(denoiser, trained, TORCH_DTYPES.get(cfg.mixed_precision))
         return trained, AdapterOffTeacher(family, denoiser, trained), base_fp
-    for p in preset.values():
+    for p in (*preset.values(), *text.values()):
         p.requires_grad_(True)
     cast_untrained(denoiser, preset, TORCH_DTYPES.get(cfg.mixed_precision))
     teacher = FrozenTeacher(family, denoiser, preset, TORCH_DTYPES[cfg.frozen_dtype])
-    return preset, teacher, base_fp
+    return {**preset, **text}, teacher, base_fp
 
 
 def cast_untrained(denoiser: torch.nn.Module, trained: dict, dtype: torch.dtype | None) -> None:

@@ -44,6 +44,7 @@ from .optim import prepare_optimizer
 from .saliency import build_mask, mask_gradients, restore_masked
 from .streams import item_ids, step_generator
 from .teachers import AdapterOffTeacher, FrozenTeacher, trainable
+from .text_encoder import StudentText, build_student_text
 from .weighting import Weighting, weighting_for, weighting_stats
 from .xt_sources import cached_batch, draw_batch, partial_sampler
 
@@ -73,6 +74,7 @@ class Run:
     retain: ItemSet | None = None
     mask: dict[str, torch.Tensor] | None = None
     adversarial: AdversarialPool | None = None  # --adversarial's prompts
+    text: StudentText | None = None  # --train text-encoder/both: the student's prompts
     start_step: int = 0
 
 
@@ -141,10 +143,11 @@ def setup(
     denoiser.requires_grad_(False)
     if cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    trained, teacher, fingerprints = trainable(cfg, family, denoiser)
+    trained, teacher, fingerprints = trainable(cfg, family, denoiser, pipe)
     base_fp = fingerprints["base_fingerprint"]
     forget = build_forget_set(cfg, pipe, teacher, acc, out, folders.forget)
     retain = build_retain_set(cfg, pipe, teacher, acc, out, folders.retain, forget.uncond)
+    text = build_student_text(cfg, pipe, family, forget, retain, acc)
     schedule = schedule_of(pipe, cfg.resolution)
     objective = objective_for(cfg)
     student = family.predictor(denoiser)
@@ -181,6 +184,7 @@ def setup(
         retain=retain,
         mask=mask,
         adversarial=build_pool(cfg, forget, schedule),
+        text=text,
     )
     if cfg.adversarial:
         encoders = family.prompt_encoders(pipe)
@@ -306,6 +310,8 @@ def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Ten
     g = step_generator(cfg.seed, acc.process_index, k)
     ids = item_ids(len(run.forget), cfg.batch_size, cfg.seed, acc.process_index, k)
     batch = draw_batch(run, cfg, acc, ids, g)
+    if run.text is not None:  # the student reads the prompts through the training encoders
+        batch = dataclasses.replace(batch, prompt=run.text.forget(batch.ids))
     student = run.family.predictor(run.denoiser)
     with acc.autocast():
         losses, pred = run.objective(student, run.teacher, batch)
@@ -318,6 +324,8 @@ def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Ten
     if run.retain is not None:
         rids = item_ids(len(run.retain), cfg.batch_size, cfg.seed, acc.process_index, k, stream=1)
         rbatch = cached_batch(run.retain, rids, g, run.schedule, acc.device)
+        if run.text is not None:
+            rbatch = dataclasses.replace(rbatch, prompt=run.text.retain(rids))
         with acc.autocast():
             retain_losses, _ = denoising_loss(student, rbatch)
         retain_term = retain_losses.mean()

@@ -104,7 +104,7 @@ def attack(
         claim_output(out, info, create=True, config=ATTACK_CONFIG, kind="attack")
         make_targets(pipe, jobs, out, generate.steps)
         if erased is not None:
-            copy_into(denoiser(pipe), erased_tensors)
+            copy_into(pipe, erased_tensors)
         attack_rows(pipe, jobs, out, settings, generate.steps, detector, audit, erased is None)
         records = read_log(out)
         summary = build_summary(records, info, audit)
@@ -161,7 +161,7 @@ def _checked_erased(pipe, weights, erased, force: bool = False):
     from loreun.pipelines.loading import check_compatible
 
     tensors, meta, _ = weights
-    check_compatible(denoiser(pipe), tensors, meta, force=force, source=str(erased))
+    check_compatible(pipe, tensors, meta, force=force, source=str(erased))
     return tensors
 
 

@@ -216,22 +216,42 @@ def check_contents(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> 
         )
 
 
+def erasable_state(model) -> tuple[dict[str, torch.Tensor], str]:
+    """(what an erased file may hold, by its names; what to call it in errors).
+
+    A pipeline's are its denoiser's tensors under their own names and each prompt encoder's
+    under its pipeline attribute ("text_encoder.text_model.encoder..."), as a text-encoder
+    erasure writes them; a bare denoiser's are its own. The tensors share the modules' storage,
+    so copying into them changes the model.
+    """
+    from .family import FAMILIES, family_of
+
+    if type(model).__name__ not in FAMILIES:
+        return model.state_dict(), "UNet"
+    family = family_of(model)
+    state = dict(family.denoiser(model).state_dict())
+    for enc in family.prompt_encoders(model):
+        state.update({f"{enc.name}.{k}": v for k, v in enc.module.state_dict().items()})
+    return state, f"{family.denoiser_name} or its text encoders"
+
+
 def check_compatible(
-    unet: torch.nn.Module,
+    model,
     tensors: dict[str, torch.Tensor],
     meta: dict,
     force: bool = False,
     source: str = "erased file",
 ) -> None:
-    """Raise ValueError naming what differs between an erased file and a UNet.
+    """Raise ValueError naming what differs between an erased file and a pipeline (its
+    denoiser and text encoders) or a bare UNet.
 
     ``force`` skips the fingerprint check only; names and shapes are always checked.
     """
-    state = unet.state_dict()
+    state, what = erasable_state(model)
     unknown = sorted(set(tensors) - set(state))
     if unknown:
         raise ValueError(
-            f"{source}: {len(unknown)} tensors not in this UNet, e.g. {', '.join(unknown[:3])}"
+            f"{source}: {len(unknown)} tensors not in this {what}, e.g. {', '.join(unknown[:3])}"
         )
     wrong = [
         (k, tuple(v.shape), tuple(state[k].shape))
@@ -242,7 +262,7 @@ def check_compatible(
         k, got, want = wrong[0]
         raise ValueError(
             f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {k}: "
-            f"file {got}, UNet {want}"
+            f"file {got}, model {want}"
         )
     if not force:
         check_fingerprint({k: state[k] for k in tensors}, meta, source)
@@ -266,7 +286,7 @@ def check_fingerprint(base: dict[str, torch.Tensor], meta: dict, source: str) ->
     if fingerprint(base, dtype) != wanted:
         raise ValueError(
             f"{source}: was erased from a different base model ({meta.get('base_model')}); "
-            f"its fingerprint does not match this UNet's weights. Load the same base, or {ANYWAY}"
+            f"its fingerprint does not match this model's weights. Load the same base, or {ANYWAY}"
         )
 
 
@@ -286,24 +306,20 @@ def apply_erased_weights(pipe_or_unet, path: str | Path, force: bool = False):
 
 
 def apply_erased(pipe_or_unet, erased: tuple[dict, dict], force: bool, source: str) -> None:
-    """Check and copy already-read ``(tensors, meta)`` into a pipeline's denoiser."""
-    from .family import FAMILIES, denoiser
-
-    named = type(pipe_or_unet).__name__ in FAMILIES
-    unet = denoiser(pipe_or_unet) if named else pipe_or_unet
+    """Check and copy already-read ``(tensors, meta)`` into a pipeline's denoiser and text
+    encoders (or a bare UNet)."""
     tensors, meta = erased[:2]
-    check_compatible(unet, tensors, meta, force=force, source=source)
-    copy_into(unet, tensors)
+    check_compatible(pipe_or_unet, tensors, meta, force=force, source=source)
+    copy_into(pipe_or_unet, tensors)
 
 
-def copy_into(unet, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy checked tensors into a UNet's parameters (or buffers) in place, in its dtype."""
-    params = dict(unet.named_parameters())
+def copy_into(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy checked tensors into a pipeline's (or a UNet's) parameters and buffers in place,
+    each in its own dtype and device."""
+    state, _ = erasable_state(model)
     with torch.no_grad():
         for name, value in tensors.items():
-            target = params.get(name)
-            if target is None:
-                target = unet.state_dict()[name]
+            target = state[name]
             target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
@@ -314,13 +330,12 @@ def check_erased_files(
     so a run over several fails before it has done any work."""
     if not paths:
         return
-    from .family import denoiser
     from .models import load_pipeline
 
-    unet = denoiser(load_pipeline(model, model_config, torch_dtype))
+    pipe = load_pipeline(model, model_config, torch_dtype)
     for path in paths:
         tensors, meta = read_erased_file(path)
-        check_compatible(unet, tensors, meta, force=force, source=str(path))
+        check_compatible(pipe, tensors, meta, force=force, source=str(path))
 
 
 def load_erased_pipeline(base: str, erased: str | Path, force: bool = False, **kwargs):

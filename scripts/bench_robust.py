@@ -1,22 +1,27 @@
-"""Does adversarial erasure survive the attack? Plain ESD against ``--adversarial`` (with
-uniform and LoReUn weighting over the pool) on the built-in digits model.
+"""Does the erasure survive the attack? Plain ESD against ``--adversarial`` (with uniform and
+LoReUn weighting over the pool) and text-encoder erasure (``--train text-encoder``, ``both``,
+and with ``--adversarial``) on the built-in digits model.
 
-For each erasure seed, digit 3 is erased three ways with the README's recipe (esd-x on the
-digit's five captions, lr 1e-4, 150 steps): plain, ``--adversarial``, and ``--adversarial
---weighting loreun``. Each erased model is then
+For each erasure seed, digit 3 is erased each way (``--methods``) with the README's recipe
+(esd-x on the digit's five captions, lr 1e-4, 150 steps). Each erased model is then
 
-* attacked with ``loreun attack`` (UnlearnDiffAtk's setting, 5 rounds) on the digit's ten rows
-  of the bundled digits set, judged by the built-in classifier: pre-attack ASR, ASR after one
-  round (a row that succeeded in round 1, or before) and after five;
+* attacked with ``loreun attack`` (UnlearnDiffAtk's setting, 5 rounds, and the embedding attack
+  beside it) on the digit's ten rows of the bundled digits set, judged by the built-in
+  classifier: pre-attack ASR, the prefix attack's ASR after one round (a row that succeeded in
+  round 1, or before) and after five, the embedding attack's after five, each pooled over the
+  seeds' rows with its exact (Clopper-Pearson) 95% interval;
 * sampled on the whole digits set (two images per row), audited by the built-in classifier
   (retain accuracy: top-1 on the other nine digits) and by FID on the classifier's features
   against the original model's images of the same rows and seeds.
 
-The erase wall time is measured in the same run for all three. Every finished (method, seed)
-is appended to ``--out/runs.jsonl`` (a rerun skips it); ``--out/results.md`` holds the table,
-means with paired 95% t intervals of each adversarial method minus plain ESD over the seeds:
+The erase wall time is measured in the same run for every arm. Every finished (method, seed)
+is appended to ``--out/runs.jsonl`` (a rerun skips it); ``--out/results.md`` holds the table
+and the paired differences of each arm minus the first (plain ESD) over the seeds, with 95% t
+intervals:
 
     OMP_NUM_THREADS=1 python scripts/bench_robust.py --seeds 1 2 3 4 5 --out runs/robust
+    OMP_NUM_THREADS=2 python scripts/bench_robust.py --seeds 1 2 3 4 5 6 \\
+        --methods esd text-encoder both --out runs/robust-te
 
 Run it alone: two torch jobs on two cores oversubscribe the threads and the times mean little.
 """
@@ -35,6 +40,9 @@ METHODS = {
     "esd": {},
     "adversarial": {"adversarial": True},
     "adversarial-loreun": {"adversarial": True, "weighting": "loreun"},
+    "text-encoder": {"train": "text-encoder"},
+    "both": {"train": "both"},
+    "text-encoder-adversarial": {"train": "text-encoder", "adversarial": True},
 }
 RECIPE = {"method": "esd-x", "lr": 1e-4, "steps": 150}
 
@@ -68,17 +76,18 @@ def attack_rates(out: Path, erased, digit: int, rounds: int) -> dict:
     from loreun.pipelines.attack_settings import AttackSettings
 
     audit = AuditSettings(detectors=["digits"], erased_classes=[str(digit)])
-    summary = attack(
-        "digits", "digits", out, erased=erased, settings=AttackSettings(rounds=rounds), audit=audit
-    )
+    settings = AttackSettings(rounds=rounds, kinds=["prefix", "embedding"])
+    summary = attack("digits", "digits", out, erased=erased, settings=settings, audit=audit)
     records = read_log(out)
     first = sum(
         r["pre_success"] or (bool(r["attacked_success"]) and r["rounds"] == 1) for r in records
     )
     return {
+        "rows": len(records),
         "pre_asr": summary["pre_asr"],
         "asr_1": first / len(records),
-        f"asr_{rounds}": summary["asr"],
+        f"asr_{rounds}": summary["asr_by_kind"]["prefix"],
+        f"embedding_asr_{rounds}": summary["asr_by_kind"]["embedding"],
         "attack_seconds": summary["median_seconds_per_attacked_row"],
     }
 
@@ -115,33 +124,51 @@ def paired(a: list[float], b: list[float]) -> str:
     return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
 
 
-def write_table(out: Path, rows: list[dict], rounds: int) -> str:
-    by = {m: {r["seed"]: r for r in rows if r["method"] == m} for m in METHODS}
+def clopper_pearson(hits: int, n: int) -> tuple[float, float]:
+    """The exact binomial 95% interval of a rate seen as ``hits`` of ``n`` (0 of 60 bounds it
+    below 0.06)."""
+    from scipy.stats import beta
+
+    low = 0.0 if hits == 0 else float(beta.ppf(0.025, hits, n - hits + 1))
+    high = 1.0 if hits == n else float(beta.ppf(0.975, hits + 1, n - hits))
+    return low, high
+
+
+def pooled(rows: list[dict], col: str) -> str:
+    """A rate pooled over the seeds' rows, with its exact 95% interval."""
+    n = sum(r["rows"] for r in rows)
+    hits = round(sum(r[col] * r["rows"] for r in rows))
+    low, high = clopper_pearson(hits, n)
+    return f"{hits}/{n} [{low:.3f}, {high:.3f}]"
+
+
+def write_table(out: Path, rows: list[dict], rounds: int, methods: list[str]) -> str:
+    by = {m: {r["seed"]: r for r in rows if r["method"] == m} for m in methods}
     seeds = sorted(set.intersection(*(set(v) for v in by.values())))
-    cols = ["pre_asr", "asr_1", f"asr_{rounds}", "retain", "fid", "erase_seconds"]
+    rates = ["pre_asr", "asr_1", f"asr_{rounds}", f"embedding_asr_{rounds}"]
+    cols = [*rates, "retain", "fid", "erase_seconds"]
     lines = [
-        f"| method | seeds | pre-attack ASR | ASR, 1 round | ASR, {rounds} rounds | retain "
-        "accuracy | FID vs original | erase s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| method | seeds | pre-attack ASR | prefix ASR, 1 round | prefix ASR, {rounds} rounds "
+        f"| embedding ASR, {rounds} rounds | retain accuracy | FID vs original | erase s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for m in METHODS:
-        cells = [statistics.fmean(by[m][s][c] for s in seeds) for c in cols]
-        lines.append(
-            f"| {m} | {len(seeds)} | " + " | ".join(f"{v:.3f}" for v in cells[:-1])
-            + f" | {cells[-1]:.1f} |"
-        )  # fmt: skip
+    for m in methods:
+        runs = [by[m][s] for s in seeds]
+        cells = [pooled(runs, c) for c in rates]
+        cells += [f"{statistics.fmean(r[c] for r in runs):.3f}" for c in ("retain", "fid")]
+        cells.append(f"{statistics.fmean(r['erase_seconds'] for r in runs):.1f}")
+        lines.append(f"| {m} | {len(seeds)} | " + " | ".join(cells) + " |")
     lines += ["", f"Paired differences against esd over seeds {seeds} (mean [95% t interval]):", ""]
     lines += ["| method - esd | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for m in list(METHODS)[1:]:
+    for m in methods[1:]:
         diffs = [
             paired([by[m][s][c] for s in seeds], [by["esd"][s][c] for s in seeds]) for c in cols
         ]
         lines.append(f"| {m} | " + " | ".join(diffs) + " |")
-    ratios = [by["adversarial"][s]["erase_seconds"] / by["esd"][s]["erase_seconds"] for s in seeds]
-    lines += [
-        "",
-        f"erase wall-time ratio adversarial / esd: median {statistics.median(ratios):.2f}",
-    ]
+    lines.append("")
+    for m in methods[1:]:
+        ratios = [by[m][s]["erase_seconds"] / by["esd"][s]["erase_seconds"] for s in seeds]
+        lines.append(f"erase wall-time ratio {m} / esd: median {statistics.median(ratios):.2f}")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
@@ -155,6 +182,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=RECIPE["steps"], help="erase steps")
     p.add_argument("--samples", type=int, default=2, help="images per digits row for quality")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--methods", nargs="+", default=["esd", "adversarial", "adversarial-loreun"],
+        choices=list(METHODS), help="the arms; the first is the baseline of the differences",
+    )  # fmt: skip
     args = p.parse_args()
     import torch
 
@@ -168,7 +199,7 @@ def main() -> None:
         quality(args.out / "original", None, args.digit, None, args.samples)
         (args.out / "original" / "done").write_text("")
     for seed in args.seeds:
-        for method in METHODS:
+        for method in args.methods:
             if (method, seed) in done:
                 continue
             run = args.out / f"{method}-{seed}"
@@ -181,7 +212,7 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(write_table(args.out, rows, args.rounds))
+    print(write_table(args.out, rows, args.rounds, args.methods))
 
 
 if __name__ == "__main__":

@@ -409,7 +409,7 @@ def test_every_loading_error_names_the_file_and_says_what_to_do(
     _says(
         ValueError,
         f"{good}: was erased from a different base model ({meta['base_model']}); its fingerprint "
-        "does not match this UNet's weights. Load the same base, or apply it anyway with "
+        "does not match this model's weights. Load the same base, or apply it anyway with "
         "--ignore-fingerprint (force=True in Python)",
         apply_erased_weights,
         load_pipeline(str(other_pipeline_dir)),
