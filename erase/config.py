@@ -369,7 +369,7 @@ class EraseConfig(
             return
         parse_layers(self.text_encoder_layers)
         for bad, flag in (
-            (self.lora_rank is not None, "--lora-rank"),
+            (self.lora_rank is not None and self.train == "both", "--lora-rank"),
             (self.saliency is not None or self.saliency_mask is not None, "--saliency"),
             (self.step_in_backward, "--step-in-backward"),
             (self.frozen_dtype != "fp32", "--frozen-dtype"),

@@ -49,6 +49,7 @@ from .checkpoint import check_finite_state
 from .config import EraseConfig
 from .export_formats import EXPORT_FORMATS, ExportFormat, ExportJob
 from .lora import KOHYA_FILE, LORA_FILE, merged_tensors, save_lora_files
+from .text_encoder import merged_text_encoders, save_text_encoder_lora
 
 # The header's format name; loreun 0.1 wrote "loreun.unet-erased", read the same way.
 ERASED_FORMAT = "loreun.erased"
@@ -165,7 +166,10 @@ def export_run(run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
         chosen = run.weighting.summary()
         kind, world = run.schedule.prediction_type, acc.num_processes
         denoiser = run.family.denoiser(run.pipe)
-        if cfg.lora_rank:  # the erased file holds the merged tensors; the LoRA files the adapters
+        if cfg.lora_rank and cfg.train == "text-encoder":
+            save_text_encoder_lora(run.pipe, run.family, out)
+            trained = merged_text_encoders(run.pipe, run.family)
+        elif cfg.lora_rank:  # the erased file holds the merged tensors; the LoRA files the adapters
             save_lora_files(denoiser, out, type(run.pipe), run.family, kind)
             trained = merged_tensors(denoiser)
         path = export_erased(
@@ -188,7 +192,7 @@ def export_run(run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
 def _erased_pipeline(run, cfg: EraseConfig, path: Path):
     """The pipeline to save: the run's own, or, where ``--mixed-precision`` rounded the untrained
     weights (``teachers.cast_untrained``), the base model reloaded with the erased tensors."""
-    if cfg.mixed_precision != "no":
+    if cfg.mixed_precision != "no" or (cfg.lora_rank and cfg.train == "text-encoder"):
         from loreun.pipelines.loading import load_erased_pipeline
 
         return load_erased_pipeline(cfg.model, path, config=cfg.model_config)

@@ -165,8 +165,11 @@ def trainable(
     (``text_encoder.py``); the teacher's conditionings are the items' frozen embeddings, so
     the teacher needs no copy of them.
     """
-    from .text_encoder import text_encoder_parameters
+    from .text_encoder import add_text_encoder_lora, text_encoder_parameters
 
+    if cfg.lora_rank and cfg.train == "text-encoder":  # adapters on the encoders only
+        trained, base = add_text_encoder_lora(cfg, pipe, family)
+        return trained, FrozenTeacher(family, denoiser, {}), base_fingerprints(base)
     text = text_encoder_parameters(cfg, pipe, family)
     preset = {}
     if cfg.train != "text-encoder":

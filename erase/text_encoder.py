@@ -128,3 +128,107 @@ def build_student_text(cfg: EraseConfig, pipe, family: Family, forget, retain, a
     size = cfg.resolution or family.native_size(pipe)
     retain_prompts = None if retain is None else retain.captions
     return StudentText(pipe, family, forget.captions, retain_prompts, size, acc.device)
+
+
+def linear_modules(encoder, names: list[str]) -> list[str]:
+    """The ``nn.Linear`` modules of the layers among the owners of ``names`` (an encoder's own
+    parameter names): what LoRA adapts, the modules kohya's trainer adapts too. Layer norms
+    have no low-rank form, and the projection after the layers has no kohya name: they stay."""
+    owners = sorted({n.rsplit(".", 1)[0] for n in names if LAYER.search(n)})
+    return [m for m in owners if isinstance(encoder.get_submodule(m), torch.nn.Linear)]
+
+
+def add_text_encoder_lora(cfg: EraseConfig, pipe, family: Family) -> tuple[dict, dict]:
+    """Adapters of ``--lora-rank`` on the Linear modules of each CLIP encoder's selected part:
+    (prefixed name -> adapter parameter, prefixed name -> base tensor of the adapted modules,
+    which the erased file's merged tensors replace and its fingerprint covers)."""
+    from peft import LoraConfig
+
+    from .lora import ADAPTER, check_rank
+
+    selected = text_encoder_parameters(cfg, pipe, family)
+    trained, base = {}, {}
+    for enc in clip_encoders(pipe, family):
+        prefix = f"{enc.name}."
+        own = [n[len(prefix) :] for n in selected if n.startswith(prefix)]
+        modules = linear_modules(enc.module, own)
+        check_rank(enc.module, modules, cfg.lora_rank)
+        alpha = cfg.lora_alpha or cfg.lora_rank
+        config = LoraConfig(
+            r=cfg.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=modules
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            enc.module.add_adapter(config, adapter_name=ADAPTER)
+        for name, param in enc.module.named_parameters():
+            if ".lora_" in name:
+                trained[prefix + name] = param.requires_grad_(True)
+        for m in modules:
+            for name, param in enc.module.get_submodule(m).get_base_layer().named_parameters():
+                base[f"{prefix}{m}.{name}"] = param.detach()
+    return trained, base
+
+
+def merged_text_encoders(pipe, family: Family) -> dict[str, torch.Tensor]:
+    """Each adapted encoder's tensors with the adapters' updates added, prefixed by its name:
+    an ordinary erased file's text-encoder tensors."""
+    from .lora import merged_tensors
+
+    merged = {}
+    for enc in clip_encoders(pipe, family):
+        merged |= {f"{enc.name}.{k}": v for k, v in merged_tensors(enc.module).items()}
+    return merged
+
+
+def save_text_encoder_lora(pipe, family: Family, out) -> list:
+    """diffusers' ``pytorch_lora_weights.safetensors`` (``<encoder>_lora_layers``, what
+    ``load_lora_weights`` applies) and, for the families kohya names, kohya's ``lora_te``
+    keys (what AUTOMATIC1111 and ComfyUI read) into ``out``; returns their paths."""
+    import os
+    import shutil
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    from loreun.pipelines.files import atomic_save_safetensors, refuse_link, temp_dir
+
+    from .lora import KOHYA_FILE, LORA_FILE, kohya_metadata, lora_state_dict
+
+    encoders = clip_encoders(pipe, family)
+    names = [LORA_FILE] + ([KOHYA_FILE] if family.kohya_version else [])
+    finals = [refuse_link(out / name) for name in names]
+    states = {e.name: lora_state_dict(e.module) for e in encoders}
+    tmp = temp_dir(finals[0])
+    try:
+        layers = {f"{n}_lora_layers": convert_state_dict_to_diffusers(s) for n, s in states.items()}
+        type(pipe).save_lora_weights(
+            save_directory=str(tmp), **layers, weight_name=LORA_FILE, safe_serialization=True
+        )
+        if family.kohya_version:
+            kohya = kohya_text_encoders(states, single=len(encoders) == 1)
+            version = family.kohya_version(family.denoiser(pipe))
+            meta = kohya_metadata(version, encoders[0].module, "epsilon")
+            atomic_save_safetensors(tmp / KOHYA_FILE, kohya, metadata=meta)
+        for final in finals:
+            os.replace(tmp / final.name, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return finals
+
+
+def kohya_text_encoders(states: dict[str, dict], single: bool) -> dict[str, torch.Tensor]:
+    """kohya's names for text-encoder adapters: ``lora_te_`` (SD 1.x/2.x's one encoder) or
+    ``lora_te1_``/``lora_te2_`` (SDXL), over the module path of the original checkpoints
+    (``text_model.encoder.layers...``, which transformers 5 shortens for ``CLIPTextModel``)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    prefixed = {}
+    for name, state in states.items():
+        for key, value in state.items():
+            key = (
+                key if key.startswith("text_model.") or "projection" in key else f"text_model.{key}"
+            )
+            prefixed[f"{name}.{key}"] = value
+    kohya = convert_state_dict_to_kohya(prefixed)
+    if single:
+        kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
+    return kohya

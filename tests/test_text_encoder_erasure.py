@@ -49,7 +49,7 @@ def test_the_parts_and_layers_select_what_they_name():
     [
         ({"text_encoder_part": "mlp"}, "--text-encoder-part: only used with --train text-encoder"),
         ({"text_encoder_layers": "0:1"}, "--text-encoder-layers: only used with --train"),
-        ({"train": "text-encoder", "lora_rank": 4}, "--lora-rank: not available with --train"),
+        ({"train": "both", "lora_rank": 4}, "--lora-rank: not available with --train both"),
         ({"train": "both", "saliency": 0.5}, "--saliency: not available with --train both"),
         ({"train": "text-encoder", "text_encoder_layers": "a:b"}, "--text-encoder-layers: 'a:b'"),
         ({"train": "encoder"}, "--train: unknown value 'encoder'"),
@@ -143,3 +143,33 @@ def test_both_train_on_every_family(kind, tmp_path):
     pipe = load_pipeline(str(model))
     apply_erased_weights(pipe, out / "erased.safetensors")
     assert family_of(pipe).denoiser_name in ("UNet", "transformer")
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_a_text_encoder_lora_loads_in_diffusers_and_names_kohya_s_keys(
+    kind, tiny_pipeline_dir, tmp_path
+):
+    """--lora-rank with --train text-encoder: diffusers' file applied by ``load_lora_weights``
+    gives the encoders the merged erased file gives them; kohya's copy uses ``lora_te_`` (one
+    encoder) or ``lora_te1_``/``lora_te2_`` over the original checkpoints' module paths."""
+    from loreun.pipelines import apply_erased_weights
+    from loreun.pipelines.family import family_of
+    from loreun.pipelines.models import load_pipeline
+    from loreun.pipelines.tiny import save_tiny_sdxl_pipeline
+
+    model = tiny_pipeline_dir if kind == "sd" else save_tiny_sdxl_pipeline(tmp_path / "xl")
+    out = tmp_path / "lora"
+    argv = erase_args(model, out, *TE, "--lora-rank", "2", "--steps", "3", "--lr", "1e-2")
+    assert main([*argv, "-q"]) == 0
+    merged, adapted, base = (load_pipeline(str(model)) for _ in range(3))
+    apply_erased_weights(merged, out / "erased.safetensors")
+    adapted.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    family = family_of(base)
+    with torch.no_grad():
+        conds = [family.encode(p, ["a cat"], "cpu") for p in (merged, adapted, base)]
+    emb = [c if isinstance(c, torch.Tensor) else c.emb for c in conds]
+    assert torch.allclose(emb[0], emb[1], atol=1e-5) and not torch.allclose(emb[0], emb[2])
+    kohya = load_file(str(out / "lora-kohya.safetensors"))
+    heads = {k.split("_text_model_")[0] for k in kohya}
+    assert heads == ({"lora_te"} if kind == "sd" else {"lora_te1", "lora_te2"})
+    assert all("_text_model_encoder_layers_" in k for k in kohya)
