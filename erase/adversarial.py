@@ -52,6 +52,11 @@ class PoolEntry:
     step: int
     text: str
     loss: float
+    embeddings: dict[str, list] | None = None  # --adversarial-attack embedding: [K, D] each
+
+    def prefix(self, name: str) -> torch.Tensor | None:
+        """Encoder ``name``'s found prefix embeddings [K, D], or None (a token prompt)."""
+        return None if self.embeddings is None else torch.tensor(self.embeddings[name])
 
 
 class AdversarialPool:
@@ -80,11 +85,21 @@ class AdversarialPool:
         if len(self.entries) > self.capacity:
             self.entries, self.cond = self.entries[1:], self.cond[1:]
 
-    def token_ids(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{encoder name: [B, L]} the token ids of pool ``slots`` [B], for a student that reads
-        prompts through training text encoders."""
+    def student_cond(self, text, slots: torch.Tensor):
+        """The conditioning of pool ``slots`` [B] through the training text encoders
+        (``text``, a ``StudentText``): their token ids, with each embedding prompt's found
+        prefix swapped in (rows of token prompts keep their own tokens)."""
+        from loreun.pipelines.prefix_attack import prefix_start, swapped_prefixes
+
         picked = [self.entries[i] for i in slots.tolist()]
-        return {n: torch.tensor([e.token_ids[n] for e in picked]) for n in picked[0].token_ids}
+        ids = {n: torch.tensor([e.token_ids[n] for e in picked]) for n in picked[0].token_ids}
+        swaps = []
+        if picked[0].embeddings is not None:  # one pool holds one kind of prompt
+            for enc in text.encoders:
+                prefix = torch.stack([e.prefix(enc.name) for e in picked]).to(enc.module.device)
+                swaps.append((enc.module, prefix_start(enc.tokenizer), prefix))
+        with swapped_prefixes(swaps):
+            return text.encode(ids)
 
     def items(self) -> ItemSet:
         """The pool as forget items: each item's own conditioning, x_0 (and trajectory row), with
@@ -108,14 +123,16 @@ class AdversarialPool:
         }
 
     def load_state_dict(self, state: dict, encode) -> None:
-        """Rebuild the pool from saved token ids; ``encode({name: ids [1, L]})`` gives the
-        conditioning. A pool saved by loreun 0.1 holds one encoder's ids as a list."""
+        """Rebuild the pool from saved token ids (and prefix embeddings); ``encode({name: ids
+        [1, L]}, entry)`` gives the conditioning. A pool saved by loreun 0.1 holds one
+        encoder's ids as a list."""
         self.entries, self.cond = [], None
         for saved in state["entries"]:
             entry = PoolEntry(**saved)
             if isinstance(entry.token_ids, list):
                 entry.token_ids = {"text_encoder": entry.token_ids}
-            self.add(entry, encode({k: torch.tensor([v]) for k, v in entry.token_ids.items()}))
+            ids = {k: torch.tensor([v]) for k, v in entry.token_ids.items()}
+            self.add(entry, encode(ids, entry))
         self.weighting.load_state_dict(state["weighting"])
 
 
@@ -132,10 +149,18 @@ def attack_settings(cfg) -> AttackSettings:
     return AttackSettings(prefix_tokens=cfg.adversarial_tokens, steps=cfg.adversarial_steps)
 
 
-def encode_ids(pipe, ids: dict):
-    """The conditioning of token ids ({encoder name: [1, L]}), as the attack and the forget
-    items' embeddings have it."""
-    with torch.no_grad():
+def encode_ids(pipe, ids: dict, entry: PoolEntry | None = None):
+    """The conditioning of token ids ({encoder name: [1, L]}), with ``entry``'s found prefix
+    embeddings swapped in where it has them, as the attack and the forget items' embeddings
+    have it."""
+    from loreun.pipelines.prefix_attack import prefix_start, swapped_prefixes
+
+    swaps = []
+    if entry is not None and entry.embeddings is not None:
+        for enc in family_of(pipe).prompt_encoders(pipe):
+            prefix = entry.prefix(enc.name).to(enc.module.device)
+            swaps.append((enc.module, prefix_start(enc.tokenizer), prefix))
+    with torch.no_grad(), swapped_prefixes(swaps):
         return family_of(pipe).encode_ids(pipe, ids)
 
 
@@ -160,6 +185,23 @@ def attacking(pipe, trained: dict, device):
             encoder.to(place)
 
 
+def find_embeddings(pipe, schedule, prompt, target, settings, seed: int, start=None):
+    """``loreun attack --attack-kind embedding``'s optimisation, one round, from ``start``
+    ({encoder name: [K, D]}, the last entry's; AdvUnlearn warm-starts its attack so): the
+    prompt's token ids with placeholders ({name: [1, L]}), the embeddings found ({name:
+    [K, D]}), the conditioning they give, and the last loss."""
+    from loreun.pipelines.prefix_attack import EmbeddingAttack
+
+    attack = EmbeddingAttack(pipe, schedule, prompt, target, settings, seed)
+    if start is not None:
+        with torch.no_grad():
+            for enc, emb in zip(attack.encoders, attack.embeddings):
+                emb.copy_(start[enc.name].to(emb))
+    losses = attack.run()
+    found = {e.name: emb.detach().cpu() for e, emb in zip(attack.encoders, attack.embeddings)}
+    return attack.ids, found, attack.found_cond(), losses[-1]
+
+
 def find_prompt(pipe, schedule, prompt: str, target: torch.Tensor, settings, seed: int):
     """``loreun attack``'s optimisation, one round: the found token ids ({encoder name:
     [1, L]}), the first encoder's text and the last loss. ``target`` [1, C, h, w] is the
@@ -180,13 +222,23 @@ def grow_pool(run, cfg, acc, step: int) -> PoolEntry:
     item = int(torch.randint(len(run.forget), (1,), generator=g))
     seed = int(torch.randint(2**31 - 1, (1,), generator=g))
     target = run.forget.x0[item, :1].to(acc.device)
-    with attacking(run.pipe, run.trained, acc.device), acc.autocast():
-        ids, text, loss = find_prompt(
-            run.pipe, run.schedule, run.forget.captions[item], target, attack_settings(cfg), seed
-        )
+    prompt, settings = run.forget.captions[item], attack_settings(cfg)
+    if cfg.adversarial_attack == "embedding":
+        last = run.adversarial.entries[-1] if len(run.adversarial) else None
+        start = None if last is None else {n: last.prefix(n) for n in last.embeddings}
+        with attacking(run.pipe, run.trained, acc.device), acc.autocast():
+            ids, found, cond, loss = find_embeddings(
+                run.pipe, run.schedule, prompt, target, settings, seed, start
+            )
+        embeddings = {n: v.tolist() for n, v in found.items()}
+        text = f"<{cfg.adversarial_tokens} embeddings> {prompt}"
+    else:
+        with attacking(run.pipe, run.trained, acc.device), acc.autocast():
+            ids, text, loss = find_prompt(run.pipe, run.schedule, prompt, target, settings, seed)
+        embeddings, cond = None, encode_ids(run.pipe, ids)
     token_ids = {name: v[0].tolist() for name, v in ids.items()}
-    entry = PoolEntry(item=item, token_ids=token_ids, step=step, text=text, loss=loss)
-    run.adversarial.add(entry, encode_ids(run.pipe, ids))
+    entry = PoolEntry(item, token_ids, step, text, loss, embeddings)
+    run.adversarial.add(entry, cond)
     return entry
 
 
@@ -203,7 +255,7 @@ def pool_term(run, cfg, acc, k: int, g: torch.Generator, student) -> torch.Tenso
     ids = item_ids(len(items), cfg.adversarial_batch, cfg.seed, acc.process_index, k, stream=2)
     batch = draw_batch(dataclasses.replace(run, forget=items), cfg, acc, ids, g)
     if run.text is not None:  # the found prompts, through the training text encoders
-        batch = dataclasses.replace(batch, prompt=run.text.encode(pool.token_ids(ids)))
+        batch = dataclasses.replace(batch, prompt=pool.student_cond(run.text, ids))
     with acc.autocast():
         losses, pred = run.objective(student, run.teacher, batch)
     if pool.weighting.observes:  # LoReUn: needs the known target (checked in the config)

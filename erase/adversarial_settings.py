@@ -36,6 +36,15 @@ class AdversarialSettings:
     adversarial_tokens: int = field(
         default=5, metadata={"help": "prefix tokens of each attack (loreun attack's default)"}
     )
+    adversarial_attack: str = field(
+        default="prefix",
+        metadata={
+            "help": "the attack in the loop: prefix (loreun attack's discrete tokens) or "
+            "embedding (free prefix embeddings, warm-started from the last one found; "
+            "AdvUnlearn's kind)",
+            "choices": ("prefix", "embedding"),
+        },
+    )
 
 
 def check(cfg) -> None:

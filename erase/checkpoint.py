@@ -356,7 +356,7 @@ def restore_checkpoint(run, folder: Path | None) -> bool:
         saved = read_state(folder).get("adversarial")
         if not isinstance(saved, dict):
             raise ValueError(f"--resume: {folder} holds no adversarial pool")
-        run.adversarial.load_state_dict(saved, lambda ids: encode_ids(run.pipe, ids))
+        run.adversarial.load_state_dict(saved, lambda ids, e: encode_ids(run.pipe, ids, e))
     run.start_step = step
     return optim_state is not None
 

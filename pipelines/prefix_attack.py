@@ -152,8 +152,8 @@ def prefixed_ids(
 
 @contextlib.contextmanager
 def swapped_prefixes(swaps: list[tuple]):
-    """While open, each ``(encoder, start, prefix [K, D])`` has its input embeddings at
-    positions start..start+K replaced by ``prefix``.
+    """While open, each ``(encoder, start, prefix [K, D] or [B, K, D])`` has its input
+    embeddings at positions start..start+K replaced by ``prefix`` (one per row when batched).
 
     A forward hook on the embedding layer swaps them in, so the encoder's own forward (causal
     mask, positions, final norm) runs unchanged in any transformers version.
@@ -163,7 +163,7 @@ def swapped_prefixes(swaps: list[tuple]):
 
         def swap(module, args, output, start=start, prefix=prefix):
             output = output.clone()
-            output[:, start : start + prefix.shape[0]] = prefix.to(output.dtype)
+            output[:, start : start + prefix.shape[-2]] = prefix.to(output.dtype)
             return output
 
         handles += [layer.register_forward_hook(swap) for layer in token_embeddings(encoder)]

@@ -149,3 +149,31 @@ def test_loreun_weighs_the_pool_by_its_batch(tiny_pipeline_dir, tmp_path):
     state = json.loads((out / "checkpoints" / "checkpoint-3" / "state.json").read_text())
     assert len(state["adversarial"]["entries"]) == 1
     assert "timestep_means" in state["adversarial"]["weighting"]
+
+
+@pytest.mark.parametrize("kind", ["sd", "flux"])
+def test_the_embedding_attack_in_the_loop_trains_the_text_encoder_and_resumes(
+    kind, tiny_pipeline_dir, tmp_path
+):
+    """--adversarial-attack embedding with --train text-encoder: each pool entry holds its
+    found prefix embeddings per encoder; the student reads them through the training encoders;
+    a resume rebuilds the pool from them and ends where the whole run ends."""
+    from loreun.pipelines.tiny import save_tiny_flow_pipeline
+
+    model = tiny_pipeline_dir if kind == "sd" else save_tiny_flow_pipeline(tmp_path / kind, kind)
+    extra = ["--adversarial-attack", "embedding", "--train", "text-encoder"]
+    common = [*ADV, *extra, "--checkpoint-every", "3", "--sample-steps", "2", "-q"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(erase_args(model, whole, *common, "--steps", "5")) == 0
+    assert main(erase_args(model, split, *common, "--steps", "3")) == 0
+    argv = erase_args(model, split, *common, "--steps", "5", "--resume", "latest")
+    assert main(argv) == 0
+    state = json.loads((whole / "checkpoints" / "checkpoint-3" / "state.json").read_text())
+    (entry,) = state["adversarial"]["entries"]
+    assert sorted(entry["embeddings"]) == sorted(entry["token_ids"])
+    assert all(len(v) == 5 for v in entry["embeddings"].values())  # --adversarial-tokens
+    assert entry["text"].startswith("<5 embeddings> ")
+    a = load_file(str(whole / "erased.safetensors"))
+    b = load_file(str(split / "erased.safetensors"))
+    assert all(k.startswith("text_encoder") for k in a)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
