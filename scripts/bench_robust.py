@@ -3,7 +3,8 @@ LoReUn weighting over the pool) and text-encoder erasure (``--train text-encoder
 and with ``--adversarial``) on the built-in digits model.
 
 For each erasure seed, digit 3 is erased each way (``--methods``) with the README's recipe
-(esd-x on the digit's five captions, lr 1e-4, 150 steps). Each erased model is then
+(esd-x on the digit's five captions, 150 steps, the model's own lr: 1e-4 on ``digits``, 5e-4 on
+``digits-flow`` with ``--model digits-flow``). Each erased model is then
 
 * attacked with ``loreun attack`` (UnlearnDiffAtk's setting, 5 rounds, and the embedding attack
   beside it) on the digit's ten rows of the bundled digits set, judged by the built-in
@@ -55,20 +56,24 @@ def t_975(df: int) -> float:
     return float(t.ppf(0.975, df))
 
 
-def erase_digit(out: Path, digit: int, seed: int, method: str, steps: int) -> tuple[Path, float]:
+def erase_digit(
+    out: Path, digit: int, seed: int, method: str, steps: int, model: str = "digits"
+) -> tuple[Path, float]:
     from loreun.erase import EraseConfig, erase
     from loreun.pipelines.digits_data import digit_captions
+    from loreun.pipelines.models import carried_erase_settings
 
+    recipe = {**RECIPE, **carried_erase_settings(model), "steps": steps}  # the model's own lr
     cfg = EraseConfig(
-        model="digits", out=str(out), concepts=digit_captions(digit), seed=seed,
-        checkpoint_every=0, overwrite=True, **{**RECIPE, "steps": steps}, **METHODS[method],
+        model=model, out=str(out), concepts=digit_captions(digit), seed=seed,
+        checkpoint_every=0, overwrite=True, **recipe, **METHODS[method],
     )  # fmt: skip
     start = time.perf_counter()
     path = Path(erase(cfg))
     return path, time.perf_counter() - start
 
 
-def attack_rates(out: Path, erased, digit: int, rounds: int) -> dict:
+def attack_rates(out: Path, erased, digit: int, rounds: int, model: str = "digits") -> dict:
     """pre-attack ASR, ASR after round 1 and after ``rounds`` rounds, from one attack run
     (round 1 of a 5-round run is a 1-round run: the same seed and steps)."""
     from loreun.eval.attack import attack, read_log
@@ -77,7 +82,7 @@ def attack_rates(out: Path, erased, digit: int, rounds: int) -> dict:
 
     audit = AuditSettings(detectors=["digits"], erased_classes=[str(digit)])
     settings = AttackSettings(rounds=rounds, kinds=["prefix", "embedding"])
-    summary = attack("digits", "digits", out, erased=erased, settings=settings, audit=audit)
+    summary = attack(model, "digits", out, erased=erased, settings=settings, audit=audit)
     records = read_log(out)
     first = sum(
         r["pre_success"] or (bool(r["attacked_success"]) and r["rounds"] == 1) for r in records
@@ -92,13 +97,15 @@ def attack_rates(out: Path, erased, digit: int, rounds: int) -> dict:
     }
 
 
-def quality(out: Path, erased, digit: int, reference: Path | None, samples: int) -> dict:
+def quality(
+    out: Path, erased, digit: int, reference: Path | None, samples: int, model: str = "digits"
+) -> dict:
     """Retain accuracy (top-1 on the other digits) and FID against ``reference``'s images."""
     from loreun.eval.audit import AuditSettings, audit
     from loreun.pipelines.generate import GenerateSettings, generate
 
     gen = GenerateSettings(samples_per_prompt=samples, batch_size=50)
-    generate("digits", "digits", out / "images", erased=erased, settings=gen)
+    generate(model, "digits", out / "images", erased=erased, settings=gen)
     detectors = ["digits"] + (["fid"] if reference else [])
     settings = AuditSettings(
         detectors=detectors, erased_classes=[str(digit)], fid_features="digits",
@@ -177,6 +184,7 @@ def write_table(out: Path, rows: list[dict], rounds: int, methods: list[str]) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--digit", type=int, default=3)
+    p.add_argument("--model", default="digits", choices=["digits", "digits-flow"])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--rounds", type=int, default=5, help="attack rounds")
     p.add_argument("--steps", type=int, default=RECIPE["steps"], help="erase steps")
@@ -196,17 +204,19 @@ def main() -> None:
     done = {(r["method"], r["seed"]) for r in rows}
     reference = args.out / "original" / "images"
     if not (args.out / "original" / "done").exists():  # the original model's images
-        quality(args.out / "original", None, args.digit, None, args.samples)
+        quality(args.out / "original", None, args.digit, None, args.samples, args.model)
         (args.out / "original" / "done").write_text("")
     for seed in args.seeds:
         for method in args.methods:
             if (method, seed) in done:
                 continue
             run = args.out / f"{method}-{seed}"
-            erased, seconds = erase_digit(run / "erase", args.digit, seed, method, args.steps)
+            erased, seconds = erase_digit(
+                run / "erase", args.digit, seed, method, args.steps, args.model
+            )
             row = {"method": method, "seed": seed, "erase_seconds": seconds}
-            row |= attack_rates(run / "attack", erased, args.digit, args.rounds)
-            row |= quality(run, erased, args.digit, reference, args.samples)
+            row |= attack_rates(run / "attack", erased, args.digit, args.rounds, args.model)
+            row |= quality(run, erased, args.digit, reference, args.samples, args.model)
             row["threads"] = torch.get_num_threads()
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -22,6 +22,9 @@ adds r (fan_in + fan_out) fp32 adapter numbers per adapted module, 16 bytes each
 (the teacher is the model with its adapters off). Text embeddings are cached, so no text
 encoder is on the device.
 
+The third table does the same for text-encoder erasure (``--train text-encoder``), from the
+CLIP text encoders' published configs.
+
     python scripts/preset_sizes.py
 """
 
@@ -177,7 +180,62 @@ def transformer_table() -> str:
     return "\n".join(lines)
 
 
+# The CLIP text encoders that read the prompt, from their published configs: OpenAI's ViT-L/14
+# (SD 1.x; SDXL's, SD3's and FLUX.1's first), OpenCLIP ViT-H/14 (SD 2.x, its last layer unused
+# by the pipeline but present) and ViT-bigG/14 (SDXL's and SD3's second, with a projection).
+CLIP_TEXT = {
+    "ViT-L/14": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, projection_dim=768),
+    "OpenCLIP ViT-H/14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, projection_dim=1024),
+    "OpenCLIP ViT-bigG/14": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                 num_attention_heads=20, projection_dim=1280),
+}  # fmt: skip
+TEXT_FAMILIES = {  # the CLIP encoders --train text-encoder trains, per family
+    "SD 1.x": ["ViT-L/14"],
+    "SD 2.x": ["OpenCLIP ViT-H/14"],
+    "SDXL, SD3": ["ViT-L/14", "OpenCLIP ViT-bigG/14"],
+    "FLUX.1 (CLIP only; T5 stays)": ["ViT-L/14"],
+}
+
+
+def text_encoder_table() -> str:
+    """--train text-encoder --text-encoder-part all: trained parameters per family and their
+    fp32 AdamW memory (weight, gradient, two moments: 16 bytes each; no frozen copy, the
+    teacher's conditionings are cached), and a LoRA of ``LORA_RANK`` on the layers' Linear
+    modules (16 bytes per adapter number); the frozen denoiser comes on top. Each encoder is
+    counted with a projection (0.6-1.6 M numbers more where a pipeline loads it without)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from loreun.erase.text_encoder import LAYER, _wanted
+
+    lines = [
+        f"| family | encoders | trained parameters | training memory (GB, fp32 AdamW) | "
+        f"LoRA rank {LORA_RANK} numbers | LoRA memory (GB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for family, names in TEXT_FAMILIES.items():
+        full = lora = 0
+        for name in names:
+            with torch.device("meta"):
+                model = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_TEXT[name]))
+            layers = set(range(CLIP_TEXT[name]["num_hidden_layers"]))
+            for key, p in model.named_parameters():
+                if _wanted(key, "all", layers, True):
+                    full += p.numel()
+                    if LAYER.search(key) and key.endswith(".weight") and p.ndim == 2:
+                        lora += LORA_RANK * (p.shape[0] + p.shape[1])
+        lines.append(
+            f"| {family} | {', '.join(names)} | {full / 1e6:.0f} M | {16 * full / 1e9:.1f} | "
+            f"{lora / 1e6:.1f} M | {16 * lora / 1e9:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(table())
     print()
     print(transformer_table())
+    print()
+    print(text_encoder_table())
