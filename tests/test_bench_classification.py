@@ -126,3 +126,18 @@ def test_the_robust_bench_uses_t_for_every_seed_count():
     robust = _script("bench_robust")
     assert robust.t_975(10) == pytest.approx(t.ppf(0.975, 10)) and robust.t_975(10) > 2.2
     assert robust.paired([1.0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [0.0] * 11).startswith("+6.000 [")
+
+
+def test_the_robust_bench_s_exact_interval_is_clopper_pearson():
+    """Pooled attack rates carry the exact binomial interval: 0 of 60 bounds ASR below 0.06,
+    as the robust bench's resolution needs."""
+    from scipy.stats import binomtest
+
+    robust = _script("bench_robust")
+    for hits, n in ((0, 60), (3, 50), (50, 50), (7, 40)):
+        want = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="exact")
+        low, high = robust.clopper_pearson(hits, n)
+        assert low == pytest.approx(want.low, abs=1e-9) and high == pytest.approx(want.high)
+    assert robust.clopper_pearson(0, 60)[1] < 0.06
+    rows = [{"rows": 10, "asr_5": 0.1}, {"rows": 10, "asr_5": 0.0}]
+    assert robust.pooled(rows, "asr_5").startswith("1/20 [0.001, 0.249]")
