@@ -136,10 +136,15 @@ class AdversarialPool:
         self.weighting.load_state_dict(state["weighting"])
 
 
-def build_pool(cfg, forget: ItemSet, schedule) -> AdversarialPool | None:
-    """The run's pool, or None without ``--adversarial``."""
+def build_pool(cfg, forget: ItemSet, schedule, pipe) -> AdversarialPool | None:
+    """The run's pool, or None without ``--adversarial``; the attack's prefix must leave every
+    text encoder of ``pipe`` room for the prompt."""
     if not cfg.adversarial:
         return None
+    from loreun.pipelines.prefix_attack import check_prefix_fits
+
+    encoders = family_of(pipe).prompt_encoders(pipe)
+    check_prefix_fits(encoders, cfg.adversarial_tokens, "--adversarial-tokens")
     weighting = cfg.weighting_slot().build_pool(cfg, cfg.adversarial_pool, schedule)
     return AdversarialPool(forget, cfg.adversarial_pool, weighting)
 

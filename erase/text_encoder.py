@@ -116,6 +116,18 @@ class StudentText:
         return self.encode({n: v[rows.cpu()] for n, v in self.retain_ids.items()})
 
 
+def read_through(text: StudentText | None, batch, which: str):
+    """``batch`` (an ``ItemBatch`` of forget or retain items, ``which``) with the student's
+    conditioning read through the training encoders; unchanged without text-encoder
+    training."""
+    import dataclasses
+
+    if text is None:
+        return batch
+    encode = text.forget if which == "forget" else text.retain
+    return dataclasses.replace(batch, prompt=encode(batch.ids))
+
+
 def build_student_text(cfg: EraseConfig, pipe, family: Family, forget, retain, acc):
     """The run's ``StudentText``, or None with --train denoiser."""
     if cfg.train == "denoiser":

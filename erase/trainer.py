@@ -23,7 +23,6 @@ from loreun.pipelines.family import Family, family_of
 from loreun.pipelines.files import TRAIN_LOG, open_append
 from loreun.pipelines.meta import quiet
 from loreun.pipelines.models import load_pipeline
-from loreun.pipelines.prefix_attack import check_prefix_fits
 from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, restart_rate, say, warn
 from loreun.pipelines.schedule import Sampler, Schedule, schedule_of
 
@@ -44,7 +43,7 @@ from .optim import prepare_optimizer
 from .saliency import build_mask, mask_gradients, restore_masked
 from .streams import item_ids, step_generator
 from .teachers import AdapterOffTeacher, FrozenTeacher, trainable
-from .text_encoder import StudentText, build_student_text
+from .text_encoder import StudentText, build_student_text, read_through
 from .weighting import Weighting, weighting_for, weighting_stats
 from .xt_sources import cached_batch, draw_batch, partial_sampler
 
@@ -183,12 +182,9 @@ def setup(
         sampler=sampler,
         retain=retain,
         mask=mask,
-        adversarial=build_pool(cfg, forget, schedule),
+        adversarial=build_pool(cfg, forget, schedule, pipe),
         text=text,
     )
-    if cfg.adversarial:
-        encoders = family.prompt_encoders(pipe)
-        check_prefix_fits(encoders, cfg.adversarial_tokens, "--adversarial-tokens")
     if not restore_checkpoint(run, resume):
         say(acc, f"{resume} holds no optimizer state: the optimizer restarts from zero moments")
     return run
@@ -309,9 +305,7 @@ def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Ten
     """
     g = step_generator(cfg.seed, acc.process_index, k)
     ids = item_ids(len(run.forget), cfg.batch_size, cfg.seed, acc.process_index, k)
-    batch = draw_batch(run, cfg, acc, ids, g)
-    if run.text is not None:  # the student reads the prompts through the training encoders
-        batch = dataclasses.replace(batch, prompt=run.text.forget(batch.ids))
+    batch = read_through(run.text, draw_batch(run, cfg, acc, ids, g), "forget")
     student = run.family.predictor(run.denoiser)
     with acc.autocast():
         losses, pred = run.objective(student, run.teacher, batch)
@@ -324,8 +318,7 @@ def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Ten
     if run.retain is not None:
         rids = item_ids(len(run.retain), cfg.batch_size, cfg.seed, acc.process_index, k, stream=1)
         rbatch = cached_batch(run.retain, rids, g, run.schedule, acc.device)
-        if run.text is not None:
-            rbatch = dataclasses.replace(rbatch, prompt=run.text.retain(rids))
+        rbatch = read_through(run.text, rbatch, "retain")
         with acc.autocast():
             retain_losses, _ = denoising_loss(student, rbatch)
         retain_term = retain_losses.mean()
