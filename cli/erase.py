@@ -126,8 +126,9 @@ def model_settings(data: dict) -> dict:
     in the run's first line."""
     from loreun.pipelines.models import carried_erase_settings
 
-    if not data.get("model_defaults", True):
-        return {}
+    slot = OBJECTIVE_SLOTS.get(data.get("objective", "esd"))
+    if not data.get("model_defaults", True) or (slot is not None and slot.CLOSED_FORM):
+        return {}  # a closed-form edit has no steps or learning rate
     filled = {k: v for k, v in carried_erase_settings(data["model"]).items() if data.get(k) is None}
     if filled and os.environ.get("RANK", "0") == "0":
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in filled.items())

@@ -23,13 +23,14 @@ from . import (
     objective_esd,
     objective_ga,
     objective_remap,
+    objective_uce,
     weighting_loreun,
     weighting_uniform,
 )
 
 # The slots, in the order --help and the choice lists show them; a new objective or weighting
 # is its own module plus its line here.
-OBJECTIVE_SLOTS = {m.NAME: m for m in (objective_esd, objective_remap, objective_ga)}
+OBJECTIVE_SLOTS = {m.NAME: m for m in (objective_esd, objective_remap, objective_ga, objective_uce)}
 WEIGHTING_SLOTS = {m.NAME: m for m in (weighting_uniform, weighting_loreun)}
 SLOT_MODULES = (*OBJECTIVE_SLOTS.values(), *WEIGHTING_SLOTS.values())
 

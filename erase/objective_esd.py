@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 NAME = "esd"
 FORWARD_NOISED_ONLY = False  # it also trains on partially sampled x_t (no known noise needed)
+CLOSED_FORM = False  # it trains (objective_uce solves instead)
 
 
 @dataclass

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 NAME = "ga"
 FORWARD_NOISED_ONLY = True  # it ascends the error against a known noise
+CLOSED_FORM = False  # it trains (objective_uce solves instead)
 
 
 @dataclass

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 NAME = "remap"
 FORWARD_NOISED_ONLY = True  # it trains on forward-noised forget images
+CLOSED_FORM = False  # it trains (objective_uce solves instead)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from .saliency import build_mask, mask_gradients, restore_masked
 from .streams import item_ids, step_generator
 from .teachers import AdapterOffTeacher, FrozenTeacher, trainable
 from .text_encoder import StudentText, build_student_text, read_through
+from .uce import run_uce
 from .weighting import Weighting, weighting_for, weighting_stats
 from .xt_sources import cached_batch, draw_batch, partial_sampler
 
@@ -93,6 +94,8 @@ def erase(cfg: EraseConfig) -> Path:
     try:
         folders = read_folders(cfg)  # bad images or captions fail before anything is written
         out, lock, resume = start_run(cfg, acc)
+        if cfg.objective_slot().CLOSED_FORM:  # UCE solves once; nothing trains
+            return run_uce(cfg, acc, out)
         say(acc, f"loading {cfg.model}")
         run = setup(cfg, acc, out, resume, folders)
         steps_done = train(run, cfg, acc, out)

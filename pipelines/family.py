@@ -242,6 +242,10 @@ class Family:
         t5_encoder: which of them is T5 (its token length is ``pipe_kwargs``'), or None.
         encode_ids: fn(pipe, {encoder name: [B, L] ids}, size) -> what ``encode`` gives, with
             gradient (``pipelines/text_encoders.py``; the attack's prompts are ids).
+        token_sequence: the encoders whose tokens make up the conditioning's sequence, in
+            order (SDXL's two CLIPs share positions; SD3 puts T5's after CLIP's).
+        uce_module: predicate on the denoiser's module names: the linear maps of the text
+            conditioning that UCE's closed form edits (``erase/uce.py``).
         own_loop: generate's per-image-guidance loop applies (else the pipeline's own call).
     """
 
@@ -258,6 +262,8 @@ class Family:
     text_encoders: tuple[str, ...] = ("text_encoder",)
     t5_encoder: str | None = None
     encode_ids: Callable = ids_one_clip
+    token_sequence: tuple[str, ...] = ("text_encoder",)
+    uce_module: Callable = _cross_attn_kv
     own_loop: bool = False
 
     def denoiser(self, pipe):
@@ -450,6 +456,7 @@ class FluxFamily(Family):
 # What the MMDiT flow families share: a transformer under flow matching, its LoRA names, no
 # kohya copy (ComfyUI reads diffusers' keys) and no single-file layout.
 MMDIT = dict(
+    uce_module=lambda name: name == "context_embedder",
     denoiser_attr="transformer",
     schedule="flow",
     presets=MMDIT_PRESETS,
@@ -488,6 +495,7 @@ FAMILIES = {
         text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
         t5_encoder="text_encoder_3",
         encode_ids=ids_sd3,
+        token_sequence=("text_encoder", "text_encoder_3"),
     ),
     "FluxPipeline": FluxFamily(
         "FluxPipeline",
@@ -496,6 +504,7 @@ FAMILIES = {
         text_encoders=("text_encoder", "text_encoder_2"),
         t5_encoder="text_encoder_2",
         encode_ids=ids_flux,
+        token_sequence=("text_encoder_2",),
     ),
 }
 

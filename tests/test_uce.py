@@ -1,0 +1,119 @@
+"""UCE's closed form (--objective uce): the solve, the token it reads, every family through the
+real command, the file loading like any erased file, and what it refuses."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loreun.cli.main import main
+from loreun.erase import EraseConfig
+from loreun.erase.uce import uce_weight
+
+from .conftest import erase_args
+
+
+def _objective(w, w0, erase, guide, keep, s_e, s_p, lamb):
+    return (
+        s_e * ((erase @ w.T - guide @ w0.T) ** 2).sum()
+        + s_p * ((keep @ w.T - keep @ w0.T) ** 2).sum()
+        + lamb * ((w - w0) ** 2).sum()
+    )
+
+
+def test_the_closed_form_is_the_minimum_of_uce_s_objective():
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    erase, guide = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    keep = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    w = uce_weight(w0, erase, guide, keep, 1.0, 0.7, 0.5).requires_grad_(True)
+    _objective(w, w0, erase, guide, keep, 1.0, 0.7, 0.5).backward()
+    assert w.grad.abs().max() < 1e-9  # the gradient vanishes at the solution
+    near = uce_weight(w0, erase, guide, keep, 1.0, 1.0, 1e6)
+    assert torch.allclose(near, w0, atol=1e-4)  # a large lambda keeps the weights
+    exact = uce_weight(w0, erase, guide, torch.zeros(0, 5, dtype=torch.float64), 1.0, 1.0, 1e-9)
+    assert torch.allclose(erase @ exact.T, guide @ w0.T, atol=1e-6)  # maps c_i to W g_i
+
+
+def test_the_vector_read_is_the_last_word_token():
+    from loreun.erase.uce import token_positions
+    from loreun.pipelines.family import family_of
+    from loreun.pipelines.tiny import make_tiny_pipeline, make_tiny_sd3_pipeline
+
+    sd = make_tiny_pipeline()
+    ids = sd.tokenizer("a handwritten 3").input_ids  # start, a, handwritten, 3, end
+    assert token_positions(sd, family_of(sd), "a handwritten 3") == [len(ids) - 2]
+    assert token_positions(sd, family_of(sd), "") == [0]  # the start token
+    sd3 = make_tiny_sd3_pipeline(t5=True)
+    t5 = sd3.tokenizer_3("a handwritten 3").input_ids  # a, handwritten, 3, </s>
+    clip = sd3.tokenizer.model_max_length
+    want = [len(ids) - 2, clip + len(t5) - 2]
+    assert token_positions(sd3, family_of(sd3), "a handwritten 3") == want
+
+
+KINDS = ("sd", "sdxl", "sd3", "sd3-t5", "flux")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_uce_runs_on_every_family_and_moves_the_concept_to_its_guide(
+    kind, tiny_pipeline_dir, tmp_path
+):
+    from loreun.erase.uce import prompt_vectors
+    from loreun.pipelines import apply_erased_weights
+    from loreun.pipelines.family import family_of
+    from loreun.pipelines.models import load_pipeline
+    from loreun.pipelines.tiny import save_tiny_flow_pipeline, save_tiny_sdxl_pipeline
+
+    model = {
+        "sd": lambda: tiny_pipeline_dir,
+        "sdxl": lambda: save_tiny_sdxl_pipeline(tmp_path / kind),
+    }.get(kind, lambda: save_tiny_flow_pipeline(tmp_path / kind, kind))()
+    out = tmp_path / "uce"
+    argv = erase_args(model, out, "--objective", "uce", "--retain-concept", "a bird", "-q")
+    assert main(argv) == 0
+    erased = load_file(str(out / "erased.safetensors"))
+    unet = kind in ("sd", "sdxl")
+    want = ("attn2.to_k.weight", "attn2.to_v.weight") if unet else ("context_embedder.weight",)
+    assert erased and all(k.endswith(want) for k in erased)
+    base, edited = load_pipeline(str(model)), load_pipeline(str(model))
+    apply_erased_weights(edited, out / "erased.safetensors")
+    family = family_of(base)
+    with torch.no_grad():
+        c = prompt_vectors(base, family, ["a cat"], "cpu").float()
+        g = prompt_vectors(base, family, [""], "cpu").float()
+    name = next(iter(erased))[: -len(".weight")]
+    w0 = family.denoiser(base).get_submodule(name).weight.detach()
+    w1 = family.denoiser(edited).get_submodule(name).weight.detach()
+    assert (c @ w1.T - g @ w0.T).norm() < 0.5 * (c @ w0.T - g @ w0.T).norm()
+
+
+def test_a_uce_erasure_loads_in_plain_diffusers_and_generate(tiny_pipeline_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "uce"
+    assert main(erase_args(tiny_pipeline_dir, out, "--objective", "uce", "--save-pipeline")) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "pipeline"))
+    state = pipe.unet.state_dict()
+    assert all(
+        torch.equal(state[k], v) for k, v in load_file(str(out / "erased.safetensors")).items()
+    )
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt,evaluation_seed\na cat,1\n")
+    argv = ["generate", "--model", str(tiny_pipeline_dir), "--erased", str(out)]
+    assert (
+        main([*argv, "--prompts", str(prompts), "--steps", "2", "--out", str(tmp_path / "g")]) == 0
+    )
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"objective": "uce", "lora_rank": 4}, "--lora-rank: not used by --objective uce"),
+        ({"objective": "uce", "adversarial": True}, "--adversarial: not used by --objective uce"),
+        ({"objective": "uce", "uce_lambda": 0.0}, "--uce-lambda: must be > 0, got 0.0"),
+        ({"objective": "uce", "uce_guide": "a cat"}, "--uce-guide: must differ"),
+        ({"uce_guide": "a dog"}, "--uce-guide: only used by --objective uce"),
+    ],
+)
+def test_what_uce_has_no_use_for_is_refused(fields, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        EraseConfig(model="m", out="o", concepts=["a cat"], **fields)
