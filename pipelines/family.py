@@ -17,78 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+# the conditioning's names are re-exported: callers import them from the family seam
+from .conditioning import Cond, cat_cond, embeds_kwargs, sdxl_time_ids, unet_kwargs  # noqa: F401
 from .text_encoders import PromptEncoder, ids_flux, ids_one_clip, ids_sd3, ids_two_clips
 
 if TYPE_CHECKING:
     import torch
-
-
-# ----------------------------------------------------------------------------- conditioning
-
-
-@dataclass
-class Cond:
-    """Prompt conditioning of B prompts for a family with more than token embeddings.
-
-    SD 1.x and 2.x condition on a plain [B, L, D] tensor, which every helper below accepts as
-    well; SDXL, SD3 and FLUX also need a pooled embedding, and SDXL the size "time ids". Cond
-    supports the few tensor operations the layers above use (indexing, ``expand``,
-    ``repeat_interleave``, ``to``, ``len``), so they stay family-blind.
-
-    Attributes:
-        emb: [B, L, D] token embeddings (SDXL: both encoders' concatenated; SD3: the CLIP and
-            T5 tokens; FLUX: T5's).
-        pooled: [B, P] pooled text embedding.
-        time_ids: [B, 6] SDXL's (original h, w, crop top, left, target h, w), or None.
-    """
-
-    emb: torch.Tensor
-    pooled: torch.Tensor
-    time_ids: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.emb)
-
-    def _map(self, fn) -> Cond:
-        extra = None if self.time_ids is None else fn(self.time_ids)
-        return Cond(fn(self.emb), fn(self.pooled), extra)
-
-    def __getitem__(self, idx) -> Cond:
-        return self._map(lambda t: t[idx])
-
-    def expand(self, n: int, *_) -> Cond:
-        return self._map(lambda t: t.expand(n, *t.shape[1:]))
-
-    def repeat_interleave(self, repeats: int, dim: int = 0) -> Cond:
-        return self._map(lambda t: t.repeat_interleave(repeats, dim=dim))
-
-    def to(self, *args, **kwargs) -> Cond:
-        return self._map(lambda t: t.to(*args, **kwargs))
-
-
-def embeds_kwargs(cond) -> dict:
-    """A conditioning of B prompts as a diffusers pipeline's ``prompt_embeds`` arguments."""
-    if isinstance(cond, Cond):
-        return {"prompt_embeds": cond.emb, "pooled_prompt_embeds": cond.pooled}
-    return {"prompt_embeds": cond}
-
-
-def cat_cond(conds: list):
-    """Concatenate conditionings along the batch, tensors or ``Cond`` alike."""
-    import torch
-
-    if not isinstance(conds[0], Cond):
-        return torch.cat(conds)
-    extra = None if conds[0].time_ids is None else torch.cat([c.time_ids for c in conds])
-    return Cond(torch.cat([c.emb for c in conds]), torch.cat([c.pooled for c in conds]), extra)
-
-
-def unet_kwargs(cond) -> dict:
-    """The keyword arguments of a diffusers ``UNet2DConditionModel`` call for a conditioning."""
-    if isinstance(cond, Cond):
-        extra = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-        return {"encoder_hidden_states": cond.emb, "added_cond_kwargs": extra}
-    return {"encoder_hidden_states": cond}
 
 
 def encode_one_clip(pipe, prompts: list[str], device, size: int | None = None):
@@ -118,18 +52,8 @@ def encode_two_clips(pipe, prompts: list[str], device, size: int | None = None) 
     )
     for enc in encoders:
         enc.to("cpu")
-    return Cond(emb.float(), pooled.float(), sdxl_time_ids(pipe, size, len(prompts), emb))
-
-
-def sdxl_time_ids(pipe, size, n: int, like: torch.Tensor) -> torch.Tensor:
-    """SDXL's time ids [n, 6] of an uncropped image of ``size`` pixels a side, or (height,
-    width) (default: native), on ``like``'s device."""
-    import torch
-
-    h, w = size if isinstance(size, tuple) else (size, size)
-    h, w = h or family_of(pipe).native_size(pipe), w or family_of(pipe).native_size(pipe)
-    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
-    return time_ids.expand(n, -1).to(like.device)
+    native = family_of(pipe).native_size(pipe)
+    return Cond(emb.float(), pooled.float(), sdxl_time_ids(size, native, len(prompts), emb))
 
 
 def _on_device(encoders, device):
@@ -240,8 +164,8 @@ class Family:
         text_encoders: the pipeline attributes of the encoders that read the prompt, in the
             order of its ``prompt``, ``prompt_2``, ``prompt_3`` arguments.
         t5_encoder: which of them is T5 (its token length is ``pipe_kwargs``'), or None.
-        encode_ids: fn(pipe, {encoder name: [B, L] ids}, size) -> what ``encode`` gives, with
-            gradient (``pipelines/text_encoders.py``; the attack's prompts are ids).
+        ids_encoder: fn(family, pipe, {encoder name: [B, L] ids}, size) -> what ``encode``
+            gives, with gradient (``pipelines/text_encoders.py``; ``encode_ids`` calls it).
         token_sequence: the encoders whose tokens make up the conditioning's sequence, in
             order (SDXL's two CLIPs share positions; SD3 puts T5's after CLIP's).
         uce_module: predicate on the denoiser's module names: the linear maps of the text
@@ -261,7 +185,7 @@ class Family:
     single_file: Callable | None = None  # set to to_ldm below, for SD 1.x
     text_encoders: tuple[str, ...] = ("text_encoder",)
     t5_encoder: str | None = None
-    encode_ids: Callable = ids_one_clip
+    ids_encoder: Callable = ids_one_clip
     token_sequence: tuple[str, ...] = ("text_encoder",)
     uce_module: Callable = _cross_attn_kv
     own_loop: bool = False
@@ -289,6 +213,11 @@ class Family:
                 length = self.pipe_kwargs(pipe)["max_sequence_length"]
             found.append(PromptEncoder(name, tokenizer, module, length))
         return found
+
+    def encode_ids(self, pipe, ids: dict, size=None):
+        """The conditioning of token ids ({encoder name: [B, L]}), as ``encode`` gives it for
+        the same prompts, with gradient; ``size`` as ``encode``'s (or (height, width))."""
+        return self.ids_encoder(self, pipe, ids, size)
 
     def predict(self, module, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """One denoiser call: [B, C, H, W], [B] timesteps, conditioning of B -> [B, C, H, W] in
@@ -486,7 +415,7 @@ FAMILIES = {
         encode_two_clips,
         kohya_version=lambda denoiser: "sdxl_base_v1-0",
         text_encoders=("text_encoder", "text_encoder_2"),
-        encode_ids=ids_two_clips,
+        ids_encoder=ids_two_clips,
     ),
     "StableDiffusion3Pipeline": SD3Family(
         "StableDiffusion3Pipeline",
@@ -494,7 +423,7 @@ FAMILIES = {
         **MMDIT,
         text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
         t5_encoder="text_encoder_3",
-        encode_ids=ids_sd3,
+        ids_encoder=ids_sd3,
         token_sequence=("text_encoder", "text_encoder_3"),
     ),
     "FluxPipeline": FluxFamily(
@@ -503,7 +432,7 @@ FAMILIES = {
         **MMDIT,
         text_encoders=("text_encoder", "text_encoder_2"),
         t5_encoder="text_encoder_2",
-        encode_ids=ids_flux,
+        ids_encoder=ids_flux,
         token_sequence=("text_encoder_2",),
     ),
 }

@@ -9,8 +9,8 @@ exactly, since ids need not survive a decode and a re-encode. So each family als
 state, which pooled output, how the encoders are joined); ``tests/test_attack_families.py``
 checks each against the pipeline on the same prompt.
 
-Only ``FAMILIES`` (``pipelines/family.py``) refers to these functions; like it, this module
-imports no torch at load time.
+Only ``FAMILIES`` (``pipelines/family.py``) refers to these functions, each called with the
+family (``Family.encode_ids``); like it, this module imports no torch at load time.
 """
 
 from __future__ import annotations
@@ -61,31 +61,32 @@ def _penultimate(encoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return out.hidden_states[-2], out[0]
 
 
-def ids_one_clip(pipe, ids: dict, size: int | None = None) -> torch.Tensor:
+def ids_one_clip(family, pipe, ids: dict, size=None) -> torch.Tensor:
     """SD 1.x/2.x: the last hidden state: ``ids["text_encoder"]`` [B, L] -> [B, L, D] float32."""
     return _run(pipe.text_encoder, ids["text_encoder"])[0].float()
 
 
-def ids_two_clips(pipe, ids: dict, size: int | None = None):
+def ids_two_clips(family, pipe, ids: dict, size=None):
     """SDXL: both encoders' penultimate hidden states side by side, the second's pooled
     projection, and the time ids of a ``size`` image: -> ``Cond`` of B prompts."""
     import torch
 
-    from .family import Cond, sdxl_time_ids
+    from .conditioning import Cond, sdxl_time_ids
 
     first, _ = _penultimate(pipe.text_encoder, ids["text_encoder"])
     second, pooled = _penultimate(pipe.text_encoder_2, ids["text_encoder_2"])
     emb = torch.cat([first, second.to(first.device)], dim=-1).float()
-    return Cond(emb, pooled.float().to(emb.device), sdxl_time_ids(pipe, size, len(emb), emb))
+    time_ids = sdxl_time_ids(size, family.native_size(pipe), len(emb), emb)
+    return Cond(emb, pooled.float().to(emb.device), time_ids)
 
 
-def ids_sd3(pipe, ids: dict, size: int | None = None):
+def ids_sd3(family, pipe, ids: dict, size=None):
     """SD3: both CLIPs' penultimate states side by side, zero-padded to T5's width, then T5's
     tokens (zeros when loaded without T5); the CLIPs' pooled projections side by side."""
     import torch
     import torch.nn.functional as F
 
-    from .family import Cond, family_of
+    from .conditioning import Cond
 
     first, pooled_1 = _penultimate(pipe.text_encoder, ids["text_encoder"])
     second, pooled_2 = _penultimate(pipe.text_encoder_2, ids["text_encoder_2"])
@@ -93,7 +94,7 @@ def ids_sd3(pipe, ids: dict, size: int | None = None):
     if pipe.text_encoder_3 is not None:
         t5 = _run(pipe.text_encoder_3, ids["text_encoder_3"])[0].to(clip.device)
     else:
-        length = family_of(pipe).pipe_kwargs(pipe)["max_sequence_length"]
+        length = family.pipe_kwargs(pipe)["max_sequence_length"]
         width = pipe.transformer.config.joint_attention_dim
         t5 = torch.zeros(len(clip), length, width, device=clip.device, dtype=clip.dtype)
     clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
@@ -102,9 +103,9 @@ def ids_sd3(pipe, ids: dict, size: int | None = None):
     return Cond(emb, pooled.to(emb.device))
 
 
-def ids_flux(pipe, ids: dict, size: int | None = None):
+def ids_flux(family, pipe, ids: dict, size=None):
     """FLUX: T5's last hidden state for the tokens, CLIP's pooled output."""
-    from .family import Cond
+    from .conditioning import Cond
 
     pooled = _run(pipe.text_encoder, ids["text_encoder"], output_hidden_states=False)
     emb = _run(pipe.text_encoder_2, ids["text_encoder_2"], output_hidden_states=False)[0]

@@ -301,7 +301,7 @@ def test_16_bit_pngs_erase_and_audit_as_their_8_bit_copies(tiny_pipeline_dir, tm
          "--threads: must be in 1.."),
         (["attack", "--model", "digits", "--prompts", "digits", "--detector", "digits",
           "--erased-class", "3", "--attack-tokens", "80"],
-         "--attack-tokens: 80 prefix tokens do not fit the text encoder's"),
+         "--attack-tokens: 80 prefix tokens do not fit text_encoder's 16 tokens"),
     ],
 )  # fmt: skip
 def test_numbers_past_what_the_machine_or_model_takes(tmp_path, capsys, argv, needle):
