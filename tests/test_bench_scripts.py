@@ -157,3 +157,10 @@ def test_gpu_check_dry_run_prints_every_phase(tmp_path):
         assert phase in table
     assert "s/step" in table and "s/image" in table and "s/row" in table
     assert table.startswith("digits (dry run); CPU, torch ")
+
+
+def test_preset_table_counts_the_text_encoders_each_family_trains(scripts):
+    text = scripts("preset_sizes").text_encoder_table()
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    assert set(rows) == {"SD 1.x", "SD 2.x", "SDXL, SD3", "FLUX.1 (CLIP only; T5 stays)"}
+    assert "| 86 M |" in rows["SD 1.x"] and "| 717 M |" in rows["SDXL, SD3"]
