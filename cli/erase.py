@@ -94,6 +94,7 @@ GROUPS = {
         "weight_decay",
         "max_grad_norm",
         "seed",
+        "init_from",
     ),
     "output": (
         "out",

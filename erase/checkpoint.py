@@ -410,6 +410,7 @@ def start_run(cfg: EraseConfig, acc) -> tuple[Path, FolderLock | None, Path | No
         "--forget-images": cfg.forget_images,
         "--retain-images": cfg.retain_images,
         "--saliency-mask": cfg.saliency_mask,
+        "--init-from": cfg.init_from,
     }
     check_apart(cfg.out, inputs)
     with acc.main_process_first():  # one process creates and locks, the others check

@@ -312,6 +312,13 @@ class RunFields:
             "a resume then restarts the optimizer and no longer continues exactly"
         ),
     )
+    init_from: str | None = field(
+        default=None,
+        metadata=_help(
+            "start training from this erased file or run folder (e.g. an --objective uce "
+            "edit) instead of the base; the teacher stays the base model"
+        ),
+    )
     resume: str | None = field(
         default=None, metadata=_help("resume from 'latest' or a checkpoint folder")
     )
@@ -403,6 +410,8 @@ class EraseConfig(
             if self.lora_alpha is not None:
                 raise ValueError("--lora-alpha: only used with --lora-rank")
             return
+        if self.init_from is not None:
+            raise ValueError("--init-from: starts full tensors; LoRA adapters start at zero")
         if self.lora_rank < 1:
             raise ValueError(f"--lora-rank: must be >= 1, got {self.lora_rank}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:

@@ -47,6 +47,7 @@ UNUSED = {
     "--train": lambda cfg: cfg.train != "denoiser",
     "--saliency": lambda cfg: cfg.saliency is not None or cfg.saliency_mask is not None,
     "--resume": lambda cfg: cfg.resume is not None,
+    "--init-from": lambda cfg: cfg.init_from is not None,
 }
 
 

@@ -184,7 +184,31 @@ def trainable(
         p.requires_grad_(True)
     cast_untrained(denoiser, preset, TORCH_DTYPES.get(cfg.mixed_precision))
     teacher = FrozenTeacher(family, denoiser, preset, TORCH_DTYPES[cfg.frozen_dtype])
+    start_from(cfg, pipe, {**preset, **text})  # after the teacher copied the base
     return {**preset, **text}, teacher, base_fp
+
+
+def start_from(cfg: EraseConfig, pipe, trained: dict) -> None:
+    """``--init-from``: copy an earlier erasure's tensors into the trained ones, so training
+    continues from it (UCE's edit, then fine-tuning: the hybrid). The file must be of this base
+    and change only tensors this run trains, or the teacher, which shares the untrained ones,
+    would stop being the base model."""
+    if cfg.init_from is None:
+        return
+    from loreun.pipelines.loading import check_compatible, erased_file, read_erased
+
+    path = erased_file(cfg.init_from)
+    tensors, meta, _ = read_erased(path)
+    check_compatible(pipe, tensors, meta, source=f"--init-from: {path}")
+    outside = sorted(set(tensors) - set(trained))
+    if outside:
+        raise ValueError(
+            f"--init-from: {path} changes {len(outside)} tensors this run does not train, e.g. "
+            f"{outside[0]}; train them too (--method, --train) or start from the base"
+        )
+    with torch.no_grad():
+        for name, value in tensors.items():
+            trained[name].copy_(value.to(trained[name]))
 
 
 def cast_untrained(denoiser: torch.nn.Module, trained: dict, dtype: torch.dtype | None) -> None:

@@ -117,3 +117,45 @@ def test_a_uce_erasure_loads_in_plain_diffusers_and_generate(tiny_pipeline_dir, 
 def test_what_uce_has_no_use_for_is_refused(fields, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         EraseConfig(model="m", out="o", concepts=["a cat"], **fields)
+
+
+@pytest.fixture(scope="module")
+def uce_run(tiny_pipeline_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uce") / "run"
+    assert main(erase_args(tiny_pipeline_dir, out, "--objective", "uce", "-q")) == 0
+    return out
+
+
+def test_fine_tuning_starts_from_a_uce_edit(uce_run, tiny_pipeline_dir, tmp_path):
+    """--init-from: the trained tensors start at the edit (a vanishing lr leaves them there),
+    while the teacher stays the base: the run's first ESD loss is the base's, not zero."""
+    out = tmp_path / "hybrid"
+    argv = erase_args(tiny_pipeline_dir, out, "--init-from", str(uce_run), "--lr", "1e-12")
+    assert main([*argv, "-q"]) == 0
+    edit = load_file(str(uce_run / "erased.safetensors"))
+    after = load_file(str(out / "erased.safetensors"))
+    assert set(edit) <= set(after)
+    assert all(torch.allclose(after[k], edit[k], atol=1e-8) for k in edit)
+    plain = tmp_path / "plain"
+    assert main([*erase_args(tiny_pipeline_dir, plain, "--lr", "1e-12"), "-q"]) == 0
+    moved = [k for k in edit if not torch.allclose(after[k], load_file(
+        str(plain / "erased.safetensors"))[k], atol=1e-8)]  # fmt: skip
+    assert moved
+
+
+def test_init_from_refuses_what_would_change_the_teacher(
+    uce_run, tiny_pipeline_dir, other_pipeline_dir, tmp_path, capsys
+):
+    cases = [
+        (tiny_pipeline_dir, ["--method", "esd-u"], "changes 8 tensors this run does not train"),
+        (other_pipeline_dir, [], "was erased from a different base model"),
+    ]
+    for model, extra, message in cases:
+        argv = erase_args(model, tmp_path / "o", "--init-from", str(uce_run), *extra)
+        assert main([*argv, "-q", "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    with pytest.raises(ValueError, match="^--init-from: starts full tensors"):
+        EraseConfig(model="m", out="o", concepts=["a cat"], init_from="x", lora_rank=2)
+    with pytest.raises(ValueError, match="^--init-from: not used by --objective uce"):
+        EraseConfig(model="m", out="o", concepts=["a cat"], init_from="x", objective="uce")
