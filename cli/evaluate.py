@@ -118,8 +118,27 @@ def run(args) -> int:
         aud.reference = str(out / "original")
     summary = audit(sources, out, aud, overwrite=args.overwrite)
     print_table(summary, summary_rows)
+    print_interference(summary, aud.erased_classes)
     print(f"report: {out / 'report.html'}")
     return 0
+
+
+def print_interference(summary: dict, erased: list[str]) -> None:
+    """The interference matrix under the summary: each class's rate per source and its change
+    from the original, erased classes first (marked *)."""
+    from loreun.eval.report import interference
+
+    rows = interference(summary, erased)
+    if not rows:
+        return
+    names = list(summary["sources"])
+    changes = [f"change: {n}"[:15] for n in names[1:]]
+    print()
+    print("interference (* erased)".ljust(35) + "".join(n.rjust(16) for n in names + changes))
+    for cat, gone, rates in rows:
+        label = f"{'* ' if gone else '  '}{cat}"[:34].ljust(35)
+        cells = "".join(f"{v:16.2f}" for v in rates)
+        print(label + cells + "".join(f"{v - rates[0]:+16.2f}" for v in rates[1:]))
 
 
 def run_leaderboard(args, out: Path, runs: dict, gen, aud) -> int:

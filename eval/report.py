@@ -95,6 +95,49 @@ def chart_series(summary: dict) -> tuple[str, list[str], dict[str, list[float]]]
     return "", [], {}
 
 
+def interference(summary: dict, erased: list[str]) -> list[tuple[str, bool, list[float]]]:
+    """The interference matrix: per class of the chart (``chart_series``), whether it was
+    erased and its rate in each source, erased classes first; [] with one source or class.
+
+    What an erasure took besides its target shows as a kept class whose rate fell."""
+    _, cats, vals = chart_series(summary)
+    if len(vals) < 2 or len(cats) < 2:
+        return []
+    gone = {c.strip().lower() for c in erased}
+    rows = [(c, c.lower() in gone, [v[i] for v in vals.values()]) for i, c in enumerate(cats)]
+    return sorted(rows, key=lambda r: not r[1])
+
+
+def heat(v: float) -> str:
+    """A cell colour for a rate in [0, 1]: red at 0 through white to green at 1."""
+    v = max(0.0, min(1.0, float(v)))
+    r, g = (255, int(255 * 2 * v)) if v < 0.5 else (int(255 * 2 * (1 - v)), 255)
+    return f"rgb({r},{g},{min(r, g)})"
+
+
+def interference_table(summary: dict, erased: list[str]) -> str:
+    """The interference matrix as a heat-coloured table: a row per class (erased ones marked),
+    a column per source and the change from the first (the original model) to each other."""
+    rows = interference(summary, erased)
+    if not rows:
+        return ""
+    names = list(summary["sources"])
+    head = "".join(f"<th>{esc(n)}</th>" for n in names)
+    head += "".join(f"<th>change: {esc(n)}</th>" for n in names[1:])
+    body = ""
+    for cat, gone, rates in rows:
+        cells = "".join(f'<td class="num" style="background:{heat(v)}">{v:.2f}</td>' for v in rates)
+        cells += "".join(f'<td class="num">{v - rates[0]:+.2f}</td>' for v in rates[1:])
+        label = f"{esc(cat)} (erased)" if gone else esc(cat)
+        body += f"<tr><td>{label}</td>{cells}</tr>"
+    return (
+        "<h2>Interference: each class before and after</h2><p><small>The rate the detector "
+        "gives each class, erased classes first; a kept class whose rate fell is what the "
+        "erasure took besides its target.</small></p>"
+        f'<table id="interference"><tr><th>class</th>{head}</tr>{body}</table>'
+    )
+
+
 def bar_chart(title: str, cats: list[str], vals: dict[str, list[float]]) -> str:
     """Grouped horizontal bars as inline SVG; values are shares in [0, 1]."""
     if not cats:
@@ -218,6 +261,7 @@ def write_report(path: Path, audited: list[dict], summary: dict, settings) -> No
         f"<p><small>{esc(summary['protocol'])}<br>{esc(versions)}</small></p>"
         f"{what_was_erased(summary)}"
         f"<h2>Summary</h2>{summary_table(summary)}"
+        f"{interference_table(summary, settings.erased_classes)}"
         f"{bar_chart(title, cats, vals)}"
         f"<h2>Images</h2><p><small>{grid_note(settings)}</small></p>"
         f'<div class="sources" id="grids">{grids}</div>'

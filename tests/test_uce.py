@@ -159,3 +159,33 @@ def test_init_from_refuses_what_would_change_the_teacher(
         EraseConfig(model="m", out="o", concepts=["a cat"], init_from="x", lora_rank=2)
     with pytest.raises(ValueError, match="^--init-from: not used by --objective uce"):
         EraseConfig(model="m", out="o", concepts=["a cat"], init_from="x", objective="uce")
+
+
+def test_evaluate_prints_and_draws_the_interference_matrix(
+    uce_run, tiny_pipeline_dir, tmp_path, capsys
+):
+    """Each class's rate before and after, erased classes first, in the terminal and in the
+    report, which headless Chromium renders with a heat-coloured cell per class and source."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(tiny_pipeline_dir), "--erased", str(uce_run)]
+    argv += ["--prompts", "digits", "--detector", "digits", "--erased-class", "3"]
+    argv += ["--erased-class", "7", "--steps", "2", "--out", str(out), "-q"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.split("interference (* erased)")[1].splitlines()[1:11]
+    assert [line.split()[:2] for line in printed[:2]] == [["*", "3"], ["*", "7"]]
+    assert all(not line.startswith("*") for line in printed[2:])
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium package is installed by .ci/run"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={tempfile.mkdtemp()}", "--virtual-time-budget=3000"]  # fmt: skip
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", (out / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    table = dom.split('id="interference"')[1].split("</table>")[0]
+    assert table.count("<tr>") == 11 and table.count("background:rgb(") == 20
+    assert table.index("3 (erased)") < table.index("7 (erased)") < table.index("<td>0</td>")
