@@ -103,6 +103,7 @@ def export_erased(
     prediction_type: str = "epsilon",
     world_size: int = 1,
     family: str = "StableDiffusionPipeline",
+    extra: dict | None = None,
 ) -> Path:
     """Write ``erased.safetensors`` and ``erase_config.json`` into ``out``.
 
@@ -111,11 +112,13 @@ def export_erased(
         weighting: the weighting's ``summary()``, recorded in the header.
         prediction_type: the base model's parametrisation (epsilon, v_prediction or flow).
         family: the base pipeline's class name (``pipelines/family.py``).
+        extra: more header fields (a closed-form edit's LoRA rank and residual).
     """
     tensors = {k: v.detach().float().cpu() for k, v in trained.items()}
     meta = build_metadata(
         cfg, fingerprints, steps_done, len(tensors), weighting, prediction_type, world_size, family
     )
+    meta.update(extra or {})
     meta["content_sha256"] = content_hash(tensors, meta)
     path = Path(out) / ERASED_FILE
     atomic_save_safetensors(path, tensors, metadata={METADATA_KEY: json.dumps(meta)})

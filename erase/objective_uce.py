@@ -43,7 +43,6 @@ UNUSED = {
     "--forget-images": lambda cfg: cfg.forget_images is not None,
     "--retain-images": lambda cfg: cfg.retain_images is not None,
     "--adversarial": lambda cfg: cfg.adversarial,
-    "--lora-rank": lambda cfg: cfg.lora_rank is not None,
     "--train": lambda cfg: cfg.train != "denoiser",
     "--saliency": lambda cfg: cfg.saliency is not None or cfg.saliency_mask is not None,
     "--resume": lambda cfg: cfg.resume is not None,

@@ -110,6 +110,7 @@ def uce_edit(cfg: EraseConfig, pipe, family: Family, device) -> dict[str, torch.
 
 def run_uce(cfg: EraseConfig, acc, out: Path) -> Path:
     """Load, solve, export: the whole ``erase`` of a closed-form run. Returns the erased file."""
+    from loreun.pipelines.files import atomic_write_text
     from loreun.pipelines.loading import read_erased_file
     from loreun.pipelines.models import load_pipeline
     from loreun.pipelines.schedule import schedule_of
@@ -127,10 +128,56 @@ def run_uce(cfg: EraseConfig, acc, out: Path) -> Path:
     state = denoiser.state_dict()
     fingerprints = base_fingerprints({n: state[n] for n in edited})
     kind = schedule_of(pipe).prediction_type
-    path = export_erased(out, edited, cfg, fingerprints, 0, None, kind, 1, family.pipeline)
+    extra = save_uce_lora(cfg, pipe, family, edited, out, kind) if cfg.lora_rank else {}
+    path = export_erased(out, edited, cfg, fingerprints, 0, None, kind, 1, family.pipeline, extra)
+    if cfg.lora_rank:
+        from .card import CARD, base_license, lora_card
+        from .lora import KOHYA_FILE, LORA_FILE
+
+        files = {"diffusers": LORA_FILE} | ({"kohya": KOHYA_FILE} if family.kohya_version else {})
+        meta = read_erased_file(path)[1]
+        atomic_write_text(out / CARD, lora_card(meta, files, base_license(cfg.model)))
     if cfg.save_pipeline:
         with torch.no_grad():
             for name, value in edited.items():
                 state[name].copy_(value)
         save_pipeline_folder(pipe, out / "pipeline", read_erased_file(path)[1], base=cfg.model)
     return path
+
+
+def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-``rank`` factorisation of an edit (truncated SVD, Eckart-Young): (B [O, r],
+    A [r, I], ||delta - B A||_F / ||delta||_F)."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = min(rank, len(s))
+    b, a = u[:, :r] * s[:r], vh[:r]
+    residual = float((delta.double() - b @ a).norm() / delta.double().norm().clamp_min(1e-30))
+    return b.float(), a.float(), residual
+
+
+def save_uce_lora(cfg: EraseConfig, pipe, family: Family, edited: dict, out: Path, kind) -> dict:
+    """``--lora-rank`` with UCE: each edit ``W' - W`` factorised to the rank and written as the
+    LoRA files a trained LoRA has (``lora.save_lora_files``: diffusers' and kohya's); returns
+    the header fields that say how close the factorisation is (the erased file keeps the exact
+    edit)."""
+    from peft import LoraConfig
+
+    from .lora import ADAPTER, save_lora_files
+
+    denoiser = family.denoiser(pipe)
+    modules = sorted(name[: -len(".weight")] for name in edited)
+    alpha = cfg.lora_alpha or cfg.lora_rank
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, target_modules=modules)
+    denoiser.add_adapter(config, adapter_name=ADAPTER)
+    residuals = {}
+    with torch.no_grad():
+        for module in modules:
+            layer = denoiser.get_submodule(module)
+            delta = edited[f"{module}.weight"].double() - layer.base_layer.weight.double()
+            b, a, residuals[module] = low_rank(delta, cfg.lora_rank)
+            layer.lora_A[ADAPTER].weight.zero_()[: a.shape[0]].copy_(a)
+            layer.lora_B[ADAPTER].weight.zero_()[:, : b.shape[1]].copy_(b * cfg.lora_rank / alpha)
+    save_lora_files(denoiser, out, type(pipe), family, kind)
+    denoiser.unload_lora()  # the modules as they were: the pipeline is saved with the edit
+    worst = max(residuals.values())
+    return {"uce_lora": {"rank": cfg.lora_rank, "largest_relative_residual": worst}}

@@ -107,7 +107,7 @@ def test_a_uce_erasure_loads_in_plain_diffusers_and_generate(tiny_pipeline_dir, 
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"objective": "uce", "lora_rank": 4}, "--lora-rank: not used by --objective uce"),
+        ({"objective": "uce", "init_from": "x"}, "--init-from: not used by --objective uce"),
         ({"objective": "uce", "adversarial": True}, "--adversarial: not used by --objective uce"),
         ({"objective": "uce", "uce_lambda": 0.0}, "--uce-lambda: must be > 0, got 0.0"),
         ({"objective": "uce", "uce_guide": "a cat"}, "--uce-guide: must differ"),
@@ -189,3 +189,34 @@ def test_evaluate_prints_and_draws_the_interference_matrix(
     table = dom.split('id="interference"')[1].split("</table>")[0]
     assert table.count("<tr>") == 11 and table.count("background:rgb(") == 20
     assert table.index("3 (erased)") < table.index("7 (erased)") < table.index("<td>0</td>")
+
+
+def test_a_uce_edit_exports_as_lora_that_diffusers_loads(tiny_pipeline_dir, tmp_path):
+    """--lora-rank: each edit factorised (truncated SVD) into the LoRA files a trained LoRA
+    has; at a rank that covers the edit the loaded LoRA gives the edited maps, and the header
+    records the rank and the factorisation's residual."""
+    import json
+
+    from safetensors import safe_open
+
+    from loreun.pipelines import apply_erased_weights
+    from loreun.pipelines.models import load_pipeline
+
+    out = tmp_path / "uce-lora"
+    argv = erase_args(tiny_pipeline_dir, out, "--objective", "uce", "--lora-rank", "16")
+    assert main([*argv, "--save-pipeline", "-q"]) == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "lora-kohya.safetensors").is_file() and (out / "README.md").is_file()
+    with safe_open(str(out / "erased.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["loreun"])
+    assert meta["uce_lora"]["rank"] == 16 and meta["uce_lora"]["largest_relative_residual"] < 1e-5
+    edited, adapted = load_pipeline(str(tiny_pipeline_dir)), load_pipeline(str(tiny_pipeline_dir))
+    apply_erased_weights(edited, out / "erased.safetensors")
+    adapted.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    adapted.fuse_lora()
+    name = next(iter(load_file(str(out / "erased.safetensors"))))
+    want = edited.unet.state_dict()[name]
+    got = {k.replace(".base_layer", ""): v for k, v in adapted.unet.state_dict().items()}[name]
+    assert torch.allclose(got, want, atol=1e-5)
+    saved = load_pipeline(str(out / "pipeline")).unet.state_dict()
+    assert torch.equal(saved[name], want)  # the saved pipeline holds the exact edit
