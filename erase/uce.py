@@ -57,13 +57,18 @@ def token_positions(pipe, family: Family, prompt: str) -> list[int]:
     return positions
 
 
-def prompt_vectors(pipe, family: Family, prompts: list[str], device) -> torch.Tensor:
-    """[P * T, I] float64: each prompt's T last-word vectors (``token_positions``)."""
+def prompt_vectors(
+    pipe, family: Family, prompts: list[str], device, batch: int = 64
+) -> torch.Tensor:
+    """[P * T, I] float64: each prompt's T last-word vectors (``token_positions``), encoded
+    ``batch`` prompts at a time."""
     rows = []
-    for prompt in prompts:
-        cond = encode_prompts(pipe, [prompt], device)
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        cond = encode_prompts(pipe, chunk, device)
         emb = cond.emb if isinstance(cond, Cond) else cond
-        rows.append(emb[0, token_positions(pipe, family, prompt)].double().cpu())
+        for i, prompt in enumerate(chunk):
+            rows.append(emb[i, token_positions(pipe, family, prompt)].double().cpu())
     return torch.cat(rows) if rows else torch.zeros(0, 1, dtype=torch.float64)
 
 
