@@ -20,9 +20,11 @@ both sides and stays.
 
 Which maps the family says (``Family.uce_module``): a UNet's cross-attention keys and values
 (UCE's), or an MMDiT's ``context_embedder``, the one linear map every text token passes through
-before the joint blocks (our reading: the blocks' own text projections see tokens already mixed
-with the image and the time, where a closed form is no longer exact). Seconds, no sampling; the
-result is an ordinary erased file.
+before the joint blocks, and the first layer of its pooled text projection, solved on the
+prompts' pooled embeddings (our reading: the blocks' own text projections see tokens already
+mixed with the image and the time, where a closed form is no longer exact; without the pooled
+path, which modulates every block, the edit alone did not erase a digit from digits-flow).
+Seconds, no sampling; the result is an ordinary erased file.
 """
 
 from __future__ import annotations
@@ -59,17 +61,24 @@ def token_positions(pipe, family: Family, prompt: str) -> list[int]:
 
 def prompt_vectors(
     pipe, family: Family, prompts: list[str], device, batch: int = 64
-) -> torch.Tensor:
-    """[P * T, I] float64: each prompt's T last-word vectors (``token_positions``), encoded
+) -> dict[str, torch.Tensor]:
+    """{"tokens": [P * T, I], "pooled": [P, I_p] where the family has a pooled embedding}, float64:
+    each prompt's T last-word vectors (``token_positions``) and its pooled embedding, encoded
     ``batch`` prompts at a time."""
-    rows = []
+    tokens, pooled = [], []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         cond = encode_prompts(pipe, chunk, device)
         emb = cond.emb if isinstance(cond, Cond) else cond
         for i, prompt in enumerate(chunk):
-            rows.append(emb[i, token_positions(pipe, family, prompt)].double().cpu())
-    return torch.cat(rows) if rows else torch.zeros(0, 1, dtype=torch.float64)
+            tokens.append(emb[i, token_positions(pipe, family, prompt)].double().cpu())
+        if isinstance(cond, Cond):
+            pooled.append(cond.pooled.double().cpu())
+    empty = torch.zeros(0, 1, dtype=torch.float64)
+    out = {"tokens": torch.cat(tokens) if tokens else empty}
+    if pooled:
+        out["pooled"] = torch.cat(pooled)
+    return out
 
 
 def uce_weight(
@@ -95,19 +104,24 @@ def uce_weight(
 
 
 def uce_edit(cfg: EraseConfig, pipe, family: Family, device) -> dict[str, torch.Tensor]:
-    """name -> edited weight, for every module the family's ``uce_module`` names."""
+    """name -> edited weight, for every linear map the family's ``uce_module`` names, each
+    solved on the vectors of the conditioning it reads (tokens, or the pooled embedding)."""
+    n = len(cfg.concepts)
     erase = prompt_vectors(pipe, family, cfg.concepts, device)
-    per = len(erase) // len(cfg.concepts)  # vectors per prompt
-    guide = prompt_vectors(pipe, family, [cfg.uce_guide], device).repeat(len(cfg.concepts), 1)
+    guide = {
+        k: v.repeat(n, 1) for k, v in prompt_vectors(pipe, family, [cfg.uce_guide], device).items()
+    }
     keep = prompt_vectors(pipe, family, cfg.retain_concepts, device)
-    assert guide.shape == erase.shape and per >= 1
     edited = {}
     for name, module in family.denoiser(pipe).named_modules():
-        if isinstance(module, torch.nn.Linear) and family.uce_module(name):
-            edited[f"{name}.weight"] = uce_weight(
-                module.weight, erase, guide, keep,
-                cfg.uce_erase_scale, cfg.uce_preserve_scale, cfg.uce_lambda,
-            )  # fmt: skip
+        kind = family.uce_module(name)
+        if not isinstance(module, torch.nn.Linear) or kind is None:
+            continue
+        kept = keep.get(kind, torch.zeros(0, module.in_features, dtype=torch.float64))
+        edited[f"{name}.weight"] = uce_weight(
+            module.weight, erase[kind], guide[kind], kept,
+            cfg.uce_erase_scale, cfg.uce_preserve_scale, cfg.uce_lambda,
+        )  # fmt: skip
     if not edited:
         raise ValueError(f"--objective uce: {type(pipe).__name__} has no module UCE edits")
     return edited

@@ -168,8 +168,8 @@ class Family:
             gives, with gradient (``pipelines/text_encoders.py``; ``encode_ids`` calls it).
         token_sequence: the encoders whose tokens make up the conditioning's sequence, in
             order (SDXL's two CLIPs share positions; SD3 puts T5's after CLIP's).
-        uce_module: predicate on the denoiser's module names: the linear maps of the text
-            conditioning that UCE's closed form edits (``erase/uce.py``).
+        uce_module: fn(module name) -> which conditioning a linear map reads, where UCE's
+            closed form edits it ("tokens" or "pooled"), else None (``erase/uce.py``).
         own_loop: generate's per-image-guidance loop applies (else the pipeline's own call).
     """
 
@@ -187,7 +187,7 @@ class Family:
     t5_encoder: str | None = None
     ids_encoder: Callable = ids_one_clip
     token_sequence: tuple[str, ...] = ("text_encoder",)
-    uce_module: Callable = _cross_attn_kv
+    uce_module: Callable = lambda name: "tokens" if _cross_attn_kv(name) else None  # noqa: E731
     own_loop: bool = False
 
     def denoiser(self, pipe):
@@ -382,10 +382,14 @@ class FluxFamily(Family):
         return "none (timestep-distilled)"
 
 
+# UCE's maps in an MMDiT: every text token enters through context_embedder, the pooled text
+# embedding through the first layer of time_text_embed's text projection (erase/uce.py).
+MMDIT_UCE = {"context_embedder": "tokens", "time_text_embed.text_embedder.linear_1": "pooled"}
+
 # What the MMDiT flow families share: a transformer under flow matching, its LoRA names, no
 # kohya copy (ComfyUI reads diffusers' keys) and no single-file layout.
 MMDIT = dict(
-    uce_module=lambda name: name == "context_embedder",
+    uce_module=MMDIT_UCE.get,
     denoiser_attr="transformer",
     schedule="flow",
     presets=MMDIT_PRESETS,

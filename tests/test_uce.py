@@ -72,18 +72,23 @@ def test_uce_runs_on_every_family_and_moves_the_concept_to_its_guide(
     assert main(argv) == 0
     erased = load_file(str(out / "erased.safetensors"))
     unet = kind in ("sd", "sdxl")
-    want = ("attn2.to_k.weight", "attn2.to_v.weight") if unet else ("context_embedder.weight",)
+    mmdit = ("context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight")
+    want = ("attn2.to_k.weight", "attn2.to_v.weight") if unet else mmdit
     assert erased and all(k.endswith(want) for k in erased)
+    assert unet or sorted(erased) == sorted(mmdit)  # the tokens' map and the pooled one
     base, edited = load_pipeline(str(model)), load_pipeline(str(model))
     apply_erased_weights(edited, out / "erased.safetensors")
     family = family_of(base)
     with torch.no_grad():
-        c = prompt_vectors(base, family, ["a cat"], "cpu").float()
-        g = prompt_vectors(base, family, [""], "cpu").float()
-    name = next(iter(erased))[: -len(".weight")]
-    w0 = family.denoiser(base).get_submodule(name).weight.detach()
-    w1 = family.denoiser(edited).get_submodule(name).weight.detach()
-    assert (c @ w1.T - g @ w0.T).norm() < 0.5 * (c @ w0.T - g @ w0.T).norm()
+        c = prompt_vectors(base, family, ["a cat"], "cpu")
+        g = prompt_vectors(base, family, [""], "cpu")
+    for key in erased:
+        name = key[: -len(".weight")]
+        kind_of = family.uce_module(name)
+        ci, gi = c[kind_of].float(), g[kind_of].float()
+        w0 = family.denoiser(base).get_submodule(name).weight.detach()
+        w1 = family.denoiser(edited).get_submodule(name).weight.detach()
+        assert (ci @ w1.T - gi @ w0.T).norm() < 0.5 * (ci @ w0.T - gi @ w0.T).norm()
 
 
 def test_a_uce_erasure_loads_in_plain_diffusers_and_generate(tiny_pipeline_dir, tmp_path):
