@@ -244,7 +244,9 @@ def test_config_choice_lists_match_the_slots():
 
     assert config.METHODS == presets.PRESET_NAMES
     assert config.XT_SOURCES == tuple(xt_sources.XT_SOURCES)
-    assert config.OBJECTIVES == ("esd", "remap", "ga")
+    assert config.OBJECTIVES == ("esd", "remap", "ga", "uce")
+    closed = {n for n, m in config.OBJECTIVE_SLOTS.items() if m.CLOSED_FORM}
+    assert closed == {"uce"}  # every objective says whether erase trains or solves
     for name in config.WEIGHTINGS:
         cfg = EraseConfig(model="m", out="o", concepts=["a", "b"], weighting=name)
         built = weighting.weighting_for(cfg, 2, types.SimpleNamespace(bucket=None))
