@@ -208,5 +208,5 @@ def test_every_objective_passes_the_student_its_timestep_and_prompt():
         build_objective("ga")(eps, None, batch)[0], ga_loss(eps, None, batch, 1.0)[0]
     )
     assert torch.equal(build_objective("remap")(eps, eps, batch)[0], losses)
-    with pytest.raises(ValueError, match="; choose one of esd, remap, ga$"):
+    with pytest.raises(ValueError, match="; choose one of esd, remap, ga, uce$"):
         build_objective("nope")
