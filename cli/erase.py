@@ -81,7 +81,11 @@ GROUPS = {
         "text_encoder_part",
         "text_encoder_layers",
     ),
-    "LoRA (train low-rank adapters instead of the full tensors)": ("lora_rank", "lora_alpha"),
+    "LoRA (train low-rank adapters instead of the full tensors)": (
+        "lora_rank",
+        "lora_alpha",
+        "quantize_base",
+    ),
     "weighting": ("weighting", *slot_fields(WEIGHTING_SLOTS)),
     "adversarial erasure (train against loreun attack's prompts)": tuple(
         f.name for f in dataclasses.fields(AdversarialSettings)

@@ -151,6 +151,9 @@ def settings_rows(meta: dict) -> list[str]:
         rows.append(
             ("LoRA rank / alpha", f"{hp['lora_rank']} / {hp.get('lora_alpha') or hp['lora_rank']}")
         )
+    if hp.get("quantize_base"):
+        q = hp["quantize_base"]
+        rows.append(("trained on", f"a {q}-quantized base; the LoRA serves the unquantized one"))
     return ["| setting | value |", "|---|---|", *[f"| {k} | {md(v)} |" for k, v in rows]]
 
 

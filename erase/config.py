@@ -273,6 +273,14 @@ class RunFields:
         default=None,
         metadata=_help("LoRA's alpha (the update is scaled by alpha / rank); default: the rank"),
     )
+    quantize_base: str | None = field(
+        default=None,
+        metadata=_help(
+            "with --lora-rank: load the frozen denoiser quantized (nf4, int8: bitsandbytes, "
+            "CUDA; qint4, qint8: optimum-quanto, also CPU); the LoRA serves the unquantized base",
+            choices=("nf4", "int8", "qint4", "qint8"),
+        ),
+    )
     optimizer: str = field(
         default="adamw",
         metadata=_help(
@@ -409,7 +417,14 @@ class EraseConfig(
         if self.lora_rank is None:
             if self.lora_alpha is not None:
                 raise ValueError("--lora-alpha: only used with --lora-rank")
+            if self.quantize_base is not None:
+                raise ValueError(
+                    "--quantize-base: full tensors cannot train on a quantized base; add "
+                    "--lora-rank (adapters train on top of it)"
+                )
             return
+        if self.quantize_base is not None:
+            self._check_quantize_base()
         if self.init_from is not None:
             raise ValueError("--init-from: starts full tensors; LoRA adapters start at zero")
         if self.lora_rank < 1:
@@ -422,6 +437,18 @@ class EraseConfig(
             )
         if importlib.util.find_spec("peft") is None:
             raise ValueError("--lora-rank: needs peft (pip install peft)")
+
+    def _check_quantize_base(self) -> None:
+        from loreun.pipelines.quantize import check_quantize_base
+
+        if self.train != "denoiser":
+            raise ValueError(
+                f"--quantize-base: quantizes the denoiser, whose adapters --train {self.train} "
+                "does not train; use --train denoiser"
+            )
+        if self.objective == "uce":
+            raise ValueError("--quantize-base: UCE edits full tensors in closed form")
+        check_quantize_base(self.quantize_base)
 
     def _check_forget(self) -> None:
         if self.forget_images is None:

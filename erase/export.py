@@ -195,7 +195,8 @@ def export_run(run, cfg: EraseConfig, acc, out: Path, steps_done: int) -> Path:
 def _erased_pipeline(run, cfg: EraseConfig, path: Path):
     """The pipeline to save: the run's own, or, where ``--mixed-precision`` rounded the untrained
     weights (``teachers.cast_untrained``), the base model reloaded with the erased tensors."""
-    if cfg.mixed_precision != "no" or (cfg.lora_rank and cfg.train == "text-encoder"):
+    reload = cfg.mixed_precision != "no" or cfg.quantize_base  # rounded or quantized weights
+    if reload or (cfg.lora_rank and cfg.train == "text-encoder"):
         from loreun.pipelines.loading import load_erased_pipeline
 
         return load_erased_pipeline(cfg.model, path, config=cfg.model_config)

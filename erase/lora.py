@@ -73,17 +73,24 @@ def check_rank(unet: torch.nn.Module, modules: list[str], rank: int) -> None:
 def merged_tensors(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapted modules' tensors with each adapter's update added: name -> base + B A (scaled).
 
-    Names are the plain UNet's state-dict names, so the result is an ordinary erased file.
+    Names are the plain UNet's state-dict names, so the result is an ordinary erased file. A
+    quantized base's weights are read from its checkpoint (``quantize.original_tensors``): the
+    file must merge onto the unquantized model, free of quantization error.
     """
     from peft.tuners.lora import LoraLayer
 
+    from loreun.pipelines.quantize import is_quantized, original_tensors
+
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
+    held = [f"{n}.weight" for n, m in layers.items() if is_quantized(m.get_base_layer().weight)]
+    originals = original_tensors(unet, held) if held else {}
     out = {}
-    for name, module in unet.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
+    for name, module in layers.items():
         base = module.get_base_layer()
         with torch.no_grad():
-            out[f"{name}.weight"] = base.weight + module.get_delta_weight(ADAPTER)
+            weight = originals.get(f"{name}.weight", base.weight)
+            delta = module.get_delta_weight(ADAPTER)
+            out[f"{name}.weight"] = weight.to(delta) + delta
             if base.bias is not None:
                 out[f"{name}.bias"] = base.bias.detach().clone()
     return out

@@ -17,8 +17,9 @@ from functools import partial
 
 import torch
 
-from loreun.pipelines.family import Family
+from loreun.pipelines.family import Family, family_of
 from loreun.pipelines.loading import base_fingerprints
+from loreun.pipelines.quantize import is_quantized, original_tensors, placement_line
 
 from .config import EraseConfig
 from .lora import add_lora
@@ -154,6 +155,25 @@ class AdapterOffTeacher:
 TORCH_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def load_denoiser(cfg: EraseConfig, acc):
+    """(pipe, family, denoiser): the model loaded (its denoiser quantized with
+    ``--quantize-base``), the denoiser frozen on the device, the rest on the CPU."""
+    from loreun.pipelines.models import load_pipeline
+    from loreun.pipelines.runtime import say
+
+    pipe = load_pipeline(cfg.model, cfg.model_config, quantize=cfg.quantize_base)
+    family = family_of(pipe)
+    family.check_size(pipe, cfg.resolution, "--resolution")
+    denoiser = family.denoiser(pipe)
+    if not getattr(denoiser, "is_loaded_in_4bit", False):  # bitsandbytes places it itself
+        denoiser.to(acc.device)
+    denoiser.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    say(acc, placement_line(pipe, family, acc.device))
+    return pipe, family, denoiser
+
+
 def trainable(
     cfg: EraseConfig, family: Family, denoiser, pipe=None
 ) -> tuple[dict, object, dict[str, str]]:
@@ -174,7 +194,7 @@ def trainable(
     preset = {}
     if cfg.train != "text-encoder":
         preset = select_parameters(denoiser, cfg.method, family.presets)
-    base_fp = base_fingerprints({n: p.detach() for n, p in {**preset, **text}.items()})
+    base_fp = base_fingerprints(base_values(denoiser, {**preset, **text}))
     if cfg.lora_rank:
         alpha = cfg.lora_alpha or cfg.lora_rank
         trained = add_lora(denoiser, preset, cfg.lora_rank, alpha, cfg.seed)
@@ -186,6 +206,14 @@ def trainable(
     teacher = FrozenTeacher(family, denoiser, preset, TORCH_DTYPES[cfg.frozen_dtype])
     start_from(cfg, pipe, {**preset, **text})  # after the teacher copied the base
     return {**preset, **text}, teacher, base_fp
+
+
+def base_values(denoiser, trained: dict) -> dict[str, torch.Tensor]:
+    """name -> the base's own value of each trained tensor: the checkpoint's for tensors held
+    quantized (``quantize.original_tensors``), so fingerprints match the unquantized base."""
+    quantized = [n for n, p in trained.items() if is_quantized(p)]
+    out = {n: p.detach() for n, p in trained.items() if n not in quantized}
+    return out | (original_tensors(denoiser, quantized) if quantized else {})
 
 
 def start_from(cfg: EraseConfig, pipe, trained: dict) -> None:
@@ -228,6 +256,8 @@ def cast_untrained(denoiser: torch.nn.Module, trained: dict, dtype: torch.dtype 
         return
     keep = {id(p) for p in trained.values()}
     for p in denoiser.parameters():
+        if is_quantized(p):  # a quantized base (--quantize-base) keeps its own storage
+            continue
         cast = id(p) not in keep and p.is_floating_point() and not p.requires_grad
         p.data = p.data.to(dtype) if cast else p.data.clone()
     for b in denoiser.buffers():

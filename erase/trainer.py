@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from accelerate.state import AcceleratorState
 
-from loreun.pipelines.family import Family, family_of
+from loreun.pipelines.family import Family
 from loreun.pipelines.files import TRAIN_LOG, open_append
 from loreun.pipelines.meta import quiet
-from loreun.pipelines.models import load_pipeline
 from loreun.pipelines.runtime import StopFlag, multi_cpu_launch, restart_rate, say, warn
 from loreun.pipelines.schedule import Sampler, Schedule, schedule_of
 
@@ -42,7 +41,7 @@ from .objectives import Objective, denoising_loss, objective_for
 from .optim import prepare_optimizer
 from .saliency import build_mask, mask_gradients, restore_masked
 from .streams import item_ids, step_generator
-from .teachers import AdapterOffTeacher, FrozenTeacher, trainable
+from .teachers import AdapterOffTeacher, FrozenTeacher, load_denoiser, trainable
 from .text_encoder import StudentText, build_student_text, read_through
 from .uce import run_uce
 from .weighting import Weighting, weighting_for, weighting_stats
@@ -138,13 +137,7 @@ def setup(
 ) -> Run:
     """Load the model, pick trained tensors, build forget/retain items, mask, resume."""
     folders = folders or read_folders(cfg)
-    pipe = load_pipeline(cfg.model, cfg.model_config)
-    family = family_of(pipe)
-    family.check_size(pipe, cfg.resolution, "--resolution")
-    denoiser = family.denoiser(pipe).to(acc.device)
-    denoiser.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
+    pipe, family, denoiser = load_denoiser(cfg, acc)
     trained, teacher, fingerprints = trainable(cfg, family, denoiser, pipe)
     base_fp = fingerprints["base_fingerprint"]
     forget = build_forget_set(cfg, pipe, teacher, acc, out, folders.forget)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .family import FAMILIES
+from .quantize import quanto_quietly
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 # digits: SD 1.x's architecture; digits-flow: SD3's (rectified flow), on the same data and VAE.
@@ -84,7 +85,9 @@ def _looks_like_path(model: str) -> bool:
     )
 
 
-def load_pipeline(model: str, config: str | None = None, torch_dtype=None):
+def load_pipeline(
+    model: str, config: str | None = None, torch_dtype=None, quantize: str | None = None
+):
     """Load a ``StableDiffusionPipeline`` from any supported model reference.
 
     The safety checker is never loaded: it blanks the very images an audit must see.
@@ -93,10 +96,17 @@ def load_pipeline(model: str, config: str | None = None, torch_dtype=None):
         model: see the module docstring.
         config: local diffusers folder holding the configs of a single-file checkpoint.
         torch_dtype: optional dtype for every component.
+        quantize: a ``--quantize-base`` choice: the denoiser loads quantized
+            (``quantize.py``); diffusers folders and hub ids only.
     """
     ref = resolve_model(model)
     kwargs = {} if torch_dtype is None else {_dtype_kwarg(): torch_dtype}
     if Path(ref).is_file():
+        if quantize:
+            raise ValueError(
+                f"--quantize-base: {model} is a single file; quantized loading reads a diffusers "
+                "folder or hub id (save the model as one with diffusers' save_pretrained)"
+            )
         return _load_single_file(ref, config, kwargs)
     unreachable = None if Path(ref).is_dir() else hub_unreachable()
     if unreachable:  # the cache only, at once, instead of minutes of retries
@@ -104,7 +114,10 @@ def load_pipeline(model: str, config: str | None = None, torch_dtype=None):
     try:
         cls = pipeline_class(ref, model, local_files_only=bool(unreachable))
         absent = absent_components(cls, ref, bool(unreachable))
-        pipe = cls.from_pretrained(ref, **kwargs, **{**absent, **_no_safety_checker(cls)})
+        if quantize:
+            kwargs["quantization_config"] = _quantization(cls, quantize)
+        with quanto_quietly():
+            pipe = cls.from_pretrained(ref, **kwargs, **{**absent, **_no_safety_checker(cls)})
     except (OSError, ValueError) as e:
         if unreachable:
             raise ValueError(
@@ -115,6 +128,16 @@ def load_pipeline(model: str, config: str | None = None, torch_dtype=None):
         raise ValueError(f"--model: could not load {model!r}: {_first_line(e)}") from e
     check_tokenizer(pipe.tokenizer, model)
     return pipe
+
+
+def _quantization(cls, quantize: str):
+    """diffusers' config quantizing the pipeline's denoiser only (``quantize.py``)."""
+    from .quantize import quantization_config
+
+    family = FAMILIES.get(cls.__name__)
+    if family is None:
+        raise ValueError(f"--quantize-base: {cls.__name__} is not a pipeline loreun erases")
+    return quantization_config(quantize, family.denoiser_attr)
 
 
 # Pipelines loreun implements: the family table's keys (``pipelines/family.py``).
