@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from loreun.pipelines.family import Family
+from loreun.pipelines.files import LORA_FILE  # noqa: F401  (re-exported: erase's name for it)
 
 ADAPTER = "default"
-LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora-kohya.safetensors"
 
 

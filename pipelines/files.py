@@ -16,6 +16,7 @@ except ImportError:  # Windows: FolderLock uses filelock instead
     fcntl = None
 
 ERASED_FILE = "erased.safetensors"  # the trained tensors, with their metadata header
+LORA_FILE = "pytorch_lora_weights.safetensors"  # a LoRA erasure's adapters, diffusers' layout
 # What loreun 0.1 named it (a UNet's name, though SD3 and FLUX train a transformer): still read.
 LEGACY_ERASED_FILE = "unet-erased.safetensors"
 ERASE_CONFIG = "erase_config.json"  # the run's identity, beside its outputs and checkpoints

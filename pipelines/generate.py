@@ -31,6 +31,7 @@ from .loading import apply_erased, erased_file, read_erased
 from .meta import quiet
 from .models import load_pipeline
 from .outputs import claim_output, read_jsonl
+from .quantize import check_quantize_base
 from .runtime import multi_cpu_launch, restart_rate
 
 
@@ -131,7 +132,7 @@ def generate(
         "erased_sha256": weights[2] if weights else None,
         "dtype": str(torch_dtype or "the model's own").removeprefix("torch."),
         "prompts_sha256": _rows_hash(rows),
-        "settings": {k: v for k, v in asdict(settings).items() if k != "batch_size"},
+        "settings": _recorded(settings),
     }
     claim_output(out, info, False, GENERATE_CONFIG)  # refuse another run's folder before loading
     # Load and check --erased before the folder is claimed: a wrong file must not leave a
@@ -158,6 +159,15 @@ def generate(
         if lock is not None:
             lock.release()
     return out / MANIFEST
+
+
+def _recorded(settings: GenerateSettings) -> dict:
+    """The settings a folder's images depend on (not the batch size; no quantized base unless
+    one was asked for, so folders made before the option resume)."""
+    out = {k: v for k, v in asdict(settings).items() if k != "batch_size"}
+    if out["quantize_base"] is None:
+        del out["quantize_base"]
+    return out
 
 
 def check_sizes(pipe, rows, settings: GenerateSettings, prompt_file=None) -> None:
@@ -211,7 +221,8 @@ def prepare_pipeline(model, model_config, torch_dtype, erased, settings, device,
     """The pipeline generate and attack sample with: loaded, ``erased`` (``(read_erased's
     result, its path)``) applied after its checks (``force`` skips the fingerprint),
     ``settings.scheduler`` set, on ``device``, silent."""
-    pipe = load_pipeline(model, model_config, torch_dtype)
+    check_quantize_base(settings.quantize_base)
+    pipe = load_pipeline(model, model_config, torch_dtype, settings.quantize_base)
     if erased:
         apply_erased(pipe, erased[0], force, str(erased[1]))
     name = SCHEDULERS[settings.scheduler]

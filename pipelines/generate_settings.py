@@ -44,6 +44,15 @@ class GenerateSettings:
             "choices": tuple(SCHEDULERS),
         },
     )
+    quantize_base: str | None = field(
+        default=None,
+        metadata={
+            "help": "load the denoiser quantized (nf4, int8: bitsandbytes, CUDA; qint4, qint8: "
+            "optimum-quanto) and apply a LoRA erasure's adapters to it, to see how far a "
+            "quantized base's images differ from the unquantized one's",
+            "choices": ("nf4", "int8", "qint4", "qint8"),
+        },
+    )
     seed: int = field(  # for rows without a seed: seed + row position
         default=0, metadata={"help": "seed for rows that give none (seed + the row's position)"}
     )

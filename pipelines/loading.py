@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .files import ERASED_FILE, LEGACY_ERASED_FILE
+from .files import ERASED_FILE, LEGACY_ERASED_FILE, LORA_FILE
 
 METADATA_KEY = "loreun"
 # How a user applies an erased file to a base whose fingerprint differs, from the CLI or Python.
@@ -309,8 +309,56 @@ def apply_erased(pipe_or_unet, erased: tuple[dict, dict], force: bool, source: s
     """Check and copy already-read ``(tensors, meta)`` into a pipeline's denoiser and text
     encoders (or a bare UNet)."""
     tensors, meta = erased[:2]
+    if _quantized_denoiser(pipe_or_unet) is not None:
+        apply_lora_to_quantized(pipe_or_unet, tensors, meta, force, source)
+        return
     check_compatible(pipe_or_unet, tensors, meta, force=force, source=source)
     copy_into(pipe_or_unet, tensors)
+
+
+def _quantized_denoiser(pipe):
+    """The pipeline's denoiser where it was loaded quantized (``--quantize-base``), else None."""
+    from .family import FAMILIES, family_of
+    from .quantize import quantized_name
+
+    if type(pipe).__name__ not in FAMILIES:
+        return None
+    denoiser = family_of(pipe).denoiser(pipe)
+    return denoiser if quantized_name(denoiser) else None
+
+
+def apply_lora_to_quantized(pipe, tensors: dict, meta: dict, force: bool, source: str) -> None:
+    """Apply a LoRA erasure to a pipeline whose denoiser is quantized: its quantized weights
+    cannot take merged tensors, so the run's LoRA file beside ``source`` is loaded as an
+    adapter, as the erasure ran while training. The merged file is still checked, names,
+    shapes and fingerprint, against the base's own tensors read from its checkpoint."""
+    from .family import family_of
+    from .quantize import original_tensors
+
+    lora = Path(source).parent / LORA_FILE
+    if any(k.startswith("text_encoder") for k in tensors) or not lora.is_file():
+        raise ValueError(
+            f"{source}: a quantized base (--quantize-base) takes a denoiser LoRA erasure as its "
+            f"adapters, and no {LORA_FILE} sits beside this file"
+        )
+    denoiser = _quantized_denoiser(pipe)
+    try:
+        base = original_tensors(denoiser, sorted(tensors))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}".replace("--quantize-base: ", "")) from None
+    wrong = [k for k, v in tensors.items() if v.shape != base[k].shape]
+    if wrong:
+        raise ValueError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[0]}")
+    if not force:
+        check_fingerprint(base, meta, source)
+    # the denoiser's own loader: FLUX's pipeline-level one reads the base weights by their plain
+    # names, which quanto's state dict does not have
+    denoiser.load_lora_adapter(
+        str(lora.parent),
+        weight_name=LORA_FILE,
+        prefix=family_of(pipe).lora_prefix,
+        adapter_name="erasure",
+    )
 
 
 def copy_into(model, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,6 +1,7 @@
 """Erasure on a flow model: digit 3 from the built-in ``digits-flow`` (SD3's architecture), with
 full tensors and with LoRA, over seeds, scored by the digit classifier.
 
+A third recipe trains the same LoRA on a qint4-quantized frozen base (``--quantize-base``).
 Each erasure (ESD, esd-x: the joint blocks' text-stream attention; every caption template of
 the digit as a concept) is generated from and scored on the ``digits`` prompt set (10 prompts
 per digit, ``--samples`` each): the prompted accuracy of the erased digit and the mean of the
@@ -26,6 +27,9 @@ MODEL = "digits-flow"
 RECIPES = {
     "full tensors": dict(lr=5e-4, steps=150),
     "LoRA rank 4": dict(lr=1e-3, steps=300, lora_rank=4),
+    # the same LoRA on a 4-bit frozen base (optimum-quanto: the backend that runs on a CPU),
+    # scored with the merged erasure on the unquantized base
+    "LoRA rank 4, qint4 base": dict(lr=1e-3, steps=300, lora_rank=4, quantize_base="qint4"),
 }
 
 
@@ -91,7 +95,8 @@ def main() -> int:
     for recipe in a.recipe or list(RECIPES):
         results[recipe] = []
         for seed in a.seeds:
-            run = a.out / f"{recipe.split()[0].lower()}-seed{seed}"
+            slug = "-".join(recipe.lower().replace(",", "").split())
+            run = a.out / f"{slug}-seed{seed}"
             start = time.perf_counter()
             lr, steps = a.lr or RECIPES[recipe]["lr"], a.steps or RECIPES[recipe]["steps"]
             erased = erase_digit(a.digit, recipe, seed, run / "erase", lr, steps)
