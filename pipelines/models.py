@@ -127,6 +127,10 @@ def load_pipeline(
             ) from e
         raise ValueError(f"--model: could not load {model!r}: {_first_line(e)}") from e
     check_tokenizer(pipe.tokenizer, model)
+    if quantize:
+        from .quantize import match_input_dtype
+
+        match_input_dtype(FAMILIES[type(pipe).__name__].denoiser(pipe))
     return pipe
 
 

@@ -26,6 +26,7 @@ import json
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -100,23 +101,54 @@ def check_quantize_base(name: str | None) -> None:
         )
 
 
-def quantization_config(name: str, component: str):
-    """diffusers' pipeline-level config that quantizes only ``component`` (the denoiser).
-    bitsandbytes computes in bf16, the dtype FLUX and SD3 are released in, as diffusers'
-    FLUX QLoRA recipe does."""
+def model_quantization_config(name: str):
+    """diffusers' config that loads one model quantized as ``name`` says. bitsandbytes
+    computes in bf16, the dtype FLUX and SD3 are released in, as diffusers' FLUX QLoRA
+    recipe does."""
     import diffusers
     import torch
-    from diffusers.quantizers import PipelineQuantizationConfig
 
     q = QUANTIZED_BASES[name]
     settings = dict(q.settings)
     if q.backend == "bitsandbytes":
         settings["bnb_4bit_compute_dtype"] = torch.bfloat16
-        config = diffusers.BitsAndBytesConfig(**settings)
-    else:
-        with quanto_quietly():
-            config = diffusers.QuantoConfig(**settings)
-    return PipelineQuantizationConfig(quant_mapping={component: config})
+        return diffusers.BitsAndBytesConfig(**settings)
+    with quanto_quietly():
+        return diffusers.QuantoConfig(**settings)
+
+
+def quantization_config(name: str, component: str):
+    """diffusers' pipeline-level config that quantizes only ``component`` (the denoiser)."""
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    return PipelineQuantizationConfig(quant_mapping={component: model_quantization_config(name)})
+
+
+def match_input_dtype(module: torch.nn.Module) -> None:
+    """Run each quanto layer in its weights' dtype, and hand its output on as torch's would.
+
+    Under ``--mixed-precision bf16`` autocast reaches into quanto's forward (its matmul gives
+    bf16) but not its backward, where a bf16 gradient then meets float32 weights and fails; a
+    bf16 activation meeting float32 scales fails the same way. So the layer runs without
+    autocast, in its own dtype, and the casts around it, autograd ops, carry the gradient
+    back in the right dtype. bitsandbytes' layers cast for themselves.
+    """
+    for m in module.modules():
+        if type(m).__module__.startswith("optimum.quanto") and not hasattr(m, "_loreun_cast"):
+            m._loreun_cast = m.forward
+            m.forward = partial(_in_weight_dtype, m)
+
+
+def _in_weight_dtype(module, x, *args, **kwargs):
+    """The layer in its weights' dtype; the output in the dtype torch's own Linear would give
+    (autocast's, where it is on), so the gradient comes back through a cast, in that dtype."""
+    import torch
+
+    kind = x.device.type
+    autocast = torch.is_autocast_enabled(kind)
+    with torch.autocast(kind, enabled=False):  # quanto's backward runs without it
+        out = module._loreun_cast(x.to(module.weight.dtype), *args, **kwargs)
+    return out.to(torch.get_autocast_dtype(kind) if autocast else x.dtype)
 
 
 def is_quantized(p: torch.Tensor) -> bool:

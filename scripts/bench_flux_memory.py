@@ -10,6 +10,19 @@ text embeddings cached (the encoders are off the device), one ESD step at batch 
     python scripts/bench_flux_memory.py                 # on a GPU, a few minutes
     python scripts/bench_flux_memory.py --arch tiny     # the tiny test model, any machine
 
+With ``--quantize-base`` (repeatable: nf4, int8, qint4, qint8) the LoRA recipes also run on a
+frozen base loaded quantized through diffusers' config (``--quantize-base`` of ``loreun
+erase``), from a checkpoint of the random weights written first. On a GPU the whole
+transformer is measured. On a CPU (bitsandbytes needs CUDA, so qint4/qint8 only) the
+transformer keeps FLUX.1-dev's full width but is cut to 1 and then 2 of its 19 units (a unit:
+one double-stream block and two single-stream blocks), the peak resident memory of the
+training step is measured for each, and the peak of all 19 is extrapolated as
+peak(1) + 18 x (peak(2) - peak(1)); the rows say ``"extrapolated": true``. The CPU peak holds
+the Python and torch runtime too (about 0.5 GB), so it overstates a GPU's.
+
+    OMP_NUM_THREADS=2 python scripts/bench_flux_memory.py --quantize-base qint4 \
+        --recipe lora-r16-esd-x --resolution 512
+
 Prints one JSON line per recipe: peak allocated GB, median step seconds.
 """
 
@@ -21,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 FLUX_DEV = dict(
     patch_size=1,
@@ -37,6 +51,7 @@ FLUX_DEV = dict(
 # recipe -> (preset, LoRA rank or 0 for the full tensors, optimizer)
 RECIPES = {
     "lora-r8-esd-x": ("esd-x", 8, "adamw"),
+    "lora-r16-esd-x": ("esd-x", 16, "adamw"),
     "lora-r16-esd-all": ("esd-all", 16, "adamw"),
     "full-esd-x-strict": ("esd-x-strict", 0, "adafactor"),
 }
@@ -60,7 +75,72 @@ def build(arch: str, device):
     return model.requires_grad_(False)
 
 
-def worker(recipe: str, arch: str, resolution: int, steps: int) -> dict:
+def save_random(folder: str, units: int | None) -> None:
+    """FLUX.1-dev's transformer with random bf16 weights written as a diffusers checkpoint, for
+    the quantized loaders to read: whole (``units`` None) or cut to ``units`` of its 19."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    arch = dict(
+        FLUX_DEV, **({"num_layers": units, "num_single_layers": 2 * units} if units else {})
+    )
+    torch.set_default_dtype(torch.bfloat16)
+    model = FluxTransformer2DModel(**arch)
+    model.save_pretrained(folder, max_shard_size="5GB")
+
+
+def load_quantized(folder: str, quantize: str, device):
+    """The saved transformer loaded quantized, as ``loreun erase --quantize-base`` loads it."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from loreun.pipelines.quantize import (
+        match_input_dtype,
+        model_quantization_config,
+        quanto_quietly,
+    )
+
+    with quanto_quietly():
+        model = FluxTransformer2DModel.from_pretrained(
+            folder,
+            quantization_config=model_quantization_config(quantize),
+            torch_dtype=torch.bfloat16,
+        )
+    if not getattr(model, "is_loaded_in_4bit", False) and not getattr(
+        model, "is_loaded_in_8bit", False
+    ):
+        model.to(device)
+    match_input_dtype(model)
+    return model.requires_grad_(False)
+
+
+class PeakRSS:
+    """The process's peak resident memory while a block runs, polled every 5 ms (the CPU's
+    stand-in for CUDA's peak allocation counter)."""
+
+    def __enter__(self):
+        import os
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def poll():
+            while not self._stop.is_set():
+                with open("/proc/self/statm") as f:
+                    self.peak = max(self.peak, int(f.read().split()[1]) * page)
+                self._stop.wait(0.005)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def worker(recipe: str, arch: str, resolution: int, steps: int, quantize=None, folder=None):
     import torch
 
     from loreun.erase.lora import add_lora
@@ -73,7 +153,7 @@ def worker(recipe: str, arch: str, resolution: int, steps: int) -> dict:
 
     flux = FAMILIES["FluxPipeline"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build(arch, device)
+    model = load_quantized(folder, quantize, device) if quantize else build(arch, device)
     model.enable_gradient_checkpointing()
     preset_name, rank, optimizer = RECIPES[recipe]
     preset = select_parameters(model, preset_name, MMDIT_PRESETS)
@@ -89,7 +169,7 @@ def worker(recipe: str, arch: str, resolution: int, steps: int) -> dict:
     opt = build_optimizer(optimizer, list(trained.values()), 1e-5, 0.0)
     cfg = model.config
     side = resolution // 8  # FLUX's VAE: 8 pixels a latent cell, 16 channels
-    text_len = 512 if arch == "flux-dev" else 16
+    text_len = 16 if arch == "tiny" else 512
 
     def cond():
         emb = torch.randn(1, text_len, cfg.joint_attention_dim, device=device)
@@ -108,26 +188,69 @@ def worker(recipe: str, arch: str, resolution: int, steps: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = esd_loss(flux.predictor(model), teacher, batch, 1.0)[0].mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
+    with PeakRSS() as rss:
+        for _ in range(steps):
+            start = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = esd_loss(flux.predictor(model), teacher, batch, 1.0)[0].mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak
     return {
         "recipe": recipe,
         "arch": arch,
+        "base": quantize or "bf16",
         "resolution": resolution,
         "parameters_B": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
         "trained_params": sum(p.numel() for p in trained.values()),
-        "peak_allocated_GB": round(peak, 2),
+        "peak_GB": round(peak / 1e9, 2),
+        "peak_kind": "cuda max allocated" if device == "cuda" else "process peak RSS",
         "step_s_median": round(statistics.median(times[1:] or times), 3),
     }
+
+
+def run_worker(args: list[str]) -> dict:
+    """One measurement in a fresh process, so no peak carries over."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", *args], capture_output=True, text=True
+    )
+    if done.returncode:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"error": tail[0]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def quantized_rows(quantize: str, recipes, resolutions, steps: int) -> None:
+    """Print the quantized base's rows: measured whole on a GPU, extrapolated on a CPU."""
+    import tempfile
+
+    import torch
+
+    gpu = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {}
+        for units in [None] if gpu else [1, 2]:
+            folders[units] = f"{tmp}/units-{units or 19}"
+            code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            code += f"import bench_flux_memory as b; b.save_random({folders[units]!r}, {units})"
+            subprocess.run([sys.executable, "-c", code], check=True)
+        for recipe in recipes:
+            for res in resolutions:
+                common = ["--recipe", recipe, "--resolution", str(res), "--steps", str(steps)]
+                common += ["--quantize-base", quantize]
+                got = {u: run_worker([*common, "--folder", f]) for u, f in folders.items()}
+                if gpu or any("error" in g for g in got.values()):
+                    print(json.dumps(next(iter(got.values())) if gpu else got), flush=True)
+                    continue
+                one, two = got[1], got[2]
+                row = dict(two, parameters_B=None, extrapolated=True, units_measured=[1, 2])
+                row["peak_GB_units"] = [one["peak_GB"], two["peak_GB"]]
+                row["peak_GB"] = round(one["peak_GB"] + 18 * (two["peak_GB"] - one["peak_GB"]), 2)
+                print(json.dumps(row), flush=True)
 
 
 def main() -> None:
@@ -136,21 +259,36 @@ def main() -> None:
     p.add_argument("--recipe", choices=list(RECIPES), action="append")
     p.add_argument("--resolution", type=int, action="append")
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--quantize-base", choices=["nf4", "int8", "qint4", "qint8"], action="append")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.recipe[0], a.arch, a.resolution[0], a.steps)), flush=True)
+        q = a.quantize_base[0] if a.quantize_base else None
+        row = worker(a.recipe[0], a.arch, a.resolution[0], a.steps, q, a.folder)
+        print(json.dumps(row), flush=True)
+        return
+    resolutions = a.resolution or ([512, 1024] if a.arch == "flux-dev" else [32])
+    if a.quantize_base:
+        lora = [r for r in a.recipe or list(RECIPES) if RECIPES[r][1]]
+        for q in a.quantize_base:
+            quantized_rows(q, lora, resolutions, a.steps)
         return
     for recipe in a.recipe or list(RECIPES):
-        for res in a.resolution or ([512, 1024] if a.arch == "flux-dev" else [32]):
-            cmd = [sys.executable, __file__, "--worker", "--arch", a.arch, "--recipe", recipe]
-            cmd += ["--resolution", str(res), "--steps", str(a.steps)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-                print(json.dumps({"recipe": recipe, "resolution": res, "error": tail[0]}))
-            else:
-                print(done.stdout.strip().splitlines()[-1], flush=True)
+        for res in resolutions:
+            row = run_worker(
+                [
+                    "--arch",
+                    a.arch,
+                    "--recipe",
+                    recipe,
+                    "--resolution",
+                    str(res),
+                    "--steps",
+                    str(a.steps),
+                ]
+            )
+            print(json.dumps({"recipe": recipe, "resolution": res, **row}), flush=True)
 
 
 if __name__ == "__main__":

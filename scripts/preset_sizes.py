@@ -22,6 +22,12 @@ adds r (fan_in + fan_out) fp32 adapter numbers per adapted module, 16 bytes each
 (the teacher is the model with its adapters off). Text embeddings are cached, so no text
 encoder is on the device.
 
+The fourth table is LoRA erasure on a quantized frozen base (``--quantize-base``): every
+Linear layer's weight is stored at the base's bits per weight (scales included: NF4 with
+double quantization 4.13, quanto's int4 4.25, int8 about 8), every other tensor in bf16, and
+the LoRA's adapters as above (16 bytes per number). Its bf16 rows are the same arithmetic
+without quantization, so each quantized row has its baseline beside it.
+
 The third table does the same for text-encoder erasure (``--train text-encoder``), from the
 CLIP text encoders' published configs.
 
@@ -84,6 +90,8 @@ TRANSFORMERS = {
         pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
     )),
 }  # fmt: skip
+# FLUX.1-schnell: FLUX.1-dev's transformer without the guidance embedding
+SCHNELL = ("FluxTransformer2DModel", dict(TRANSFORMERS["FLUX.1-dev"][1], guidance_embeds=False))
 LORA_RANK = 16
 BYTES_PER_TRAINED = 20  # fp32 weight, gradient, two AdamW moments, frozen teacher copy
 BYTES_PER_WEIGHT = 4
@@ -233,9 +241,65 @@ def text_encoder_table() -> str:
     return "\n".join(lines)
 
 
+QUANTIZED_MODELS = ("FLUX.1-dev", "FLUX.1-schnell", "SD3.5-large", "SD3.5-medium", "SDXL")
+
+
+def _meta_model(name: str):
+    """The denoiser on the meta device, and the preset table its names follow."""
+    import diffusers
+    import torch
+
+    from loreun.pipelines.family import MMDIT_PRESETS, UNET_PRESETS
+
+    with torch.device("meta"):
+        if name == "SDXL":
+            return diffusers.UNet2DConditionModel(**ARCHITECTURES["SDXL"]), UNET_PRESETS
+        cls, arch = SCHNELL if name == "FLUX.1-schnell" else TRANSFORMERS[name]
+        return getattr(diffusers, cls)(**arch), MMDIT_PRESETS
+
+
+def lora_numbers(trained: dict, rank: int) -> int:
+    """Adapter numbers of a rank-``rank`` LoRA on the preset's matrices."""
+    return sum(
+        rank * (p.shape[0] + p.numel() // p.shape[0])
+        for k, p in trained.items()
+        if k.endswith(".weight") and p.ndim >= 2
+    )
+
+
+def quantized_table(preset: str = "esd-x", ranks=(8, 16)) -> str:
+    import torch
+
+    from loreun.erase.presets import select_parameters
+    from loreun.pipelines.quantize import QUANTIZED_BASES
+
+    bases = {"bf16": 16.0, **{n: QUANTIZED_BASES[n].bits for n in ("nf4", "qint4", "int8")}}
+    lines = [
+        "| model | parameters | in Linear layers | frozen base | base (GB) | "
+        + " | ".join(f"LoRA r{r} {preset} (GB, before activations)" for r in ranks)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(ranks),
+    ]
+    for name in QUANTIZED_MODELS:
+        model, presets = _meta_model(name)
+        total = sum(p.numel() for p in model.parameters())
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        trained = select_parameters(model, preset, presets)
+        for base, bits in bases.items():
+            frozen = linear * bits / 8 + (total - linear) * 2
+            loras = [(frozen + 16 * lora_numbers(trained, r)) / 1e9 for r in ranks]
+            lines.append(
+                f"| {name} | {total / 1e9:.2f} B | {linear / total:.1%} | {base} | "
+                f"{frozen / 1e9:.1f} | " + " | ".join(f"{g:.1f}" for g in loras) + " |"
+            )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(table())
     print()
     print(transformer_table())
     print()
     print(text_encoder_table())
+    print()
+    print(quantized_table())

@@ -164,3 +164,24 @@ def test_preset_table_counts_the_text_encoders_each_family_trains(scripts):
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
     assert set(rows) == {"SD 1.x", "SD 2.x", "SDXL, SD3", "FLUX.1 (CLIP only; T5 stays)"}
     assert "| 86 M |" in rows["SD 1.x"] and "| 717 M |" in rows["SDXL, SD3"]
+
+
+def test_flux_memory_bench_steps_a_lora_on_a_quantized_base(scripts, tmp_path):
+    """The quantized rows' worker: the base loaded through diffusers' quanto config, LoRA on it."""
+    from loreun.pipelines.tiny import make_tiny_flux_pipeline
+
+    make_tiny_flux_pipeline().transformer.save_pretrained(tmp_path / "t")
+    bench = scripts("bench_flux_memory")
+    res = bench.worker("lora-r8-esd-x", "tiny", 32, 2, "qint4", str(tmp_path / "t"))
+    assert res["base"] == "qint4" and res["trained_params"] > 0 and res["peak_GB"] > 0.1
+
+
+def test_preset_table_has_quantized_rows_with_their_bf16_baseline(scripts):
+    text = scripts("preset_sizes").quantized_table()
+    rows = {tuple(c.strip() for c in r.split("|")[1:5]): r for r in text.splitlines()[2:]}
+    for model in ("FLUX.1-dev", "FLUX.1-schnell", "SD3.5-large", "SD3.5-medium", "SDXL"):
+        for base in ("bf16", "nf4", "qint4", "int8"):
+            assert any(k[0] == model and k[3] == base for k in rows), (model, base)
+    flux_nf4 = next(r for k, r in rows.items() if k[0] == "FLUX.1-dev" and k[3] == "nf4")
+    r16 = float(flux_nf4.split("|")[-2])
+    assert 5.5 < r16 <= 8.0  # FLUX.1-dev's LoRA r16 esd-x on a 4-bit base, before activations
