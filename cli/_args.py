@@ -33,9 +33,10 @@ def add_force_flag(p) -> None:
 
 
 # Generate's flags: the prompt file, then GenerateSettings' fields; a command that makes one
-# image per row at a time (the attack) takes neither of the batching two.
-GENERATE_FIELDS = ("steps", "guidance", "size", "force_size", "scheduler", "quantize_base", "seed")
-BATCHING_FIELDS = ("samples_per_prompt", "batch_size")
+# image per row at a time (the attack) takes neither of the batching two, nor a quantized base
+# (it copies full erased tensors into the denoiser).
+GENERATE_FIELDS = ("steps", "guidance", "size", "force_size", "scheduler", "seed")
+BATCHING_FIELDS = ("samples_per_prompt", "batch_size", "quantize_base")
 # The detector that judges an image, without the report and set-metric flags (the attack's).
 JUDGE_FIELDS = ("detectors", "classifier", "erased_classes", "nudity_threshold", "blur")
 

@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loreun.pipelines.quantize import QUANTIZED_BASES
+
 from . import (
     adversarial_settings,
     objective_esd,
@@ -278,7 +280,7 @@ class RunFields:
         metadata=_help(
             "with --lora-rank: load the frozen denoiser quantized (nf4, int8: bitsandbytes, "
             "CUDA; qint4, qint8: optimum-quanto, also CPU); the LoRA serves the unquantized base",
-            choices=("nf4", "int8", "qint4", "qint8"),
+            choices=tuple(QUANTIZED_BASES),
         ),
     )
     optimizer: str = field(

@@ -170,7 +170,9 @@ def load_denoiser(cfg: EraseConfig, acc):
     denoiser.requires_grad_(False)
     if cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    say(acc, placement_line(pipe, family, acc.device))
+    visiting = "the attack" if cfg.adversarial else None
+    visiting = "training" if cfg.train != "denoiser" else visiting
+    say(acc, placement_line(pipe, family, acc.device, visiting))
     return pipe, family, denoiser
 
 

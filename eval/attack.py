@@ -71,6 +71,11 @@ def attack(
 
     settings, audit = settings or AttackSettings(), audit or AuditSettings()
     generate = generate or GenerateSettings()
+    if generate.quantize_base:
+        raise ValueError(
+            "quantize_base: the attack copies the erased tensors into the denoiser, which a "
+            "quantized one cannot take; attack the unquantized base"
+        )
     detector = detector or build_judge(audit)
     rows = concept_rows(
         load_prompts(prompts) if not isinstance(prompts, list) else prompts,
@@ -90,7 +95,9 @@ def attack(
         "erased_sha256": weights[2] if weights else None,
         "prompts": [[r.id, r.prompt, r.seed, r.guidance, r.width, r.height] for r in rows],
         "attack": asdict(settings),
-        "generate": {k: v for k, v in asdict(generate).items() if k != "batch_size"},
+        "generate": {
+            k: v for k, v in asdict(generate).items() if k not in ("batch_size", "quantize_base")
+        },
         "detector": judge_settings(audit),
     }
     claim_output(out, info, create=False, config=ATTACK_CONFIG, kind="attack")

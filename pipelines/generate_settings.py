@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from loreun.prompts.reader import MAX_SIZE
 
+from .quantize import QUANTIZED_BASES
+
 SCHEDULERS = {
     "default": None,
     "ddim": "DDIMScheduler",
@@ -50,7 +52,7 @@ class GenerateSettings:
             "help": "load the denoiser quantized (nf4, int8: bitsandbytes, CUDA; qint4, qint8: "
             "optimum-quanto) and apply a LoRA erasure's adapters to it, to see how far a "
             "quantized base's images differ from the unquantized one's",
-            "choices": ("nf4", "int8", "qint4", "qint8"),
+            "choices": tuple(QUANTIZED_BASES),
         },
     )
     seed: int = field(  # for rows without a seed: seed + row position

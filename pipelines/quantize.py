@@ -214,19 +214,22 @@ def original_tensors(module: torch.nn.Module, names: list[str]) -> dict[str, tor
     return out
 
 
-def placement_line(pipe, family, device) -> str:
+def placement_line(pipe, family, device, visiting: str | None = None) -> str:
     """What sits where while training, for the run's first lines: the denoiser (quantized or
-    not) on the device, the encoders and the VAE on the CPU between their one-off uses."""
+    not) on the device, the encoders and the VAE on the CPU between their one-off uses;
+    ``visiting`` names what brings the encoders to the device for a while (the attack of
+    ``--adversarial``, text-encoder training)."""
     den = family.denoiser(pipe)
     q = quantized_name(den)
     size = sum(_nbytes(t) for t in (*den.parameters(), *den.buffers()))
     held = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.2f} MB"
     what = f"{family.denoiser_name} ({q or 'not quantized'}, {held})"
     others = [n for n in (*family.text_encoders, "vae") if getattr(pipe, n, None) is not None]
-    return (
+    line = (
         f"on {device}: the {what}; on cpu, used once and cached: {', '.join(others)} "
         "(prompt embeddings and forget latents are computed once)"
     )
+    return line + (f"; the text encoders visit {device} for {visiting}" if visiting else "")
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -18,10 +18,12 @@ transformer keeps FLUX.1-dev's full width but is cut to 1 and then 2 of its 19 u
 one double-stream block and two single-stream blocks), the peak resident memory of the
 training step is measured for each, and the peak of all 19 is extrapolated as
 peak(1) + 18 x (peak(2) - peak(1)); the rows say ``"extrapolated": true``. The CPU peak holds
-the Python and torch runtime too (about 0.5 GB), so it overstates a GPU's.
+the Python and torch runtime too (about 0.5 GB), and runs in float32 (a CPU without bf16
+matmuls runs them a hundred times slower), so its activations are twice a GPU's: it overstates
+a GPU's peak.
 
     OMP_NUM_THREADS=2 python scripts/bench_flux_memory.py --quantize-base qint4 \
-        --recipe lora-r16-esd-x --resolution 512
+        --recipe lora-r16-esd-x --resolution 512 --steps 1
 
 Prints one JSON line per recipe: peak allocated GB, median step seconds.
 """
@@ -90,7 +92,8 @@ def save_random(folder: str, units: int | None) -> None:
 
 
 def load_quantized(folder: str, quantize: str, device):
-    """The saved transformer loaded quantized, as ``loreun erase --quantize-base`` loads it."""
+    """The saved transformer loaded quantized, as ``loreun erase --quantize-base`` loads it:
+    unquantized tensors in bf16 on a GPU, in float32 on a CPU (see ``compute_dtype``)."""
     import torch
     from diffusers import FluxTransformer2DModel
 
@@ -112,6 +115,15 @@ def load_quantized(folder: str, quantize: str, device):
         model.to(device)
     match_input_dtype(model)
     return model.requires_grad_(False)
+
+
+def compute_dtype(device: str):
+    """bf16 on a GPU, as ``--mixed-precision bf16`` runs; float32 on a CPU, where bf16 matmuls
+    without native support run a hundred times slower. A CPU's activations are then twice a
+    GPU's, so its peak overstates the GPU's."""
+    import torch
+
+    return torch.bfloat16 if device == "cuda" else torch.float32
 
 
 class PeakRSS:
@@ -191,7 +203,8 @@ def worker(recipe: str, arch: str, resolution: int, steps: int, quantize=None, f
     with PeakRSS() as rss:
         for _ in range(steps):
             start = time.perf_counter()
-            with torch.autocast(device, dtype=torch.bfloat16):
+            autocast = device == "cuda" or not quantize  # see compute_dtype
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                 loss = esd_loss(flux.predictor(model), teacher, batch, 1.0)[0].mean()
             loss.backward()
             opt.step()
@@ -254,12 +267,14 @@ def quantized_rows(quantize: str, recipes, resolutions, steps: int) -> None:
 
 
 def main() -> None:
+    from loreun.pipelines.quantize import QUANTIZED_BASES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=["flux-dev", "tiny"], default="flux-dev")
     p.add_argument("--recipe", choices=list(RECIPES), action="append")
     p.add_argument("--resolution", type=int, action="append")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--quantize-base", choices=["nf4", "int8", "qint4", "qint8"], action="append")
+    p.add_argument("--quantize-base", choices=list(QUANTIZED_BASES), action="append")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     a = p.parse_args()

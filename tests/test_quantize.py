@@ -1,5 +1,5 @@
 """LoRA erasure on a quantized frozen base (``--quantize-base``), through the real command on
-tiny SD 1.x, SD3 and FLUX pipelines and the built-in digits-flow: the adapters train on the
+tiny SD 1.x, SDXL, SD3 and FLUX pipelines and the built-in digits-flow: the adapters train on the
 quantized denoiser, the exported LoRA serves the unquantized base, and a quantized base can
 be audited with the adapters on it. optimum-quanto's qint4 is the backend that runs on a CPU."""
 
@@ -15,16 +15,21 @@ from loreun.pipelines.files import LORA_FILE
 
 from .conftest import erase_cli
 
-FAMILIES = ("sd", "sd3", "flux")
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    from loreun.pipelines.tiny import save_tiny_flow_pipeline, save_tiny_pipeline
+    from loreun.pipelines.tiny import (
+        save_tiny_flow_pipeline,
+        save_tiny_pipeline,
+        save_tiny_sdxl_pipeline,
+    )
 
     root = tmp_path_factory.mktemp("qbase")
     return {
         "sd": save_tiny_pipeline(root / "sd", seed=0),
+        "sdxl": save_tiny_sdxl_pipeline(root / "sdxl"),
         "sd3": save_tiny_flow_pipeline(root / "sd3", "sd3"),
         "flux": save_tiny_flow_pipeline(root / "flux", "flux"),
     }
