@@ -101,6 +101,8 @@ def run(args) -> int:
 
     if args.quality_prompts and not args.attack:
         raise ValueError("--quality-prompts: goes with --attack (the leaderboard view)")
+    if args.attack and gen.quantize_base:
+        raise ValueError("--quantize-base: the attack runs on the unquantized base; drop one")
     out = check_writable(Path(args.out))
     runs = named_runs(args)
     # Every --erased file is checked against the model before any image is generated.

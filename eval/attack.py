@@ -73,7 +73,7 @@ def attack(
     generate = generate or GenerateSettings()
     if generate.quantize_base:
         raise ValueError(
-            "quantize_base: the attack copies the erased tensors into the denoiser, which a "
+            "--quantize-base: the attack copies the erased tensors into the denoiser, which a "
             "quantized one cannot take; attack the unquantized base"
         )
     detector = detector or build_judge(audit)

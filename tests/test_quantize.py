@@ -224,3 +224,17 @@ def test_the_large_model_recipe_runs_on_a_quantized_base(kind, bases, tmp_path):
     args += ["--lora-rank", "2", "--quantize-base", "qint4", "--mixed-precision", "bf16"]
     assert main(args + ["--gradient-checkpointing", "-q"]) == 0
     load_erased_pipeline(str(bases[kind]), run / "erased.safetensors")
+
+
+def test_the_attack_refuses_a_quantized_base(bases, tmp_path, capsys):
+    """The attack copies full erased tensors into the denoiser: evaluate --attack refuses
+    --quantize-base by name before any image is made; the attack command has no such flag."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    args = ["evaluate", "--model", str(bases["sd"]), "--prompts", str(prompts), "--attack"]
+    code = main(args + ["--quantize-base", "qint4", "--out", str(tmp_path / "e")])
+    assert (
+        code != 0
+        and "--quantize-base: the attack runs on the unquantized" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "e").exists()
