@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -78,26 +79,32 @@ def build(arch: str, device):
 
 
 def save_random(folder: str, units: int | None) -> None:
-    """FLUX.1-dev's transformer with random bf16 weights written as a diffusers checkpoint, for
-    the quantized loaders to read: whole (``units`` None) or cut to ``units`` of its 19."""
+    """FLUX.1-dev's transformer with random weights (bf16 on a GPU, float32 on a CPU) written as
+    a diffusers checkpoint, for the quantized loaders to read: whole (``units`` None) or cut
+    to ``units`` of its 19."""
     import torch
     from diffusers import FluxTransformer2DModel
 
     arch = dict(
         FLUX_DEV, **({"num_layers": units, "num_single_layers": 2 * units} if units else {})
     )
-    torch.set_default_dtype(torch.bfloat16)
+    # quanto keeps the checkpoint's dtype: bf16 weights would run bf16 matmuls on a CPU
+    torch.set_default_dtype(compute_dtype("cuda" if torch.cuda.is_available() else "cpu"))
     model = FluxTransformer2DModel(**arch)
     model.save_pretrained(folder, max_shard_size="5GB")
 
 
 def load_quantized(folder: str, quantize: str, device):
     """The saved transformer loaded quantized, as ``loreun erase --quantize-base`` loads it:
-    unquantized tensors in bf16 on a GPU, in float32 on a CPU (see ``compute_dtype``)."""
-    import torch
+    unquantized tensors in bf16 on a GPU, in float32 on a CPU (see ``compute_dtype``).
+
+    The unquantized tensors are copied out of the checkpoint: diffusers maps the file and a
+    tensor left on the map keeps every page of it resident, which a CPU's RSS would count
+    (the whole float32 checkpoint); on a GPU they are copies anyway."""
     from diffusers import FluxTransformer2DModel
 
     from loreun.pipelines.quantize import (
+        is_quantized,
         match_input_dtype,
         model_quantization_config,
         quanto_quietly,
@@ -107,13 +114,16 @@ def load_quantized(folder: str, quantize: str, device):
         model = FluxTransformer2DModel.from_pretrained(
             folder,
             quantization_config=model_quantization_config(quantize),
-            torch_dtype=torch.bfloat16,
+            torch_dtype=compute_dtype(device),
         )
     if not getattr(model, "is_loaded_in_4bit", False) and not getattr(
         model, "is_loaded_in_8bit", False
     ):
         model.to(device)
     match_input_dtype(model)
+    for t in (*model.parameters(), *model.buffers()):  # off the checkpoint's memory map (below)
+        if not is_quantized(t):
+            t.data = t.data.clone()
     return model.requires_grad_(False)
 
 
@@ -124,6 +134,14 @@ def compute_dtype(device: str):
     import torch
 
     return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def _rss() -> int:
+    """The process's resident memory now, in bytes."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class PeakRSS:
@@ -200,6 +218,8 @@ def worker(recipe: str, arch: str, resolution: int, steps: int, quantize=None, f
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
+    # the model, the adapters and the batch, before the step
+    loaded = torch.cuda.memory_allocated() if device == "cuda" else _rss()
     with PeakRSS() as rss:
         for _ in range(steps):
             start = time.perf_counter()
@@ -222,15 +242,18 @@ def worker(recipe: str, arch: str, resolution: int, steps: int, quantize=None, f
         "trained_params": sum(p.numel() for p in trained.values()),
         "peak_GB": round(peak / 1e9, 2),
         "peak_kind": "cuda max allocated" if device == "cuda" else "process peak RSS",
+        "before_step_GB": round(loaded / 1e9, 2),
         "step_s_median": round(statistics.median(times[1:] or times), 3),
     }
 
 
 def run_worker(args: list[str]) -> dict:
     """One measurement in a fresh process, so no peak carries over."""
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", *args], capture_output=True, text=True
-    )
+    # glibc returns freed activations to the system only above a fixed mmap threshold; without
+    # one, peak RSS counts memory freed long before (bench_memory.py does the same)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    cmd = [sys.executable, __file__, "--worker", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
         return {"error": tail[0]}
@@ -262,6 +285,7 @@ def quantized_rows(quantize: str, recipes, resolutions, steps: int) -> None:
                 one, two = got[1], got[2]
                 row = dict(two, parameters_B=None, extrapolated=True, units_measured=[1, 2])
                 row["peak_GB_units"] = [one["peak_GB"], two["peak_GB"]]
+                row["before_step_GB_units"] = [one["before_step_GB"], two["before_step_GB"]]
                 row["peak_GB"] = round(one["peak_GB"] + 18 * (two["peak_GB"] - one["peak_GB"]), 2)
                 print(json.dumps(row), flush=True)
 
