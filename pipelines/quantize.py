@@ -89,16 +89,17 @@ def check_quantize_base(name: str | None) -> None:
     import torch
 
     q = QUANTIZED_BASES[name]
-    if importlib.util.find_spec(q.package.split(".")[0]) is None or (
-        "." in q.package and importlib.util.find_spec(q.package) is None
-    ):
-        raise ValueError(f"--quantize-base {name}: needs {q.pip} (pip install {q.pip})")
+    # no GPU is the first thing to say: installing bitsandbytes would not help
     if q.cuda_only and not torch.cuda.is_available():
         cpu = [n for n, b in QUANTIZED_BASES.items() if not b.cuda_only]
         raise ValueError(
             f"--quantize-base {name}: bitsandbytes quantization loads on a CUDA GPU only; "
             f"without one use {' or '.join(cpu)} (optimum-quanto)"
         )
+    if importlib.util.find_spec(q.package.split(".")[0]) is None or (
+        "." in q.package and importlib.util.find_spec(q.package) is None
+    ):
+        raise ValueError(f"--quantize-base {name}: needs {q.pip} (pip install {q.pip})")
 
 
 def model_quantization_config(name: str):
