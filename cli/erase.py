@@ -6,6 +6,7 @@ import dataclasses
 import os
 import sys
 import typing
+from pathlib import Path
 
 from loreun.erase.adversarial_settings import AdversarialSettings
 from loreun.erase.config import OBJECTIVE_SLOTS, WEIGHTING_SLOTS, EraseConfig
@@ -92,6 +93,7 @@ GROUPS = {
     ),
     "training": (
         "steps",
+        "steps_per_concept",
         "batch_size",
         "gradient_accumulation_steps",
         "lr",
@@ -123,6 +125,8 @@ def config_from_args(args) -> EraseConfig:
     for required in ("model", "out"):
         if required not in data:
             raise ValueError(f"--{required}: required")
+    if "steps" in data and "steps_per_concept" in data:
+        raise ValueError("--steps-per-concept: give it or --steps, not both")
     return EraseConfig.from_dict({**data, **model_settings(data)})
 
 
@@ -134,7 +138,9 @@ def model_settings(data: dict) -> dict:
     slot = OBJECTIVE_SLOTS.get(data.get("objective", "esd"))
     if not data.get("model_defaults", True) or (slot is not None and slot.CLOSED_FORM):
         return {}  # a closed-form edit has no steps or learning rate
-    filled = {k: v for k, v in carried_erase_settings(data["model"]).items() if data.get(k) is None}
+    given = {**data, "steps": data.get("steps", data.get("steps_per_concept"))}
+    carried = carried_erase_settings(data["model"])
+    filled = {k: v for k, v in carried.items() if given.get(k) is None}
     if filled and os.environ.get("RANK", "0") == "0":
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in filled.items())
         print(
@@ -147,7 +153,14 @@ def model_settings(data: dict) -> dict:
 
 def run(args) -> int:
     cfg = config_from_args(args)
+    from loreun.erase.concept_losses import never_drawn, summary_lines, too_few_draws
     from loreun.erase.trainer import TrainingDiverged, TrainingInterrupted, erase
+    from loreun.pipelines.files import TRAIN_LOG
+    from loreun.pipelines.meta import quiet
+
+    main = os.environ.get("RANK", "0") == "0"  # one message, not one per process
+    if main and too_few_draws(cfg):
+        print(f"loreun erase: warning: {too_few_draws(cfg)}", file=sys.stderr)
 
     try:
         path = erase(cfg)
@@ -157,6 +170,11 @@ def run(args) -> int:
     except TrainingDiverged as e:
         print(f"loreun erase: error: {e}", file=sys.stderr)
         return 1
-    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+    if main:
+        log = Path(cfg.out) / TRAIN_LOG
+        for line in [] if quiet() else summary_lines(log, cfg.concepts):
+            print(line)
+        if never_drawn(log, cfg.concepts):
+            print(f"loreun erase: warning: {never_drawn(log, cfg.concepts)}", file=sys.stderr)
         print(f"erased weights: {path}")
     return 0

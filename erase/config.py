@@ -51,6 +51,7 @@ SAMPLES_PER_CONCEPT = 8
 MAX_SEED = 2**32 - 1  # as prompt files' seeds; larger ones would alias in the step streams
 UPPER_BOUNDS = {
     "steps": 10_000_000,
+    "steps_per_concept": 10_000_000,
     "batch_size": 65_536,
     "gradient_accumulation_steps": 65_536,
     "samples_per_concept": 10_000,
@@ -239,6 +240,13 @@ class RunFields:
         default=None, metadata=_help("image size for sampling; default: the model's native size")
     )
     steps: int = field(default=200, metadata=_help("optimizer steps"))
+    steps_per_concept: int | None = field(
+        default=None,
+        metadata=_help(
+            "instead of --steps: N optimizer steps per --concept prompt, so a list's steps grow "
+            "with it (--steps becomes N x the number of concepts; concepts share a run's steps)"
+        ),
+    )
     batch_size: int = field(default=1, metadata=_help("forget items per step and process"))
     gradient_accumulation_steps: int = field(
         default=1, metadata=_help("micro-batches per optimizer step")
@@ -364,6 +372,7 @@ class EraseConfig(
             ]
         self._check_choices()
         self._check_forget()
+        self._apply_steps_per_concept()
         self._check_objective()
         self._check_retain()
         self._check_numbers()
@@ -469,6 +478,23 @@ class EraseConfig(
             raise ValueError("--concept: a concept is empty")
         if self.forget_caption is not None and not self.forget_caption.strip():
             raise ValueError("--forget-caption: is empty")
+
+    def _apply_steps_per_concept(self) -> None:
+        """--steps-per-concept N sets ``steps`` to N x len(concepts): a run shares its steps
+        between its concepts, and three digits at the steps one needed were left half-erased
+        (README, "Several concepts"). A saved config reloads to the same steps."""
+        n = self.steps_per_concept
+        if n is None:
+            return
+        if self.forget_images is not None:
+            raise ValueError(
+                "--steps-per-concept: counts --concept prompts; with --forget-images give --steps"
+            )
+        if self.objective_slot().CLOSED_FORM:
+            raise ValueError(f"--steps-per-concept: --objective {self.objective} takes no steps")
+        if not n > 0:
+            raise ValueError(f"--steps-per-concept: must be > 0, got {n}")
+        self.steps = n * len(self.concepts)
 
     def _check_objective(self) -> None:
         if self.objective in OBJECTIVE_SLOTS and self.xt_source != "cached":
@@ -608,6 +634,7 @@ RESUMABLE_CHANGES = (
     "resume",
     "overwrite",
     "steps",
+    "steps_per_concept",
     "checkpoint_every",
     "checkpoints_total_limit",
     "checkpoint_without_optimizer",

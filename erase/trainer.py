@@ -33,6 +33,7 @@ from .checkpoint import (
     save_run_checkpoint,
     start_run,
 )
+from .concept_losses import ConceptLosses
 from .config import EraseConfig
 from .difficulty import observe_difficulty, probe_grid, reliability_line
 from .export import export_run
@@ -74,6 +75,7 @@ class Run:
     mask: dict[str, torch.Tensor] | None = None
     adversarial: AdversarialPool | None = None  # --adversarial's prompts
     text: StudentText | None = None  # --train text-encoder/both: the student's prompts
+    concept_losses: ConceptLosses | None = None  # each concept's loss, for the train log
     start_step: int = 0
 
 
@@ -180,6 +182,7 @@ def setup(
         mask=mask,
         adversarial=build_pool(cfg, forget, schedule, pipe),
         text=text,
+        concept_losses=ConceptLosses(forget.captions),
     )
     if not restore_checkpoint(run, resume):
         say(acc, f"{resume} holds no optimizer state: the optimizer restarts from zero moments")
@@ -212,8 +215,10 @@ def train(run: Run, cfg: EraseConfig, acc, out: Path) -> int:
                 if step == run.start_step + 1:
                     restart_rate(bar)  # the first step (warm-up) would skew the ETA
                 bar.set_postfix(loss=f"{stats['loss']:.4g}", ess=f"{stats['ess_fraction']:.2f}")
+                concepts = run.concept_losses.pop()  # every process, so none holds on to them
                 if log:
-                    record = {"step": step, **stats, **found, "seconds": seconds}
+                    record = {"step": step, **stats, **found, "concepts": concepts}
+                    record["seconds"] = seconds
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -306,6 +311,7 @@ def micro_batch_loss(run: Run, cfg: EraseConfig, acc, k: int) -> tuple[torch.Ten
     with acc.autocast():
         losses, pred = run.objective(student, run.teacher, batch)
     observe_difficulty(run, acc, batch, pred, g)
+    run.concept_losses.add(ids, losses)
     w = run.weighting.weights(ids).to(losses.device)
     loss = (w * losses).sum() / len(losses)
     adversarial = pool_term(run, cfg, acc, k, g, student)
