@@ -1,6 +1,8 @@
 """UCE's closed form (--objective uce): the solve, the token it reads, every family through the
 real command, the file loading like any erased file, and what it refuses."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -225,3 +227,33 @@ def test_a_uce_edit_exports_as_lora_that_diffusers_loads(tiny_pipeline_dir, tmp_
     assert torch.allclose(got, want, atol=1e-5)
     saved = load_pipeline(str(out / "pipeline")).unet.state_dict()
     assert torch.equal(saved[name], want)  # the saved pipeline holds the exact edit
+
+
+def test_uce_on_the_built_in_models_loads_where_an_erased_file_loads(tmp_path, capsys):
+    """A closed-form file is an ordinary erased file: on ``digits`` the attack and the
+    single-file export take it; on ``digits-flow`` (the MMDiT form) generate takes it."""
+    from safetensors import safe_open
+
+    from loreun.pipelines.digits_data import digit_captions
+
+    three = [a for c in digit_captions(3) for a in ("--concept", c)]
+    runs = {}
+    for model in ("digits", "digits-flow"):
+        runs[model] = tmp_path / model
+        argv = ["erase", "--model", model, *three, "--objective", "uce", "-q"]
+        assert main([*argv, "--out", str(runs[model])]) == 0
+    attack = ["attack", "--model", "digits", "--erased", str(runs["digits"]), "--prompts"]
+    attack += ["digits", "--detector", "digits", "--erased-class", "3", "--steps", "8"]
+    assert main([*attack, "--attack-steps", "2", "--out", str(tmp_path / "a"), "-q"]) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["rows"] == 10 and summary["pre_asr"] <= 0.3  # the edit holds before attack
+    one = tmp_path / "one.safetensors"
+    assert main(["export", str(runs["digits"]), "--single-file", str(one), "-q"]) == 0
+    edited = load_file(str(runs["digits"] / "erased.safetensors"))
+    with safe_open(str(one), "pt") as f:
+        assert len(list(f.keys())) > len(edited)  # the whole model, the edit merged in
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt,evaluation_seed\na handwritten 3,1\n")
+    gen = ["generate", "--model", "digits-flow", "--erased", str(runs["digits-flow"])]
+    assert main([*gen, "--prompts", str(prompts), "--out", str(tmp_path / "g"), "-q"]) == 0
+    assert len(list((tmp_path / "g").rglob("*.png"))) == 1
