@@ -50,6 +50,7 @@ it. ``--testbeds``, ``--scenarios`` and ``--methods`` choose a part of the full 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -67,6 +68,12 @@ from loreun.erase.weighting import build_weighting
 from loreun.erase.weighting_loreun import MIN_ESS
 
 WEIGHTINGS = ("uniform", "static", "dynamic", "batch", "paper")
+# Controls that take dynamic LoReUn apart (``--controls``): its weights divided by their batch
+# mean (the allocation alone); uniform with weight 0 on items already misclassified (the brake
+# alone); uniform with each batch's forget term scaled by the dynamic run's batch-mean weight at
+# that step, replayed on the same seed's batches (the step size alone); uniform at dynamic's own
+# lr and epochs (the operating point alone).
+CONTROLS = ("dynamic-mean", "brake", "step-replay", "uniform-at-dynamic")
 METHODS = ("FT", "GA", "RL", "SalUn")
 SCENARIOS = ("random-10", "random-50", "class", "noisy-10", "atypical-10")
 NOISY_SHARE = 0.2  # noisy-10 / atypical-10: the share of forget items made odd before training
@@ -312,9 +319,11 @@ def saliency_mask(model, data: Data, fraction: float = 0.5) -> list[torch.Tensor
 
 
 def make_weighting(s: Setting, model, data: Data):
-    """A LoReUn weighting over the forget items, its memory filled with their initial CE."""
+    """A LoReUn weighting over the forget items, its memory filled with their initial CE; the
+    controls start from dynamic's (dynamic-mean) or uniform's (the others)."""
     n = len(data.forget_x)
-    if s.weighting == "uniform":
+    kind = {"dynamic-mean": "dynamic"}.get(s.weighting, s.weighting)
+    if kind in ("uniform", *CONTROLS):
         return build_weighting("uniform", n)
     if s.weighting == "paper":
         w = build_weighting(
@@ -322,7 +331,7 @@ def make_weighting(s: Setting, model, data: Data):
         )
     else:
         w = build_weighting(
-            "loreun", n, variant=s.weighting, momentum=0.5, normalize=False,
+            "loreun", n, variant=kind, momentum=0.5, normalize=False,
             target_ess=s.target_ess, min_ess=MIN_ESS,
         )  # fmt: skip
     with torch.no_grad():
@@ -332,21 +341,42 @@ def make_weighting(s: Setting, model, data: Data):
     return w
 
 
-def forget_losses(s: Setting, model, data: Data, idx, g) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample forget losses [B] of the method, and the items' true-label CE [B] (difficulty).
+def forget_losses(s: Setting, model, data: Data, idx, g) -> tuple[torch.Tensor, ...]:
+    """Per-sample forget losses [B] of the method, the items' true-label CE [B] (difficulty),
+    and whether each is still classified right [B] (the brake control's test).
 
     GA ascends the true-label CE; RL and SalUn descend the CE of a random wrong label.
     """
     logits = model(data.forget_x[idx])
     ce = F.cross_entropy(logits, data.forget_y[idx], reduction="none")
+    right = logits.detach().argmax(1) == data.forget_y[idx]
     if s.method == "GA":
-        return -ce, ce.detach()
+        return -ce, ce.detach(), right
     wrong = (data.forget_y[idx] + torch.randint(1, 10, (len(idx),), generator=g)) % 10
-    return F.cross_entropy(logits, wrong, reduction="none"), ce.detach()
+    return F.cross_entropy(logits, wrong, reduction="none"), ce.detach(), right
 
 
-def unlearn(original, data: Data, s: Setting, seed: int) -> torch.nn.Module:
-    """Run one unlearning method from a copy of the original model."""
+def batch_weights(s: Setting, weighting, idx, right, k: int, replay) -> torch.Tensor:
+    """[B] the forget weights of step ``k``: the weighting's, or a control's (``CONTROLS``);
+    ``replay`` is the dynamic run's batch-mean weight per step (step-replay only)."""
+    w = weighting.weights(idx)
+    if s.weighting == "dynamic-mean":  # a batch whose weights all underflowed has no allocation
+        return w / w.mean() if w.mean() > 0 else torch.ones_like(w)
+    if s.weighting == "brake":
+        return right.float()
+    if s.weighting == "step-replay":
+        return torch.full_like(w, replay[k])
+    return w
+
+
+def unlearn(original, data: Data, s: Setting, seed: int, replay=None):
+    """Run one unlearning method from a copy of the original model.
+
+    Returns:
+        (the model, its trace: per step the batch-mean forget weight, the batch weights' ESS
+        fraction and the gradient norm before clipping; what tells reweighting from a brake or
+        a step size)
+    """
     import copy
 
     model = copy.deepcopy(original)
@@ -354,32 +384,38 @@ def unlearn(original, data: Data, s: Setting, seed: int) -> torch.nn.Module:
     mask = saliency_mask(model, data) if s.method == "SalUn" else None
     weighting = make_weighting(s, model, data) if s.method != "FT" else None
     opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9)
+    trace = {"batch_mean_weight": [], "batch_ess": [], "grad_norm": []}
     for _ in range(s.epochs):
         if s.method == "FT":
             for idx in batches(len(data.retain_x), s.batch_size, g):
-                step(
-                    model, opt, mask, F.cross_entropy(model(data.retain_x[idx]), data.retain_y[idx])
-                )
+                loss = F.cross_entropy(model(data.retain_x[idx]), data.retain_y[idx])
+                trace["grad_norm"].append(step(model, opt, mask, loss))
             continue
         for idx in batches(len(data.forget_x), s.batch_size, g):
-            losses, ce = forget_losses(s, model, data, idx, g)
+            losses, ce, right = forget_losses(s, model, data, idx, g)
             weighting.observe(idx, torch.zeros(len(idx)), ce)
-            loss = (weighting.weights(idx) * losses).sum() / len(idx)
+            w = batch_weights(s, weighting, idx, right, len(trace["grad_norm"]), replay)
+            loss = (w * losses).sum() / len(idx)
             if s.method != "GA":
                 r = torch.randint(0, len(data.retain_x), (s.batch_size,), generator=g)
                 loss = loss + F.cross_entropy(model(data.retain_x[r]), data.retain_y[r])
-            step(model, opt, mask, loss)
-    return model
+            trace["batch_mean_weight"].append(float(w.mean()))
+            ess = float(w.sum() ** 2 / (w * w).sum() / len(w)) if w.any() else 0.0
+            trace["batch_ess"].append(ess)
+            trace["grad_norm"].append(step(model, opt, mask, loss))
+    return model, trace
 
 
-def step(model, opt, mask, loss) -> None:
+def step(model, opt, mask, loss) -> float:
+    """One SGD step (SalUn's mask, norm clipped at 5); returns the norm before clipping."""
     opt.zero_grad()
     loss.backward()
     if mask is not None:
         for p, m in zip(model.parameters(), mask):
             p.grad.mul_(m)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
     opt.step()
+    return float(norm)
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -405,6 +441,8 @@ class Bench:
         self.epochs = self.bed.smoke_epochs if smoke else self.bed.epochs
         self._original: dict[int, torch.nn.Module] = {}
         self._retrain: dict[tuple, dict] = {}
+        self._traces: dict[tuple, dict] = {}  # dynamic runs' traces, for step-replay
+        self.rows: list[dict] = []
 
     def original(self, seed: int, data: Data, scenario: str) -> torch.nn.Module:
         """The model trained on the whole training set, or on the scenario's own training
@@ -432,19 +470,56 @@ class Bench:
             self._retrain[key] = metrics(model, d, seed)
         return self._retrain[key]
 
-    def run(self, scenario: str, s: Setting, seed: int, part: str) -> dict:
+    def run(self, scenario: str, s: Setting, seed: int, part: str, record=True) -> dict:
+        """One unlearning run and its row; every row (tuning runs' too) is kept in ``rows``."""
         d = self.data(scenario, seed, part)
         original = self.original(seed, d, scenario)
+        replay = (
+            self.dynamic_trace(scenario, s, seed, part) if s.weighting == "step-replay" else None
+        )
         started = time.perf_counter()
-        model = unlearn(original, d, s, seed)
+        model, trace = unlearn(original, d, s, seed, replay)
         seconds = time.perf_counter() - started
         m = metrics(model, d, seed)
         row = {"testbed": self.name, "scenario": scenario, "seed": seed, "part": part}
         row.update(**s.__dict__, **m)
         row.update(gap=avg_gap(m, self.reference(scenario, seed, part)), seconds=seconds)
+        row.update(trace_summary(trace))
+        if part == "test" and s.method != "FT":
+            row["trace"] = trace
         if s.weighting == "uniform" and s.method != "FT":
             row.update(premise(original, model, d))
+        if s.weighting == "dynamic":
+            self._traces[(scenario, seed, part, s.lr, s.epochs, s.target_ess)] = trace
+        if record:
+            self.rows.append(row)
         return row
+
+    def dynamic_trace(self, scenario: str, s: Setting, seed: int, part: str) -> list[float]:
+        """The batch-mean weights of the dynamic run at ``s``'s lr, epochs and ESS, same seed
+        (the run made for the table, or one made here and not recorded)."""
+        key = (scenario, seed, part, s.lr, s.epochs, s.target_ess)
+        if key not in self._traces:
+            self.run(scenario, dataclasses.replace(s, weighting="dynamic"), seed, part, False)
+        return self._traces[key]["batch_mean_weight"]
+
+
+def trace_summary(trace: dict) -> dict:
+    """What a row keeps of its trace: the mean, 5th and 95th percentile of the batch-mean
+    forget weight, the mean batch ESS fraction, the mean gradient norm and the share of steps
+    clipped (norm above 5)."""
+    out = {}
+    weights = trace["batch_mean_weight"]
+    if weights:
+        q5, q95 = np.percentile(weights, [5, 95])
+        out.update(w_mean=statistics.fmean(weights), w_p5=float(q5), w_p95=float(q95))
+        out["ess_mean"] = statistics.fmean(trace["batch_ess"])
+    norms = trace["grad_norm"]
+    if norms:
+        out.update(
+            grad_norm=statistics.fmean(norms), clipped=statistics.fmean(n > 5 for n in norms)
+        )
+    return out
 
 
 def premise(original, model, d: Data) -> dict:
@@ -480,8 +555,9 @@ def grid(method: str, weighting: str, smoke: bool) -> list[Setting]:
     lrs, epochs = GRIDS[method]
     if smoke:
         lrs, epochs = lrs[1:2], epochs[:1]
-    if weighting == "uniform":
-        return [Setting(method, lr, ep) for lr, ep in itertools.product(lrs, epochs)]
+    if weighting in ("uniform", "brake"):
+        points = itertools.product(lrs, epochs)
+        return [Setting(method, lr, ep, weighting) for lr, ep in points]
     if weighting == "paper":
         taus = PAPER_TAUS[-1:] if smoke else PAPER_TAUS
         points = itertools.product(lrs, epochs, taus)
@@ -491,12 +567,20 @@ def grid(method: str, weighting: str, smoke: bool) -> list[Setting]:
     return [Setting(method, lr, ep, weighting, target_ess=e) for lr, ep, e in points]
 
 
-def tune(bench: Bench, scenario: str, method: str, seeds, smoke: bool) -> dict[str, Setting]:
+def tune(
+    bench: Bench, scenario: str, method: str, seeds, smoke: bool, controls: bool = False
+) -> dict[str, Setting]:
     """Each weighting's setting, tuned alone on its grid (``grid``) over the tuning seeds by
     the mean Avg. Gap on the validation split. Returns the chosen setting per weighting, with
-    its tuning budget (grid points x tuning seeds) in ``extra``."""
+    its tuning budget (grid points x tuning seeds) in ``extra``. The step-replay and
+    uniform-at-dynamic controls take dynamic's chosen setting, untuned."""
     chosen = {}
-    for w in WEIGHTINGS if method != "FT" else WEIGHTINGS[:1]:  # FT has no forget term
+    arms = WEIGHTINGS if method != "FT" else WEIGHTINGS[:1]  # FT has no forget term
+    for w in arms + (CONTROLS if controls and method != "FT" else ()):
+        if w in ("step-replay", "uniform-at-dynamic"):
+            chosen[w] = dataclasses.replace(chosen["dynamic"], weighting=w)
+            chosen[w].extra = {"tuning_runs": 0}
+            continue
         options = grid(method, w, smoke)
 
         def mean_gap(s):
@@ -583,7 +667,8 @@ def fieller(a: list[float], b: list[float], level: float = 0.95) -> tuple[float,
 
 
 def _setting(r: dict) -> str:
-    axis = {"uniform": "", "paper": f", tau {r['temperature']}"}.get(
+    untuned = {w: "" for w in ("uniform", "brake", "uniform-at-dynamic")}
+    axis = {**untuned, "paper": f", tau {r['temperature']}"}.get(
         r["weighting"], f", ESS {r['target_ess']}"
     )
     return f"lr {r['lr']:g}, {r['epochs']} ep{axis}"
@@ -605,7 +690,7 @@ def gap_table(rows: list[dict]) -> str:
     body, tests = [], []
     for tb, sc, me in itertools.product(TESTBEDS, SCENARIOS, METHODS):
         base = {r["seed"]: r["gap"] for r in rows if _is(r, tb, sc, me, "uniform")}
-        for w in WEIGHTINGS:
+        for w in WEIGHTINGS + CONTROLS:
             sub = [r for r in rows if _is(r, tb, sc, me, w) and r["seed"] in base]
             if not sub:
                 continue
@@ -633,10 +718,10 @@ def gap_table(rows: list[dict]) -> str:
 
 
 def _is(r, testbed, scenario, method, weighting) -> bool:
-    """Whether a run belongs to a table line (runs made before testbeds were named are
-    digits')."""
+    """Whether a test run belongs to a table line (runs made before testbeds were named are
+    digits'; tuning runs, part "val", are kept in runs.jsonl but in no table)."""
     key = (r.get("testbed", "digits"), r["scenario"], r["method"], r.get("weighting"))
-    return key == (testbed, scenario, method, weighting)
+    return key == (testbed, scenario, method, weighting) and r.get("part", "test") == "test"
 
 
 def premise_table(rows: list[dict]) -> str:
@@ -654,6 +739,30 @@ def premise_table(rows: list[dict]) -> str:
     return "\n".join(ln if ln.endswith("|") else ln + " |" for ln in lines)
 
 
+def mechanism_table(rows: list[dict]) -> str:
+    """What each arm did to the step, median over seeds: the batch-mean forget weight (its
+    mean, and 5th-95th percentile over steps), the batch weights' ESS fraction, the gradient
+    norm before clipping and the share of steps the clip at 5 cut."""
+    lines = [
+        "| testbed | scenario | method | weighting | batch-mean weight (p5-p95) | batch ESS | "
+        "grad norm | clipped |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for tb, sc, me in itertools.product(TESTBEDS, SCENARIOS, METHODS[1:]):
+        for w in WEIGHTINGS + CONTROLS:
+            sub = [r for r in rows if _is(r, tb, sc, me, w) and "w_mean" in r]
+            if not sub:
+                continue
+
+            def med(k, sub=sub):
+                return statistics.median(r[k] for r in sub)
+
+            cells = [tb, sc, me, w, f"{med('w_mean'):.2f} ({med('w_p5'):.2f}-{med('w_p95'):.2f})"]
+            cells += [f"{med('ess_mean'):.2f}", f"{med('grad_norm'):.2f}", f"{med('clipped'):.0%}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=20, help="evaluation seeds 0..N-1")
@@ -662,6 +771,9 @@ def main() -> None:
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--smoke", action="store_true", help="2 seeds, 1 tuning seed, one grid point")
+    p.add_argument(
+        "--controls", action="store_true", help=f"also run {', '.join(CONTROLS)} (not for FT)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", type=Path, help="write runs.jsonl and results.md here")
     p.add_argument(
@@ -678,9 +790,11 @@ def main() -> None:
         bench = Bench(tb, args.smoke)
         for sc, me in itertools.product(args.scenarios, args.methods):
             print(f"{tb} {sc} {me}: tuning and running", flush=True)
-            for s in tune(bench, sc, me, tune_seeds, args.smoke).values():
-                rows += [bench.run(sc, s, seed, "test") for seed in seeds]
+            for s in tune(bench, sc, me, tune_seeds, args.smoke, args.controls).values():
+                for seed in seeds:
+                    bench.run(sc, s, seed, "test")
             print(f"{tb} {sc} {me}: done at {time.perf_counter() - started:.0f} s", flush=True)
+        rows += bench.rows  # every run, the tuning runs (part "val") too
         for sc in args.scenarios:  # the reference itself, for the reader
             rows += [
                 {"testbed": tb, "scenario": sc, "method": "retrain", "seed": seed}
@@ -702,6 +816,8 @@ def read_reports(paths: list[Path]) -> list[dict]:
 
 def publish(rows: list[dict], out: Path | None) -> None:
     text = gap_table(rows) + "\n\n" + premise_table(rows)
+    if any("w_mean" in r for r in rows):
+        text += "\n\n" + mechanism_table(rows)
     print(text)
     if out:
         out.mkdir(parents=True, exist_ok=True)

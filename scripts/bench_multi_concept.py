@@ -158,8 +158,8 @@ def table(rows: list[dict]) -> str:
         others = [statistics.fmean(v for c, v in r["accuracy"].items() if c not in erased)
                   for r in rs]  # fmt: skip
         seconds = statistics.median(r["seconds"] for r in rs)
-        cells = [",".join(erased), method, rs[0].get("total_steps", steps), each, spread(others), f"{seconds:.0f}",
-                 len(rs)]  # fmt: skip
+        total = rs[0].get("total_steps", steps)
+        cells = [",".join(erased), method, total, each, spread(others), f"{seconds:.0f}", len(rs)]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 

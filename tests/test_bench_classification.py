@@ -28,9 +28,10 @@ def test_smoke_prints_the_gap_table(tmp_path):
     assert [r[3] for r in rows] == ["uniform", "static", "dynamic", "batch", "paper"]
     for testbed, scenario in itertools.product(("digits", "mnist1d"), SCENARIOS):
         assert f"| {testbed} | {scenario} | SalUn | paper |" in res.stdout
-    # 2 testbeds x 5 scenarios x (FT + 3 methods x 5 weightings) x 2 seeds, and the references
+    # 2 testbeds x 5 scenarios x (FT + 3 methods x 5 weightings) x (2 seeds and 1 tuning run),
+    # and the references
     runs = (tmp_path / "runs.jsonl").read_text().count("\n")
-    assert runs == 2 * (5 * (1 + 3 * 5) * 2 + 5 * 2)
+    assert runs == 2 * (5 * (1 + 3 * 5) * (2 + 1) + 5 * 2)
     report = ["scripts/bench_classification.py", "--report", str(tmp_path / "runs.jsonl")]
     again = subprocess.run(
         [sys.executable, *report], cwd=ROOT, capture_output=True, text=True, timeout=600
@@ -141,3 +142,53 @@ def test_the_robust_bench_s_exact_interval_is_clopper_pearson():
     assert robust.clopper_pearson(0, 60)[1] < 0.06
     rows = [{"rows": 10, "asr_5": 0.1}, {"rows": 10, "asr_5": 0.0}]
     assert robust.pooled(rows, "asr_5").startswith("1/20 [0.001, 0.249]")
+
+
+def _digits_class(bench, seed=0):
+    b = bench.Bench("digits", smoke=True)
+    d = b.data("class", seed, "val")
+    return b, d, b.original(seed, d, "class")
+
+
+def test_each_control_takes_one_part_of_dynamic_loreun_apart():
+    """dynamic-mean keeps dynamic's allocation at batch mean 1; brake zeroes the items already
+    misclassified; step-replay weighs uniformly at the dynamic run's batch mean, step by step,
+    on the same batches; uniform-at-dynamic is uniform at dynamic's own setting."""
+    import torch
+
+    bench = _script("bench_classification")
+    b, d, original = _digits_class(bench)
+    dynamic = bench.Setting("RL", 0.01, 2, "dynamic", target_ess=0.5)
+    _, trace = bench.unlearn(original, d, dynamic, 0)
+    assert max(trace["batch_mean_weight"]) - min(trace["batch_mean_weight"]) > 0.01
+    mean = bench.dataclasses.replace(dynamic, weighting="dynamic-mean")
+    _, trace_mean = bench.unlearn(original, d, mean, 0)
+    assert trace_mean["batch_mean_weight"] == pytest.approx([1.0] * len(trace_mean["grad_norm"]))
+    assert min(trace_mean["batch_ess"]) < 0.99  # the allocation is still uneven
+    replay = bench.dataclasses.replace(dynamic, weighting="step-replay")
+    _, trace_replay = bench.unlearn(original, d, replay, 0, trace["batch_mean_weight"])
+    assert trace_replay["batch_mean_weight"] == pytest.approx(trace["batch_mean_weight"])
+    weighed = [e for e, m in zip(trace_replay["batch_ess"], trace["batch_mean_weight"]) if m > 0]
+    assert weighed == pytest.approx([1.0] * len(weighed))  # uniform wherever it weighs at all
+    brake = bench.Setting("RL", 0.01, 2, "brake")
+    right = torch.tensor([True, False, True])
+    uniform = bench.make_weighting(brake, original, d)
+    w = bench.batch_weights(brake, uniform, torch.arange(3), right, 0, None)
+    assert w.tolist() == [1.0, 0.0, 1.0]
+
+
+def test_controls_run_after_dynamic_and_the_replay_is_untuned():
+    bench = _script("bench_classification")
+    b = bench.Bench("digits", smoke=True)
+    chosen = bench.tune(b, "class", "RL", [100], smoke=True, controls=True)
+    assert list(chosen) == [*bench.WEIGHTINGS, *bench.CONTROLS]
+    for arm in ("step-replay", "uniform-at-dynamic"):
+        assert (chosen[arm].lr, chosen[arm].epochs) == (
+            chosen["dynamic"].lr,
+            chosen["dynamic"].epochs,
+        )
+        assert chosen[arm].extra == {"tuning_runs": 0}
+    assert all(r["part"] == "val" for r in b.rows)  # the tuning runs, kept
+    replayed = b.run("class", chosen["step-replay"], 0, "test")
+    assert len(b.rows) == len([*bench.WEIGHTINGS, "dynamic-mean", "brake"]) + 1  # no extra row
+    assert replayed["trace"]["batch_mean_weight"] != [1.0] * len(replayed["trace"]["grad_norm"])
