@@ -14,6 +14,7 @@ from loreun.pipelines.schedule import Schedule
 from .items import ItemSet
 from .objectives import per_sample_mse
 from .streams import PROBE_STREAM, step_generator
+from .weighting import spearman_brown
 
 
 @torch.no_grad()
@@ -111,7 +112,10 @@ def reliability_line(summary: dict, floor: float) -> str:
     rel = summary.get("difficulty_reliability")
     if rel is None:
         return "difficulty: too few items or probes for a split-half reliability"
-    line = f"difficulty: split-half reliability {rel:.2f}"
+    line = (
+        f"difficulty: split-half reliability {rel:.2f} (the whole probe mean's, by "
+        f"Spearman-Brown: {spearman_brown(rel):.2f})"
+    )
     if summary.get("fell_back_to_uniform"):
         return (
             f"{line}, below --min-reliability {floor}: the memory is mostly noise, so the "

@@ -146,6 +146,13 @@ def split_half_reliability(losses: torch.Tensor) -> float:
     return rank_correlation(losses[:, 0::2].mean(1), losses[:, 1::2].mean(1))
 
 
+def spearman_brown(half: float) -> float:
+    """The reliability of the whole K-probe mean from the split-half correlation of two K/2
+    halves: 2 r / (1 + r). The split-half figure is that of a mean half as long, so it
+    understates the mean the weighting uses (0.85 -> 0.92)."""
+    return 2 * half / (1 + half) if half > -1 else float("nan")
+
+
 def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman's rho of two [n] vectors, tied values sharing their average rank (breaking
     ties by position made two constant vectors correlate perfectly); nan where either vector is

@@ -131,3 +131,17 @@ def test_an_erase_run_reprobes_every_m_steps(tiny_pipeline_dir, tmp_path):
         "static",
     )
     assert main(argv) == 2
+
+
+def test_the_set_up_line_gives_the_whole_probe_mean_s_reliability():
+    """A split-half correlation is the reliability of a mean half as long; Spearman-Brown
+    (2r / (1 + r)) gives that of the K-probe mean the weighting uses."""
+    from loreun.erase.difficulty import reliability_line
+    from loreun.erase.weighting import spearman_brown
+
+    assert spearman_brown(0.85) == pytest.approx(0.9189, abs=1e-4)
+    assert spearman_brown(0.0) == 0.0 and spearman_brown(1.0) == 1.0
+    line = reliability_line({"difficulty_reliability": 0.85}, 0.5)
+    assert line == (
+        "difficulty: split-half reliability 0.85 (the whole probe mean's, by Spearman-Brown: 0.92)"
+    )
